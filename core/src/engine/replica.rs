@@ -1,0 +1,258 @@
+//! How the engine holds one document: the [`Replica`] seam.
+//!
+//! The engine never calls Automerge directly; it goes through this trait so
+//! a document can be held in whichever form suits the peer:
+//!
+//! - [`FullDocument`]: a materialized `automerge::Automerge`, needed
+//!   wherever contents are read or written (clients, the HTTP API).
+//! - a change log (hashes, dependencies and raw change bytes) for relays
+//!   that only pass changes on; it answers the sync protocol from the change
+//!   graph without materializing the document on every keystroke. It plugs
+//!   in behind this same trait.
+//!
+//! Everything here may be handed hostile input, so every method that takes
+//! bytes from outside returns an error instead of panicking where it can;
+//! the engine additionally runs these calls under `catch_unwind`.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{
+    ActorId, Automerge, Change, ChangeHash, LoadOptions, OnPartialLoad, VerificationMode,
+};
+
+/// Which implementation holds a document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ReplicaKind {
+    /// A materialized Automerge document.
+    #[default]
+    FullDocument,
+}
+
+/// Why a replica refused an operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicaError {
+    /// Automerge rejected the input.
+    #[error("automerge rejected the data: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+    /// Stored bytes are corrupt or truncated.
+    #[error("corrupt or truncated data: {0}")]
+    Corrupt(String),
+    /// The replica cannot do this (e.g. edit contents it does not hold).
+    #[error("this replica cannot {0}")]
+    Unsupported(&'static str),
+}
+
+/// One document as the engine holds it.
+pub trait Replica: Send + fmt::Debug {
+    /// Which implementation this is.
+    fn kind(&self) -> ReplicaKind;
+    /// The current heads (sorted).
+    fn heads(&self) -> Vec<ChangeHash>;
+    /// Whether it holds no changes at all.
+    fn is_empty(&self) -> bool;
+    /// Whether it holds the change with this hash.
+    fn has_change(&self, hash: &ChangeHash) -> bool;
+    /// Produces the next sync message for a peer, if there is one to send.
+    fn generate_sync_message(&self, state: &mut sync::State) -> Option<sync::Message>;
+    /// Applies a (validated) sync message from a peer.
+    fn receive_sync_message(
+        &mut self,
+        state: &mut sync::State,
+        message: sync::Message,
+    ) -> Result<(), ReplicaError>;
+    /// Adds one stored chunk (snapshot or incremental). A chunk that is
+    /// corrupt fails without changing the replica.
+    fn load_chunk(&mut self, bytes: &[u8]) -> Result<(), ReplicaError>;
+    /// The whole document, compressed, for a snapshot.
+    fn save(&self) -> Vec<u8>;
+    /// The changes not reachable from `heads`, for an incremental chunk.
+    fn save_after(&self, heads: &[ChangeHash]) -> Vec<u8>;
+    /// The materialized document, when this replica holds one.
+    fn document(&self) -> Option<&Automerge>;
+    /// The materialized document for editing, when this replica holds one.
+    fn document_mut(&mut self) -> Option<&mut Automerge>;
+}
+
+/// Builds an empty replica whose local changes (if it can make any) are
+/// authored by the given actor. The engine calls it once per document.
+pub type ReplicaFactory = Arc<dyn Fn(ActorId) -> Box<dyn Replica> + Send + Sync>;
+
+/// The factory for [`FullDocument`] replicas.
+pub fn full_document_factory() -> ReplicaFactory {
+    Arc::new(|actor| Box::new(FullDocument::new(actor)))
+}
+
+/// A replica holding a full Automerge document.
+#[derive(Debug)]
+pub struct FullDocument {
+    doc: Automerge,
+}
+
+impl FullDocument {
+    /// An empty document with the given actor.
+    pub fn new(actor: ActorId) -> Self {
+        Self {
+            doc: Automerge::new().with_actor(actor),
+        }
+    }
+}
+
+impl Replica for FullDocument {
+    fn kind(&self) -> ReplicaKind {
+        ReplicaKind::FullDocument
+    }
+
+    fn heads(&self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.doc.get_heads().is_empty()
+    }
+
+    fn has_change(&self, hash: &ChangeHash) -> bool {
+        self.doc.get_change_meta_by_hash(hash).is_some()
+    }
+
+    fn generate_sync_message(&self, state: &mut sync::State) -> Option<sync::Message> {
+        self.doc.generate_sync_message(state)
+    }
+
+    fn receive_sync_message(
+        &mut self,
+        state: &mut sync::State,
+        message: sync::Message,
+    ) -> Result<(), ReplicaError> {
+        Ok(self.doc.receive_sync_message(state, message)?)
+    }
+
+    fn load_chunk(&mut self, bytes: &[u8]) -> Result<(), ReplicaError> {
+        // `load_incremental` tolerates a damaged chunk by keeping whatever
+        // it could read, which would hide corruption. So every piece is
+        // parsed strictly first, and only a wholly sound chunk is applied.
+        let mut documents = Vec::new();
+        let mut changes = Vec::new();
+        for piece in split_chunks(bytes)? {
+            match piece.kind {
+                CHUNK_DOCUMENT => documents.push(
+                    Automerge::load_with_options(
+                        piece.bytes,
+                        LoadOptions::new()
+                            .on_partial_load(OnPartialLoad::Error)
+                            .verification_mode(VerificationMode::Check),
+                    )
+                    .map_err(|e| ReplicaError::Corrupt(e.to_string()))?,
+                ),
+                CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => changes.push(
+                    Change::try_from(piece.bytes)
+                        .map_err(|e| ReplicaError::Corrupt(e.to_string()))?,
+                ),
+                other => {
+                    return Err(ReplicaError::Corrupt(format!(
+                        "unexpected chunk type {other} in stored data"
+                    )))
+                }
+            }
+        }
+        for parsed in documents {
+            if self.doc.is_empty() {
+                let actor = self.doc.get_actor().clone();
+                self.doc = parsed.with_actor(actor);
+            } else {
+                let mut parsed = parsed;
+                self.doc.merge(&mut parsed)?;
+            }
+        }
+        if !changes.is_empty() {
+            self.doc.apply_changes(changes)?;
+        }
+        Ok(())
+    }
+
+    fn save(&self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    fn save_after(&self, heads: &[ChangeHash]) -> Vec<u8> {
+        self.doc.save_after(heads)
+    }
+
+    fn document(&self) -> Option<&Automerge> {
+        Some(&self.doc)
+    }
+
+    fn document_mut(&mut self) -> Option<&mut Automerge> {
+        Some(&mut self.doc)
+    }
+}
+
+/// Every Automerge chunk starts with these four bytes.
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+const CHUNK_DOCUMENT: u8 = 0;
+const CHUNK_CHANGE: u8 = 1;
+const CHUNK_COMPRESSED_CHANGE: u8 = 2;
+
+/// One chunk of stored Automerge data, header included.
+#[derive(Debug, Clone, Copy)]
+pub struct RawChunk<'a> {
+    /// The chunk type byte (0 document, 1 change, 2 compressed change).
+    pub kind: u8,
+    /// The whole chunk, header included.
+    pub bytes: &'a [u8],
+}
+
+/// Splits concatenated Automerge chunks (each: magic, 4-byte checksum,
+/// type byte, LEB128 length, data) without interpreting them.
+pub fn split_chunks(mut input: &[u8]) -> Result<Vec<RawChunk<'_>>, ReplicaError> {
+    let corrupt = |what: &str| ReplicaError::Corrupt(what.to_owned());
+    let mut out = Vec::new();
+    while !input.is_empty() {
+        if input.len() < 9 || input[..4] != MAGIC {
+            return Err(corrupt("bad chunk header"));
+        }
+        let kind = input[8];
+        let mut at = 9;
+        let mut len: u64 = 0;
+        let mut shift = 0;
+        loop {
+            let byte = *input
+                .get(at)
+                .ok_or_else(|| corrupt("truncated chunk length"))?;
+            at += 1;
+            if shift > 63 {
+                return Err(corrupt("chunk length too long"));
+            }
+            len |= u64::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| at.checked_add(l))
+            .filter(|&end| end <= input.len())
+            .ok_or_else(|| corrupt("chunk runs past the end of the data"))?;
+        // The checksum is the start of SHA-256 over type, length and data
+        // (compressed changes are checksummed before compression, so
+        // automerge checks those itself).
+        if kind != CHUNK_COMPRESSED_CHANGE {
+            let digest = Sha256::digest(&input[8..end]);
+            if digest[..4] != input[4..8] {
+                return Err(corrupt("chunk checksum mismatch"));
+            }
+        }
+        out.push(RawChunk {
+            kind,
+            bytes: &input[..end],
+        });
+        input = &input[end..];
+    }
+    Ok(out)
+}

@@ -1,0 +1,330 @@
+//! The plain data that goes in and out of the [`Engine`](super::Engine).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use automerge::ChangeHash;
+
+use super::policy::{AnnounceAll, SharePolicy};
+use super::replica::ReplicaFactory;
+use super::validate::SyncLimits;
+use crate::storage::{StorageKey, StorageResult, TaskId};
+use crate::wire::{DocumentId, Message, PeerId, PeerMetadata, SessionId, StorageId};
+
+/// A point on the driver's clock: milliseconds since the Unix epoch. The
+/// engine never reads a clock; every input carries the time. Drivers
+/// should feed a monotonic clock anchored at the epoch, but the engine
+/// tolerates time standing still or stepping back (it keeps the latest).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    /// `self` plus `d` (saturating).
+    pub fn plus(self, d: Duration) -> Timestamp {
+        Timestamp(
+            self.0
+                .saturating_add(d.as_millis().min(u128::from(u64::MAX)) as u64),
+        )
+    }
+
+    /// Whole seconds since the epoch, as Automerge stamps changes.
+    pub fn as_secs(self) -> i64 {
+        (self.0 / 1000) as i64
+    }
+}
+
+/// Names one connection; chosen by the driver, unique among open ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnectionId(pub u64);
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "conn#{}", self.0)
+    }
+}
+
+/// Names one local command; chosen by the driver, echoed in its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CommandId(pub u64);
+
+/// Which side opened a connection. The dialling side sends `join`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// We dialled; we send `join` and expect `peer`.
+    Outgoing,
+    /// They dialled; we expect `join` and answer `peer`.
+    Incoming,
+}
+
+/// How an engine is set up.
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// Our peer id, sent in every message.
+    pub peer_id: PeerId,
+    /// Our storage id; `None` makes us an ephemeral peer, for whom others
+    /// persist no sync state.
+    pub storage_id: Option<StorageId>,
+    /// Seeds the generator for document ids, actor ids and the session id.
+    pub seed: u64,
+    /// Which documents we offer to and accept from whom.
+    pub policy: Arc<dyn SharePolicy>,
+    /// Builds the replica that holds each document.
+    pub replica: ReplicaFactory,
+    /// Bounds on incoming sync messages.
+    pub limits: SyncLimits,
+    /// Largest message accepted from a peer, in bytes.
+    pub max_message_bytes: usize,
+    /// A connection that has not finished the handshake by then is closed.
+    pub handshake_timeout: Duration,
+    /// A `request` nobody has answered by then counts as unavailable.
+    pub request_timeout: Duration,
+    /// A sync exchange that stalls this long (message lost, peer wedged)
+    /// is restarted from the persisted part of its state.
+    pub resync_interval: Duration,
+}
+
+impl EngineConfig {
+    /// A client-style configuration: offers every document to every peer.
+    pub fn new(peer_id: PeerId, storage_id: Option<StorageId>, seed: u64) -> Self {
+        Self {
+            peer_id,
+            storage_id,
+            seed,
+            policy: Arc::new(AnnounceAll),
+            replica: super::replica::full_document_factory(),
+            limits: SyncLimits::default(),
+            max_message_bytes: 64 << 20,
+            handshake_timeout: Duration::from_secs(20),
+            request_timeout: Duration::from_secs(30),
+            resync_interval: Duration::from_secs(15),
+        }
+    }
+
+    /// The same with another share policy.
+    pub fn with_policy(mut self, policy: Arc<dyn SharePolicy>) -> Self {
+        self.policy = policy;
+        self
+    }
+}
+
+impl fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("peer_id", &self.peer_id)
+            .field("storage_id", &self.storage_id)
+            .field("seed", &self.seed)
+            .field("policy", &self.policy)
+            .field("limits", &self.limits)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("resync_interval", &self.resync_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Something for the engine to react to.
+#[derive(Debug)]
+pub enum Input {
+    /// A local command; its result comes back in [`Output::completed`].
+    Command(CommandId, Command),
+    /// A connection is open and can carry messages.
+    Connected {
+        /// Its id.
+        conn: ConnectionId,
+        /// Who dialled.
+        direction: Direction,
+    },
+    /// A connection closed (from either side, for any reason).
+    Disconnected {
+        /// Its id.
+        conn: ConnectionId,
+    },
+    /// One whole message arrived on a connection.
+    Received {
+        /// From where.
+        conn: ConnectionId,
+        /// The encoded message, as received.
+        bytes: Vec<u8>,
+    },
+    /// A storage task finished.
+    Storage {
+        /// Which task.
+        task: TaskId,
+        /// How it went.
+        result: StorageResult,
+    },
+    /// Time passed; fire whatever is due.
+    Tick,
+}
+
+/// A local request.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Make a new document, empty or from saved bytes.
+    Create {
+        /// `Automerge::save` output to start from.
+        initial: Option<Vec<u8>>,
+    },
+    /// Get a document from storage or from peers.
+    Find {
+        /// Which one.
+        document_id: DocumentId,
+    },
+    /// Send ephemeral data to the document's peers.
+    Broadcast {
+        /// About which document.
+        document_id: DocumentId,
+        /// The payload.
+        data: Vec<u8>,
+    },
+}
+
+/// How a [`Command`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandResult {
+    /// `Create` made this document.
+    Created(DocumentId),
+    /// `Find` has the document in memory now.
+    Found(DocumentId),
+    /// `Find`: neither storage nor any peer has it (yet). If it arrives
+    /// later, [`Event::DocChanged`] says so.
+    Unavailable(DocumentId),
+    /// `Broadcast` sent to this many peers.
+    Broadcast(usize),
+    /// The command could not be carried out.
+    Failed(String),
+}
+
+/// Where a document change came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Made here.
+    Local,
+    /// Arrived from this peer.
+    Remote(PeerId),
+    /// Loaded from storage.
+    Storage,
+}
+
+/// Something the driver (or the app above it) may want to know.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A handshake completed.
+    PeerConnected {
+        /// On which connection.
+        conn: ConnectionId,
+        /// Who.
+        peer_id: PeerId,
+        /// What it said about itself.
+        metadata: PeerMetadata,
+    },
+    /// A peer's connection ended.
+    PeerDisconnected {
+        /// Which connection.
+        conn: ConnectionId,
+        /// Who.
+        peer_id: PeerId,
+    },
+    /// A document's heads moved.
+    DocChanged {
+        /// Which document.
+        document_id: DocumentId,
+        /// Its new heads.
+        heads: Vec<ChangeHash>,
+        /// Why.
+        origin: Origin,
+    },
+    /// Nobody had a requested document.
+    DocUnavailable {
+        /// Which document.
+        document_id: DocumentId,
+    },
+    /// Ephemeral data for a document arrived.
+    Ephemeral {
+        /// About which document.
+        document_id: DocumentId,
+        /// Who first sent it.
+        sender_id: PeerId,
+        /// The sender's session.
+        session_id: SessionId,
+        /// Its sequence number in that session.
+        count: u64,
+        /// The payload.
+        data: Vec<u8>,
+    },
+    /// A stored chunk could not be read; it was skipped, not deleted.
+    CorruptChunk {
+        /// Which document.
+        document_id: DocumentId,
+        /// Which key.
+        key: StorageKey,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A storage task failed.
+    StorageFailed {
+        /// Which task.
+        task: TaskId,
+        /// Why.
+        reason: String,
+    },
+    /// Automerge panicked while handling a peer's message; the panic was
+    /// contained to that peer's connection.
+    PanicContained {
+        /// The document concerned.
+        document_id: DocumentId,
+        /// The peer whose message it was.
+        peer_id: PeerId,
+    },
+}
+
+/// A message to send on a connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Send {
+    /// Where.
+    pub conn: ConnectionId,
+    /// What.
+    pub message: Message,
+}
+
+/// A connection the engine has given up on. The engine has already
+/// forgotten it; the driver should close the socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    /// Which connection.
+    pub conn: ConnectionId,
+    /// Why, for logs and for the peer.
+    pub reason: String,
+}
+
+/// Everything one call to [`Engine::handle`](super::Engine::handle)
+/// produced, in the order it happened within each list.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Messages to send.
+    pub sends: Vec<Send>,
+    /// Connections to close.
+    pub closes: Vec<Close>,
+    /// Storage work to perform and report back.
+    pub storage: Vec<crate::storage::StorageTask>,
+    /// Finished commands.
+    pub completed: Vec<(CommandId, CommandResult)>,
+    /// Things that happened.
+    pub events: Vec<Event>,
+    /// Call [`Engine::handle`](super::Engine::handle) with
+    /// [`Input::Tick`] at this time (or earlier); `None`: nothing pending.
+    pub next_wakeup: Option<Timestamp>,
+}
+
+impl Output {
+    /// Whether the call produced nothing to act on.
+    pub fn is_empty(&self) -> bool {
+        self.sends.is_empty()
+            && self.closes.is_empty()
+            && self.storage.is_empty()
+            && self.completed.is_empty()
+            && self.events.is_empty()
+    }
+}

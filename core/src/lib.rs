@@ -1,0 +1,19 @@
+//! # converge-core
+//!
+//! The core of Converge, a CRDT state-synchronization engine that speaks the
+//! automerge-repo protocol.
+//!
+//! Layout, from the bottom up (dependencies point downwards only):
+//!
+//! - [`wire`]: ids, the automerge-repo v1 messages and their CBOR codec.
+//!   Pure data.
+//! - [`storage`]: storage keys, storage operations as data, the [`Storage`]
+//!   trait and an in-memory store.
+//! - [`engine`]: the sync engine, a deterministic state machine. It does
+//!   no IO: no sockets, no clock, no OS randomness, no tokio.
+//!
+//! [`Storage`]: storage::Storage
+
+pub mod engine;
+pub mod storage;
+pub mod wire;

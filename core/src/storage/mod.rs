@@ -1,0 +1,224 @@
+//! Storage as data: keys, operations and their results.
+//!
+//! The engine never touches a disk. It asks for storage work by returning
+//! [`StorageTask`]s; whoever drives it (the tokio runtime, the simulation)
+//! performs them against a [`Storage`] and feeds each [`StorageResult`] back.
+//!
+//! Keys mirror automerge-repo's layout, one component per element:
+//!
+//! | key | holds |
+//! |---|---|
+//! | `doc/<id>/snapshot/<name>` | a whole saved document |
+//! | `doc/<id>/incremental/<name>` | changes saved since a snapshot |
+//! | `doc/<id>/sync-state/<storage-id>` | `automerge::sync::State::encode` for one remote storage |
+//!
+//! so loading a document is one prefix scan of `doc/<id>`.
+
+mod memory;
+
+pub use memory::MemoryStorage;
+
+use std::fmt;
+
+use crate::wire::{DocumentId, StorageId};
+
+/// A storage key: a short list of path components. Components never
+/// contain `/` when produced by this crate, so the `/`-joined byte form is
+/// unambiguous.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StorageKey(Vec<String>);
+
+impl StorageKey {
+    /// A key from its components.
+    pub fn new<I, S>(parts: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self(parts.into_iter().map(Into::into).collect())
+    }
+
+    /// The components.
+    pub fn parts(&self) -> &[String] {
+        &self.0
+    }
+
+    /// Whether `prefix`'s components are the first components of `self`.
+    pub fn starts_with(&self, prefix: &StorageKey) -> bool {
+        self.0.starts_with(&prefix.0)
+    }
+
+    /// The `/`-joined form, as stored in a key-value database.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.join("/").into_bytes()
+    }
+
+    /// Parses the `/`-joined form.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        Some(Self(text.split('/').map(str::to_owned).collect()))
+    }
+
+    /// `doc/<id>`: everything stored about one document.
+    pub fn doc_prefix(doc: &DocumentId) -> Self {
+        Self::new(["doc".to_owned(), doc.to_string()])
+    }
+
+    /// `doc/<id>/<kind>/<name>`.
+    pub fn doc_chunk(doc: &DocumentId, kind: ChunkKind, name: &str) -> Self {
+        Self::new([
+            "doc".to_owned(),
+            doc.to_string(),
+            kind.as_str().to_owned(),
+            name.to_owned(),
+        ])
+    }
+
+    /// `doc/<id>/sync-state/<storage-id>`.
+    pub fn sync_state(doc: &DocumentId, storage: &StorageId) -> Self {
+        Self::new([
+            "doc".to_owned(),
+            doc.to_string(),
+            "sync-state".to_owned(),
+            storage.as_str().to_owned(),
+        ])
+    }
+
+    /// What a key under `doc/<id>` holds, if it is one of ours.
+    pub fn classify(&self) -> Option<DocKey<'_>> {
+        match self.0.as_slice() {
+            [d, _, kind, name] if d == "doc" => match kind.as_str() {
+                "snapshot" => Some(DocKey::Chunk(ChunkKind::Snapshot, name)),
+                "incremental" => Some(DocKey::Chunk(ChunkKind::Incremental, name)),
+                "sync-state" => Some(DocKey::SyncState(name)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Debug for StorageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StorageKey({})", self.0.join("/"))
+    }
+}
+
+impl fmt::Display for StorageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("/"))
+    }
+}
+
+/// The two kinds of document chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ChunkKind {
+    /// A whole document (`Automerge::save`).
+    Snapshot,
+    /// Changes since an earlier chunk (`Automerge::save_after`).
+    Incremental,
+}
+
+impl ChunkKind {
+    /// The key component for this kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChunkKind::Snapshot => "snapshot",
+            ChunkKind::Incremental => "incremental",
+        }
+    }
+}
+
+/// What a key under `doc/<id>` holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DocKey<'a> {
+    /// A document chunk and its name.
+    Chunk(ChunkKind, &'a str),
+    /// A sync state and the storage id it belongs to.
+    SyncState(&'a str),
+}
+
+/// Identifies one storage task so its result can be matched to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaskId(pub u64);
+
+/// One write inside an atomic batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BatchOp {
+    /// Set `key` to the bytes.
+    Put(StorageKey, Vec<u8>),
+    /// Remove `key` (absent keys are fine).
+    Delete(StorageKey),
+}
+
+/// A piece of storage work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageOp {
+    /// Read one key.
+    Load(StorageKey),
+    /// Read every key under a prefix, in key order.
+    LoadRange(StorageKey),
+    /// Write one key.
+    Put(StorageKey, Vec<u8>),
+    /// Remove one key.
+    Delete(StorageKey),
+    /// Apply every op or none.
+    Batch(Vec<BatchOp>),
+}
+
+/// A storage op with the id its result will carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageTask {
+    /// Matches the result to the task.
+    pub id: TaskId,
+    /// What to do.
+    pub op: StorageOp,
+}
+
+/// The outcome of a [`StorageTask`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageResult {
+    /// The value of a `Load`, `None` if absent.
+    Loaded(Option<Vec<u8>>),
+    /// The entries of a `LoadRange`, in key order.
+    Range(Vec<(StorageKey, Vec<u8>)>),
+    /// A write (`Put`, `Delete`, `Batch`) is done.
+    Written,
+    /// The task failed; the text says why.
+    Failed(String),
+}
+
+/// Why a storage call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The backing store reported an error.
+    #[error("storage backend error: {0}")]
+    Backend(String),
+}
+
+/// A key-value store the runtime performs [`StorageOp`]s against.
+pub trait Storage: Send + Sync + 'static {
+    /// Reads one key.
+    fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>, StorageError>;
+    /// Reads every key under `prefix`, in key order.
+    fn range(&self, prefix: &StorageKey) -> Result<Vec<(StorageKey, Vec<u8>)>, StorageError>;
+    /// Applies all ops atomically.
+    fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError>;
+
+    /// Performs one op and turns the outcome into a [`StorageResult`].
+    fn perform(&self, op: StorageOp) -> StorageResult {
+        let outcome = match op {
+            StorageOp::Load(key) => self.get(&key).map(StorageResult::Loaded),
+            StorageOp::LoadRange(prefix) => self.range(&prefix).map(StorageResult::Range),
+            StorageOp::Put(key, value) => self
+                .batch(vec![BatchOp::Put(key, value)])
+                .map(|()| StorageResult::Written),
+            StorageOp::Delete(key) => self
+                .batch(vec![BatchOp::Delete(key)])
+                .map(|()| StorageResult::Written),
+            StorageOp::Batch(ops) => self.batch(ops).map(|()| StorageResult::Written),
+        };
+        outcome.unwrap_or_else(|e| StorageResult::Failed(e.to_string()))
+    }
+}

@@ -1,0 +1,15 @@
+//! The automerge-repo wire protocol, version 1: ids, messages and their CBOR
+//! codec. Pure data; no IO.
+
+mod codec;
+mod ids;
+mod message;
+
+pub use codec::{decode, encode, DecodeError, MAX_NESTING};
+pub use ids::{
+    decode_head, encode_head, AutomergeUrl, DocumentId, IdError, PeerId, SessionId, StorageId,
+    MAX_DOCUMENT_ID_BYTES, MAX_NAME_BYTES,
+};
+pub use message::{
+    DocMessage, EphemeralMessage, Message, PeerMetadata, RemoteHeads, PROTOCOL_VERSION,
+};

@@ -1,0 +1,9 @@
+//! The Converge test suite, in one binary (each extra test binary costs a
+//! link step, and links are slow with RocksDB in the tree).
+
+mod hostile;
+mod properties;
+mod scenarios;
+mod stories;
+mod wire_fixtures;
+mod wire_props;
