@@ -185,21 +185,30 @@ pub fn hostile_bloom_bytes(entries: u32, bits_per_entry: u32, probes: u32, bits:
     out
 }
 
+/// Wraps Bloom filter bytes into a v1 sync message with no heads, no
+/// needs, no changes and one `have` (empty `last_sync`) carrying the filter.
+pub fn sync_message_with_bloom(bloom: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x42, 0, 0, 1, 0];
+    let mut len = bloom.len();
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(bloom);
+    out.push(0);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use automerge::sync::{BloomFilter, Have};
     use automerge::ChangeHash;
-
-    fn message_with_bloom(bloom: Vec<u8>) -> Vec<u8> {
-        // Hand-assemble a v1 sync message: type byte, no heads, no needs,
-        // one have with an empty last_sync and the given bloom, no changes.
-        let mut out = vec![0x42, 0, 0, 1, 0];
-        out.push(bloom.len() as u8);
-        out.extend(bloom);
-        out.push(0);
-        out
-    }
 
     #[test]
     fn honest_messages_pass() {
@@ -221,14 +230,14 @@ mod tests {
 
     #[test]
     fn zero_bits_per_entry_is_refused() {
-        let bytes = message_with_bloom(hostile_bloom_bytes(5, 0, 7, 0));
+        let bytes = sync_message_with_bloom(&hostile_bloom_bytes(5, 0, 7, 0));
         let err = decode_sync_message(&bytes, &SyncLimits::default()).expect_err("hostile");
         assert!(matches!(err, InvalidSyncMessage::BadBloom(_)), "{err}");
     }
 
     #[test]
     fn huge_probe_count_is_refused() {
-        let bytes = message_with_bloom(hostile_bloom_bytes(1, 10, u32::MAX, 2));
+        let bytes = sync_message_with_bloom(&hostile_bloom_bytes(1, 10, u32::MAX, 2));
         let err = decode_sync_message(&bytes, &SyncLimits::default()).expect_err("hostile");
         assert!(matches!(err, InvalidSyncMessage::BadBloom(_)), "{err}");
     }

@@ -337,59 +337,41 @@ struct Fields<'b> {
 }
 
 fn read_fields<'b>(d: &mut Decoder<'b>) -> Result<Fields<'b>, DecodeError> {
+    if !matches!(d.datatype()?, Type::Map | Type::MapIndef) {
+        return Err(DecodeError::NotAMap);
+    }
     let mut f = Fields::default();
-    let len = match d.datatype()? {
-        Type::Map | Type::MapIndef => d.map()?,
-        _ => return Err(DecodeError::NotAMap),
-    };
-    let mut remaining = len;
-    loop {
-        match remaining {
-            Some(0) => break,
-            Some(ref mut n) => *n -= 1,
-            None => {
-                if d.datatype()? == Type::Break {
-                    d.skip()?;
-                    break;
-                }
-            }
-        }
-        let key = match d.datatype()? {
-            Type::String => Some(d.str()?),
-            _ => {
-                skip_value(d, 1)?;
-                None
-            }
-        };
+    for_each_entry(d, "message", 0, |d, key| {
         match key {
-            Some("type") => f.kind = opt(d, "type", read_string)?,
-            Some("senderId") => f.sender_id = opt(d, "senderId", read_str)?,
-            Some("targetId") => f.target_id = opt(d, "targetId", read_str)?,
-            Some("documentId") => f.document_id = opt(d, "documentId", read_str)?,
-            Some("data") => f.data = opt(d, "data", read_bytes)?,
-            Some("count") => f.count = opt(d, "count", read_count)?,
-            Some("sessionId") => f.session_id = opt(d, "sessionId", read_str)?,
-            Some("peerMetadata") => f.metadata = opt(d, "peerMetadata", read_metadata)?,
+            "type" => f.kind = opt(d, "type", read_string)?,
+            "senderId" => f.sender_id = opt(d, "senderId", read_str)?,
+            "targetId" => f.target_id = opt(d, "targetId", read_str)?,
+            "documentId" => f.document_id = opt(d, "documentId", read_str)?,
+            "data" => f.data = opt(d, "data", read_bytes)?,
+            "count" => f.count = opt(d, "count", read_count)?,
+            "sessionId" => f.session_id = opt(d, "sessionId", read_str)?,
+            "peerMetadata" => f.metadata = opt(d, "peerMetadata", read_metadata)?,
             // The older name; `peerMetadata` wins when both are present.
-            Some("metadata") => {
+            "metadata" => {
                 let meta = opt(d, "metadata", read_metadata)?;
                 if f.metadata.is_none() {
                     f.metadata = meta;
                 }
             }
-            Some("supportedProtocolVersions") => {
+            "supportedProtocolVersions" => {
                 f.supported_versions = opt(d, "supportedProtocolVersions", read_string_list)?
             }
-            Some("selectedProtocolVersion") => {
+            "selectedProtocolVersion" => {
                 f.selected_version = opt(d, "selectedProtocolVersion", read_string)?
             }
-            Some("message") => f.message = opt(d, "message", read_string)?,
-            Some("add") => f.add = opt(d, "add", read_storage_ids)?,
-            Some("remove") => f.remove = opt(d, "remove", read_storage_ids)?,
-            Some("newHeads") => f.new_heads = opt(d, "newHeads", read_new_heads)?,
+            "message" => f.message = opt(d, "message", read_string)?,
+            "add" => f.add = opt(d, "add", read_storage_ids)?,
+            "remove" => f.remove = opt(d, "remove", read_storage_ids)?,
+            "newHeads" => f.new_heads = opt(d, "newHeads", read_new_heads)?,
             _ => skip_value(d, 1)?,
         }
-    }
+        Ok(())
+    })?;
     Ok(f)
 }
 
@@ -625,13 +607,12 @@ fn for_each_item<'b>(
     Ok(())
 }
 
-/// Calls `entry` once per key of a map whose keys are text; entries with
-/// other keys are skipped.
-fn for_each_entry<'b>(
+/// Calls `each` once per entry of a map (definite or not); `each` reads
+/// the key and the value.
+fn map_entries<'b>(
     d: &mut Decoder<'b>,
     field: &'static str,
-    depth: usize,
-    mut entry: impl FnMut(&mut Decoder<'b>, &'b str) -> Result<(), DecodeError>,
+    mut each: impl FnMut(&mut Decoder<'b>) -> Result<(), DecodeError>,
 ) -> Result<(), DecodeError> {
     let len = match d.datatype()? {
         Type::Map | Type::MapIndef => d.map()?,
@@ -654,15 +635,28 @@ fn for_each_entry<'b>(
                 }
             }
         }
-        if d.datatype()? == Type::String {
-            let key = d.str()?;
-            entry(d, key)?;
-        } else {
-            skip_value(d, depth + 1)?;
-            skip_value(d, depth + 1)?;
-        }
+        each(d)?;
     }
     Ok(())
+}
+
+/// Calls `entry` once per key of a map whose keys are text; entries with
+/// other keys are skipped.
+fn for_each_entry<'b>(
+    d: &mut Decoder<'b>,
+    field: &'static str,
+    depth: usize,
+    mut entry: impl FnMut(&mut Decoder<'b>, &'b str) -> Result<(), DecodeError>,
+) -> Result<(), DecodeError> {
+    map_entries(d, field, |d| {
+        if d.datatype()? == Type::String {
+            let key = d.str()?;
+            entry(d, key)
+        } else {
+            skip_value(d, depth + 1)?;
+            skip_value(d, depth + 1)
+        }
+    })
 }
 
 fn read_string_list(d: &mut Decoder<'_>, field: &'static str) -> Result<Vec<String>, DecodeError> {
@@ -755,25 +749,10 @@ fn skip_value(d: &mut Decoder<'_>, depth: usize) -> Result<(), DecodeError> {
     }
     match d.datatype()? {
         Type::Array | Type::ArrayIndef => for_each_item(d, "", |d| skip_value(d, depth + 1)),
-        Type::Map | Type::MapIndef => {
-            let len = d.map()?;
-            let mut remaining = len;
-            loop {
-                match remaining {
-                    Some(0) => break,
-                    Some(ref mut n) => *n -= 1,
-                    None => {
-                        if d.datatype()? == Type::Break {
-                            d.skip()?;
-                            break;
-                        }
-                    }
-                }
-                skip_value(d, depth + 1)?;
-                skip_value(d, depth + 1)?;
-            }
-            Ok(())
-        }
+        Type::Map | Type::MapIndef => map_entries(d, "", |d| {
+            skip_value(d, depth + 1)?;
+            skip_value(d, depth + 1)
+        }),
         Type::Tag => {
             d.tag()?;
             skip_value(d, depth + 1)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::{Automerge, ChangeHash, ReadDoc, ROOT};
-use converge_core::engine::validate::hostile_bloom_bytes;
+use converge_core::engine::validate::{hostile_bloom_bytes, sync_message_with_bloom};
 use converge_core::engine::{Command, ConnectionId, Event, FullDocument, Replica, ReplicaError};
 use converge_core::wire::{self, DocMessage, DocumentId, Message, PeerId};
 use converge_tests::scenario::text_on;
@@ -64,15 +64,6 @@ fn eve_syncs(sim: &mut Sim, relay: usize, doc: &DocumentId, data: Vec<u8>) {
     sim.inject(relay, EVE, wire::encode(&m));
 }
 
-/// A sync message with one `have` whose Bloom filter is the given bytes.
-fn sync_with_bloom(bloom: Vec<u8>) -> Vec<u8> {
-    let mut out = vec![0x42, 0, 0, 1, 0];
-    out.push(bloom.len() as u8);
-    out.extend(bloom);
-    out.push(0);
-    out
-}
-
 /// The others still sync: alice types, bob and carol see it.
 fn others_unaffected(sim: &mut Sim, clients: &[usize], doc: &DocumentId, word: &str) {
     let w = word.to_owned();
@@ -125,7 +116,7 @@ fn hostile_bloom_filters_are_refused_and_others_carry_on() {
     ] {
         let (mut sim, relay, clients, doc) = busy_relay(|_| {});
         eve_joins(&mut sim, relay);
-        eve_syncs(&mut sim, relay, &doc, sync_with_bloom(bloom));
+        eve_syncs(&mut sim, relay, &doc, sync_message_with_bloom(&bloom));
         sim.run_until_quiescent(SETTLE);
         let reason = closed_with(&sim, relay, EVE);
         assert!(reason.contains("bloom"), "{what}: closed for `{reason}`");

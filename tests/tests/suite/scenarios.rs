@@ -15,7 +15,7 @@ fn seeded_scenarios_converge() {
             let count = std::env::var("CONVERGE_SIM_COUNT")
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .unwrap_or(120u64);
+                .unwrap_or(200u64);
             (0..count).collect()
         }
     };
