@@ -11,9 +11,15 @@
 //!   trait and an in-memory store.
 //! - [`engine`]: the sync engine, a deterministic state machine. It does
 //!   no IO: no sockets, no clock, no OS randomness, no tokio.
+//! - [`runtime`]: [`runtime::Repo`] and [`runtime::DocHandle`], which drive
+//!   the engine on tokio, perform its storage tasks and wake it on time.
+//! - [`transport`]: WebSocket connections (client with reconnect; the
+//!   server side lives in `converge-server`).
 //!
 //! [`Storage`]: storage::Storage
 
 pub mod engine;
+pub mod runtime;
 pub mod storage;
+pub mod transport;
 pub mod wire;

@@ -104,7 +104,13 @@ pub const MAX_SETTLE_STEPS: u64 = 200_000;
 /// one client and is allowed to reach the relay before actions begin.
 pub fn build_world(seed: u64, clients: usize, docs: usize) -> (Sim, Vec<DocumentId>) {
     let mut sim = Sim::new(seed, NetConfig::default());
-    let relay = sim.add_node("relay", Role::Relay);
+    // One world in three gives the relay a hot set of one document, so
+    // eviction and reloading are exercised under every kind of fault.
+    let relay = sim.add_node_with("relay", Role::Relay, |cfg| {
+        if seed.is_multiple_of(3) {
+            cfg.max_docs_in_memory = 1;
+        }
+    });
     for c in 1..=clients {
         let client = sim.add_node(&format!("client{c}"), Role::Client);
         sim.link(client, relay);

@@ -146,12 +146,18 @@ struct Doc {
     wanted: bool,
     waiting_finds: Vec<CommandId>,
     request_deadline: Option<Timestamp>,
+    /// Until then, "nobody has it" is not yet an answer (see
+    /// [`EngineConfig::unavailable_grace`]).
+    grace_until: Option<Timestamp>,
     peers: BTreeMap<PeerId, DocPeer>,
     /// Sync states read from storage, by remote storage id, not yet in use.
     stored_sync_states: BTreeMap<String, Vec<u8>>,
-    /// Messages that arrived while loading, replayed once loaded.
     pending: Vec<PendingMessage>,
     store: DocStore,
+    /// Document writes issued and not yet confirmed.
+    unconfirmed_saves: usize,
+    /// When the document was last touched (for eviction).
+    last_used: Timestamp,
 }
 
 /// What storage holds for a document, as far as the engine knows.
@@ -318,9 +324,47 @@ impl Engine {
 
     fn finish(&mut self) -> Output {
         self.fire_timers();
+        if self.docs.len() > self.cfg.max_docs_in_memory {
+            self.evict_cold();
+        }
         let mut out = std::mem::take(&mut self.out);
         out.next_wakeup = self.timers.first().map(|(t, _)| *t);
         out
+    }
+
+    // ------------------------------------------------------------ eviction
+
+    /// Drops the least recently used cold documents until the hot set
+    /// fits (see [`EngineConfig::max_docs_in_memory`]).
+    fn evict_cold(&mut self) {
+        let mut cold: Vec<(Timestamp, DocumentId)> = self
+            .docs
+            .iter()
+            .filter(|(_, d)| {
+                matches!(d.status, DocStatus::Ready | DocStatus::Unavailable)
+                    && !d.wanted
+                    && d.peers.is_empty()
+                    && d.pending.is_empty()
+                    && d.waiting_finds.is_empty()
+                    && d.unconfirmed_saves == 0
+                    && d.store.saved_heads == d.replica.heads()
+            })
+            .map(|(id, d)| (d.last_used, id.clone()))
+            .collect();
+        cold.sort();
+        let excess = self.docs.len().saturating_sub(self.cfg.max_docs_in_memory);
+        for (_, id) in cold.into_iter().take(excess) {
+            tracing::debug!(document = %id, "evicting cold document");
+            self.docs.remove(&id);
+        }
+    }
+
+    /// Marks a document as just used.
+    fn touch(&mut self, id: &DocumentId) {
+        let now = self.now;
+        if let Some(doc) = self.docs.get_mut(id) {
+            doc.last_used = now;
+        }
     }
 
     // ------------------------------------------------------------ timers
@@ -347,7 +391,18 @@ impl Engine {
                         d.status == DocStatus::Requesting && d.request_deadline == Some(at)
                     });
                     if expired {
-                        self.mark_unavailable(&id);
+                        if self.someone_has_it(&id) {
+                            // An exchange with a peer that has it is under
+                            // way; give it the full request timeout.
+                            let deadline = self.now.plus(self.cfg.request_timeout);
+                            if let Some(d) = self.docs.get_mut(&id) {
+                                d.request_deadline = Some(deadline);
+                                d.grace_until = None;
+                            }
+                            self.timers.insert((deadline, Timer::Request(id)));
+                        } else {
+                            self.mark_unavailable(&id);
+                        }
                     }
                 }
                 Timer::Resync(id, peer) => self.resync(&id, &peer, at),
@@ -456,6 +511,7 @@ impl Engine {
             self.start_load(&id);
             return;
         }
+        self.touch(&id);
         let Some(doc) = self.docs.get_mut(&id) else {
             return;
         };
@@ -814,6 +870,7 @@ impl Engine {
                 .insert(id.clone(), Doc::new(DocStatus::Loading, replica));
             self.start_load(&id);
         }
+        self.touch(&id);
         let Some(doc) = self.docs.get_mut(&id) else {
             return;
         };
@@ -858,6 +915,15 @@ impl Engine {
         } else if !message.heads.is_empty() {
             dp.lacks = false;
         }
+        tracing::debug!(
+            document = %id,
+            %peer,
+            heads = message.heads.len(),
+            need = message.need.len(),
+            changes = message.changes.len(),
+            is_request,
+            "received sync message"
+        );
         let before = doc.replica.heads();
         let replica = &mut doc.replica;
         let state = &mut dp.sync;
@@ -1031,6 +1097,15 @@ impl Engine {
             self.timers
                 .insert((resync_at, Timer::Resync(id.clone(), peer.clone())));
         }
+        tracing::debug!(
+            document = %id,
+            %peer,
+            heads = message.heads.len(),
+            need = message.need.len(),
+            changes = message.changes.len(),
+            request = as_request,
+            "sending sync message"
+        );
         let doc_message = DocMessage {
             sender_id: self.cfg.peer_id.clone(),
             target_id: peer.clone(),
@@ -1109,6 +1184,7 @@ impl Engine {
 
     /// A document's heads moved: save, resolve waiters, tell peers.
     fn doc_changed(&mut self, id: &DocumentId, origin: Origin) {
+        self.touch(id);
         self.save_doc(id);
         let Some(doc) = self.docs.get_mut(id) else {
             return;
@@ -1116,6 +1192,7 @@ impl Engine {
         if doc.status != DocStatus::Ready && !doc.replica.is_empty() {
             doc.status = DocStatus::Ready;
             doc.request_deadline = None;
+            doc.grace_until = None;
             for cmd in std::mem::take(&mut doc.waiting_finds) {
                 self.out
                     .completed
@@ -1149,16 +1226,27 @@ impl Engine {
             })
             .cloned()
             .collect();
-        if candidates.is_empty() {
+        // With nobody to ask we still wait a moment before saying
+        // "unavailable": the peer that has the document may be about to
+        // offer it (a client that just created a document announces it in
+        // the same instant another asks for it).
+        let nobody = candidates.is_empty() && !self.someone_has_it(id);
+        if nobody && self.cfg.unavailable_grace.is_zero() {
             self.mark_unavailable(id);
             return;
         }
-        let deadline = self.now.plus(self.cfg.request_timeout);
+        let wait = if nobody {
+            self.cfg.unavailable_grace
+        } else {
+            self.cfg.request_timeout
+        };
+        let deadline = self.now.plus(wait);
         let Some(doc) = self.docs.get_mut(id) else {
             return;
         };
         doc.status = DocStatus::Requesting;
         doc.request_deadline = Some(deadline);
+        doc.grace_until = nobody.then_some(deadline);
         for dp in doc.peers.values_mut() {
             dp.we_requested = false;
         }
@@ -1173,16 +1261,29 @@ impl Engine {
     /// the document is unavailable.
     fn check_request_done(&mut self, id: &DocumentId) {
         let Some(doc) = self.docs.get(id) else { return };
-        if doc.status != DocStatus::Requesting {
+        if doc.status != DocStatus::Requesting || doc.grace_until.is_some_and(|g| self.now < g) {
             return;
         }
         let still_asking = doc
             .peers
             .iter()
             .any(|(p, dp)| dp.we_requested && !dp.lacks && self.peers.contains_key(p));
-        if !still_asking {
+        if !still_asking && !self.someone_has_it(id) {
             self.mark_unavailable(id);
         }
+    }
+
+    /// Whether a connected peer has told us heads for this document: it
+    /// has the document and our exchange with it will bring it here, so
+    /// nobody should be told it is unavailable yet.
+    fn someone_has_it(&self, id: &DocumentId) -> bool {
+        self.docs.get(id).is_some_and(|doc| {
+            doc.peers.iter().any(|(p, dp)| {
+                self.peers.contains_key(p)
+                    && !dp.lacks
+                    && dp.sync.their_heads.as_ref().is_some_and(|h| !h.is_empty())
+            })
+        })
     }
 
     fn mark_unavailable(&mut self, id: &DocumentId) {
@@ -1191,6 +1292,7 @@ impl Engine {
         };
         doc.status = DocStatus::Unavailable;
         doc.request_deadline = None;
+        doc.grace_until = None;
         for cmd in std::mem::take(&mut doc.waiting_finds) {
             self.out
                 .completed
@@ -1301,12 +1403,15 @@ impl Engine {
                     doc,
                     fallback_heads,
                 },
-                StorageResult::Failed(_),
+                result,
             ) => {
-                // Write it again with the next change, from what we know
-                // is on disk.
                 if let Some(d) = self.docs.get_mut(&doc) {
-                    d.store.saved_heads = fallback_heads;
+                    d.unconfirmed_saves = d.unconfirmed_saves.saturating_sub(1);
+                    if matches!(result, StorageResult::Failed(_)) {
+                        // Write it again with the next change, from what we
+                        // know is on disk.
+                        d.store.saved_heads = fallback_heads;
+                    }
                 }
             }
             _ => {}
@@ -1433,6 +1538,7 @@ impl Engine {
             doc.store.incremental_keys.push(key.clone());
             StorageOp::Put(key, incremental)
         };
+        doc.unconfirmed_saves += 1;
         self.storage(
             op,
             Task::SaveDoc {
@@ -1463,10 +1569,13 @@ impl Doc {
             wanted: false,
             waiting_finds: Vec::new(),
             request_deadline: None,
+            grace_until: None,
             peers: BTreeMap::new(),
             stored_sync_states: BTreeMap::new(),
             pending: Vec::new(),
             store: DocStore::default(),
+            unconfirmed_saves: 0,
+            last_used: Timestamp(0),
         }
     }
 }

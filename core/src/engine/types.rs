@@ -79,9 +79,18 @@ pub struct EngineConfig {
     pub handshake_timeout: Duration,
     /// A `request` nobody has answered by then counts as unavailable.
     pub request_timeout: Duration,
+    /// How long to wait, when no peer can be asked for a document, before
+    /// calling it unavailable: a peer may be offering it that very moment.
+    pub unavailable_grace: Duration,
     /// A sync exchange that stalls this long (message lost, peer wedged)
     /// is restarted from the persisted part of its state.
     pub resync_interval: Duration,
+    /// The hot set: at most this many documents stay in memory when more
+    /// are cold. Cold means fully written to storage, not wanted by a
+    /// local `find`/`create`, and not being synced with any connected peer;
+    /// the least recently used cold documents are dropped from memory and
+    /// read back from storage when next needed.
+    pub max_docs_in_memory: usize,
 }
 
 impl EngineConfig {
@@ -97,7 +106,9 @@ impl EngineConfig {
             max_message_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(20),
             request_timeout: Duration::from_secs(30),
+            unavailable_grace: Duration::from_millis(250),
             resync_interval: Duration::from_secs(15),
+            max_docs_in_memory: 10_000,
         }
     }
 
@@ -120,6 +131,8 @@ impl fmt::Debug for EngineConfig {
             .field("handshake_timeout", &self.handshake_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("resync_interval", &self.resync_interval)
+            .field("unavailable_grace", &self.unavailable_grace)
+            .field("max_docs_in_memory", &self.max_docs_in_memory)
             .finish_non_exhaustive()
     }
 }

@@ -15,8 +15,10 @@
 //! so loading a document is one prefix scan of `doc/<id>`.
 
 mod memory;
+mod rocks;
 
 pub use memory::MemoryStorage;
+pub use rocks::RocksStorage;
 
 use std::fmt;
 

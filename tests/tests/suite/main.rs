@@ -3,7 +3,9 @@
 
 mod hostile;
 mod properties;
+mod relay;
 mod scenarios;
+mod storage;
 mod stories;
 mod wire_fixtures;
 mod wire_props;

@@ -136,6 +136,30 @@ fn unknown_documents_are_unavailable_and_arrive_later() {
     );
 }
 
+/// Bob asks for Alice's new document at the very moment she creates it,
+/// before her first sync round reaches the relay: the relay, which has
+/// heard Alice say she has it, waits for it instead of answering
+/// "unavailable".
+#[test]
+fn a_find_racing_the_creation_still_succeeds() {
+    let (mut sim, _relay, c) = world(&["alice", "bob"]);
+    let (alice, bob) = (c[0], c[1]);
+    let doc = sim.create(alice, &seed_document());
+    let cmd = sim
+        .command(
+            bob,
+            Command::Find {
+                document_id: doc.clone(),
+            },
+        )
+        .expect("bob is alive");
+    sim.run_until_quiescent(SETTLE);
+    assert_eq!(
+        result(&sim, bob, cmd),
+        Some(&CommandResult::Found(doc.clone()))
+    );
+}
+
 /// The relay keeps documents on its disk: after it restarts, a new client
 /// finds a document whose author is gone.
 #[test]
@@ -157,6 +181,46 @@ fn a_relay_restart_keeps_documents() {
         Some(CommandResult::Found(doc.clone()))
     );
     assert_eq!(text_on(&sim, carol, &doc), "kept");
+}
+
+/// A relay with a hot set of one document drops cold documents from
+/// memory and reads them back from its disk when they are asked for.
+#[test]
+fn a_relay_evicts_cold_documents_and_reloads_them() {
+    let mut sim = Sim::new(5, NetConfig::default());
+    let relay = sim.add_node_with("relay", Role::Relay, |cfg| cfg.max_docs_in_memory = 1);
+    let alice = sim.add_node("alice", Role::Client);
+    sim.link(alice, relay);
+    sim.run_until_quiescent(SETTLE);
+    let docs: Vec<DocumentId> = (0..3)
+        .map(|_| sim.create(alice, &seed_document()))
+        .collect();
+    for (i, doc) in docs.iter().enumerate() {
+        assert!(type_text(&mut sim, alice, doc, &format!("doc{i}")));
+    }
+    sim.run_until_quiescent(SETTLE);
+    // While Alice syncs all three they are hot; once she leaves they are
+    // cold and all but one are dropped.
+    sim.unlink(alice, relay);
+    sim.run_until_quiescent(SETTLE);
+    sim.advance(10);
+    let in_memory = sim.nodes[relay]
+        .engine
+        .as_ref()
+        .expect("alive")
+        .documents()
+        .count();
+    assert!(in_memory <= 1, "relay still holds {in_memory} documents");
+    let bob = sim.add_node("bob", Role::Client);
+    sim.link(bob, relay);
+    sim.run_until_quiescent(SETTLE);
+    for (i, doc) in docs.iter().enumerate() {
+        assert_eq!(
+            find(&mut sim, bob, doc),
+            Some(CommandResult::Found(doc.clone()))
+        );
+        assert_eq!(text_on(&sim, bob, doc), format!("doc{i}"));
+    }
 }
 
 /// Ephemeral messages reach the document's other peers through the relay

@@ -1,0 +1,549 @@
+//! The tokio runtime: [`Repo`] and [`DocHandle`] drive an [`Engine`].
+//!
+//! One actor task owns the engine. Everything else talks to it through a
+//! channel: handles send commands and edits, connection tasks send the
+//! frames they read, the storage thread sends finished tasks. The actor
+//! feeds each into the engine and acts on the output: frames go to each
+//! connection's outbound queue, storage tasks to the storage thread (which
+//! performs them one by one, in order), events to subscribers. When nothing
+//! arrives it sleeps until the engine's next wake-up.
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use automerge::{Automerge, ChangeHash};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::engine::{
+    ChangeError, Command, CommandId, CommandResult, ConnectionId, Direction, Engine, EngineConfig,
+    Event, Input, Output, Timestamp,
+};
+use crate::storage::{Storage, StorageKey, StorageOp, StorageResult, TaskId};
+use crate::wire::{self, DocumentId, PeerId, StorageId};
+
+/// What a connection task is told to do by the repo.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Send one binary frame.
+    Frame(Vec<u8>),
+    /// Close the connection with this reason.
+    Close(String),
+}
+
+/// Why a repo call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RepoError {
+    /// Nobody (storage or any peer) has the document.
+    #[error("document {0} is unavailable")]
+    Unavailable(DocumentId),
+    /// The document could not be edited.
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+    /// The command failed.
+    #[error("{0}")]
+    Failed(String),
+    /// The repo has shut down.
+    #[error("the repo has shut down")]
+    Stopped,
+}
+
+/// A read of a document, run inside the actor.
+type Reader = Box<dyn FnOnce(Option<&Automerge>) + Send>;
+/// An edit of a document, run inside the actor.
+type Editor = Box<dyn FnOnce(&mut Automerge) + Send>;
+
+enum Msg {
+    Command(Command, oneshot::Sender<CommandResult>),
+    Change(DocumentId, Editor, oneshot::Sender<Result<(), ChangeError>>),
+    Read(DocumentId, Reader),
+    Opened(ConnectionId, Direction, mpsc::UnboundedSender<Outbound>),
+    Bytes(ConnectionId, Vec<u8>),
+    Closed(ConnectionId),
+    Storage(TaskId, StorageResult),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Builds a [`Repo`].
+#[derive(Debug, Clone)]
+pub struct RepoConfig {
+    /// The engine's configuration (peer id, policy, limits…).
+    pub engine: EngineConfig,
+}
+
+impl RepoConfig {
+    /// A client repo with a random peer id. `storage_id` should be stable
+    /// for persistent storage; see [`load_or_create_storage_id`].
+    pub fn new(storage_id: Option<StorageId>) -> Self {
+        let seed = random_seed();
+        let peer = PeerId::new(&format!("converge-{:016x}", seed)).unwrap_or_else(|_| {
+            // The name above is always 26 ASCII bytes, which is valid.
+            unreachable_peer()
+        });
+        Self {
+            engine: EngineConfig::new(peer, storage_id, seed.rotate_left(17)),
+        }
+    }
+}
+
+fn unreachable_peer() -> PeerId {
+    PeerId::new("converge").unwrap_or_else(|e| panic!("static peer id is valid: {e}"))
+}
+
+/// A random u64 from the OS (via the standard library's hash seeds).
+pub fn random_seed() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.finish()
+}
+
+/// Reads the store's storage id, creating and saving a fresh UUID-shaped
+/// one the first time (automerge-repo keeps it under `storage-adapter-id`).
+pub fn load_or_create_storage_id(storage: &dyn Storage) -> Result<StorageId, RepoError> {
+    let key = StorageKey::new(["storage-adapter-id"]);
+    let existing = storage
+        .get(&key)
+        .map_err(|e| RepoError::Failed(e.to_string()))?;
+    if let Some(bytes) = existing {
+        if let Some(id) = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|s| StorageId::new(s).ok())
+        {
+            return Ok(id);
+        }
+    }
+    let (a, b) = (random_seed(), random_seed());
+    let text = format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        b >> 52,
+        b & 0xffff_ffff_ffff
+    );
+    storage
+        .batch(vec![crate::storage::BatchOp::Put(
+            key,
+            text.clone().into_bytes(),
+        )])
+        .map_err(|e| RepoError::Failed(e.to_string()))?;
+    StorageId::new(&text).map_err(|e| RepoError::Failed(e.to_string()))
+}
+
+/// A running repo. Cheap to clone; every clone talks to the same engine.
+#[derive(Clone, Debug)]
+pub struct Repo {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    tx: mpsc::UnboundedSender<MsgBox>,
+    events: broadcast::Sender<Event>,
+    peer_id: PeerId,
+    next_conn: AtomicU64,
+}
+
+/// `Msg` holds closures, which are not `Debug`; this wrapper is.
+struct MsgBox(Msg);
+
+impl std::fmt::Debug for MsgBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Msg")
+    }
+}
+
+impl Repo {
+    /// Starts a repo on the current tokio runtime over `storage`.
+    pub fn start(config: RepoConfig, storage: Arc<dyn Storage>) -> Repo {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(4096);
+        let peer_id = config.engine.peer_id.clone();
+        let (storage_tx, storage_thread) = spawn_storage_thread(storage, tx.clone());
+        let actor = Actor {
+            engine: Engine::new(config.engine),
+            clock: Clock::new(),
+            conns: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            next_cmd: 0,
+            events: events.clone(),
+            storage_tx: Some(storage_tx),
+            storage_thread: Some(storage_thread),
+            in_flight_storage: 0,
+            shutdown: None,
+        };
+        tokio::spawn(actor.run(rx));
+        Repo {
+            inner: Arc::new(Inner {
+                tx,
+                events,
+                peer_id,
+                next_conn: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Our peer id.
+    pub fn peer_id(&self) -> &PeerId {
+        &self.inner.peer_id
+    }
+
+    fn send(&self, msg: Msg) -> Result<(), RepoError> {
+        self.inner
+            .tx
+            .send(MsgBox(msg))
+            .map_err(|_| RepoError::Stopped)
+    }
+
+    async fn command(&self, command: Command) -> Result<CommandResult, RepoError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Command(command, tx))?;
+        rx.await.map_err(|_| RepoError::Stopped)
+    }
+
+    /// Creates a document (empty, or from `Automerge::save` bytes).
+    pub async fn create(&self, initial: Option<Vec<u8>>) -> Result<DocHandle, RepoError> {
+        match self.command(Command::Create { initial }).await? {
+            CommandResult::Created(id) => Ok(self.handle(id)),
+            CommandResult::Failed(e) => Err(RepoError::Failed(e)),
+            other => Err(RepoError::Failed(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    /// Finds a document in storage or at peers. Never hangs: if nobody has
+    /// it, this returns [`RepoError::Unavailable`] (the repo keeps wanting
+    /// it; [`Repo::events`] reports when it arrives).
+    pub async fn find(&self, id: &DocumentId) -> Result<DocHandle, RepoError> {
+        match self
+            .command(Command::Find {
+                document_id: id.clone(),
+            })
+            .await?
+        {
+            CommandResult::Found(id) => Ok(self.handle(id)),
+            CommandResult::Unavailable(id) => Err(RepoError::Unavailable(id)),
+            CommandResult::Failed(e) => Err(RepoError::Failed(e)),
+            other => Err(RepoError::Failed(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    /// A handle on a document without looking it up.
+    pub fn handle(&self, id: DocumentId) -> DocHandle {
+        DocHandle {
+            repo: self.clone(),
+            id,
+        }
+    }
+
+    /// Every engine event, as it happens.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Registers a new connection; returns its id and the queue of frames
+    /// to write to it. Transports call this, then [`Repo::received`] for
+    /// every frame read and [`Repo::closed`] at the end.
+    pub fn open_connection(
+        &self,
+        direction: Direction,
+    ) -> Result<(ConnectionId, mpsc::UnboundedReceiver<Outbound>), RepoError> {
+        let conn = ConnectionId(self.inner.next_conn.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.send(Msg::Opened(conn, direction, tx))?;
+        Ok((conn, rx))
+    }
+
+    /// A frame arrived on a connection.
+    pub fn received(&self, conn: ConnectionId, bytes: Vec<u8>) {
+        let _ = self.send(Msg::Bytes(conn, bytes));
+    }
+
+    /// A connection ended.
+    pub fn closed(&self, conn: ConnectionId) {
+        let _ = self.send(Msg::Closed(conn));
+    }
+
+    /// Stops the repo after every storage task already issued is done.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Msg::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// A document in a [`Repo`].
+#[derive(Clone, Debug)]
+pub struct DocHandle {
+    repo: Repo,
+    id: DocumentId,
+}
+
+impl DocHandle {
+    /// The document's id.
+    pub fn id(&self) -> &DocumentId {
+        &self.id
+    }
+
+    /// The document's `automerge:` URL.
+    pub fn url(&self) -> String {
+        self.id.url().to_string()
+    }
+
+    /// Edits the document; the change is saved and synced.
+    pub async fn change<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Automerge) -> R + Send + 'static,
+    ) -> Result<R, RepoError> {
+        let (tx, rx) = oneshot::channel();
+        let (rtx, rrx) = oneshot::channel();
+        let f = Box::new(move |doc: &mut Automerge| {
+            let _ = rtx.send(f(doc));
+        });
+        self.repo.send(Msg::Change(self.id.clone(), f, tx))?;
+        rx.await.map_err(|_| RepoError::Stopped)??;
+        rrx.await.map_err(|_| RepoError::Stopped)
+    }
+
+    /// Reads the document; `None` if it is not in memory as a document.
+    pub async fn with_doc<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Automerge) -> R + Send + 'static,
+    ) -> Result<Option<R>, RepoError> {
+        let (tx, rx) = oneshot::channel();
+        let f = Box::new(move |doc: Option<&Automerge>| {
+            let _ = tx.send(doc.map(f));
+        });
+        self.repo.send(Msg::Read(self.id.clone(), f))?;
+        rx.await.map_err(|_| RepoError::Stopped)
+    }
+
+    /// The document's heads.
+    pub async fn heads(&self) -> Result<Vec<ChangeHash>, RepoError> {
+        Ok(self.with_doc(|d| d.get_heads()).await?.unwrap_or_default())
+    }
+
+    /// Sends ephemeral data to the document's peers; returns how many.
+    pub async fn broadcast(&self, data: Vec<u8>) -> Result<usize, RepoError> {
+        match self
+            .repo
+            .command(Command::Broadcast {
+                document_id: self.id.clone(),
+                data,
+            })
+            .await?
+        {
+            CommandResult::Broadcast(n) => Ok(n),
+            other => Err(RepoError::Failed(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    /// Waits until the document's heads change (from anywhere) and returns
+    /// the new heads.
+    pub async fn changed(
+        &self,
+        events: &mut broadcast::Receiver<Event>,
+    ) -> Result<Vec<ChangeHash>, RepoError> {
+        loop {
+            match events.recv().await {
+                Ok(Event::DocChanged {
+                    document_id, heads, ..
+                }) if document_id == self.id => return Ok(heads),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return Err(RepoError::Stopped),
+            }
+        }
+    }
+}
+
+/// Milliseconds since the epoch, monotonic within the process.
+#[derive(Debug)]
+struct Clock {
+    start: Instant,
+    epoch_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let epoch_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        Self {
+            start: Instant::now(),
+            epoch_ms,
+        }
+    }
+
+    fn now(&self) -> Timestamp {
+        Timestamp(self.epoch_ms + self.start.elapsed().as_millis() as u64)
+    }
+
+    fn instant_of(&self, t: Timestamp) -> Instant {
+        self.start + Duration::from_millis(t.0.saturating_sub(self.epoch_ms))
+    }
+}
+
+fn spawn_storage_thread(
+    storage: Arc<dyn Storage>,
+    results: mpsc::UnboundedSender<MsgBox>,
+) -> (
+    std::sync::mpsc::Sender<(TaskId, StorageOp)>,
+    std::thread::JoinHandle<()>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel::<(TaskId, StorageOp)>();
+    let handle = std::thread::Builder::new()
+        .name("converge-storage".into())
+        .spawn(move || {
+            // One thread, tasks in order: a later write never overtakes an
+            // earlier one, which compaction relies on.
+            for (task, op) in rx {
+                let result = storage.perform(op);
+                if results.send(MsgBox(Msg::Storage(task, result))).is_err() {
+                    break;
+                }
+            }
+        })
+        .unwrap_or_else(|e| panic!("cannot start the storage thread: {e}"));
+    (tx, handle)
+}
+
+struct Actor {
+    engine: Engine,
+    clock: Clock,
+    conns: BTreeMap<ConnectionId, mpsc::UnboundedSender<Outbound>>,
+    pending: BTreeMap<CommandId, oneshot::Sender<CommandResult>>,
+    next_cmd: u64,
+    events: broadcast::Sender<Event>,
+    storage_tx: Option<std::sync::mpsc::Sender<(TaskId, StorageOp)>>,
+    storage_thread: Option<std::thread::JoinHandle<()>>,
+    in_flight_storage: usize,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<MsgBox>) {
+        let mut wake: Option<Timestamp> = None;
+        loop {
+            if self.shutdown.is_some() && self.in_flight_storage == 0 {
+                // Close the storage thread's queue and wait for it, so the
+                // store is released (and reopenable) when shutdown returns.
+                self.storage_tx = None;
+                if let Some(thread) = self.storage_thread.take() {
+                    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+                }
+                if let Some(done) = self.shutdown.take() {
+                    let _ = done.send(());
+                }
+                return;
+            }
+            let msg = match wake {
+                Some(at) => {
+                    let deadline = tokio::time::Instant::from_std(self.clock.instant_of(at));
+                    tokio::select! {
+                        m = rx.recv() => m,
+                        _ = tokio::time::sleep_until(deadline) => {
+                            let out = self.engine.handle(self.clock.now(), Input::Tick);
+                            wake = self.act(out);
+                            continue;
+                        }
+                    }
+                }
+                None => rx.recv().await,
+            };
+            let Some(MsgBox(msg)) = msg else { return };
+            let now = self.clock.now();
+            let out = match msg {
+                Msg::Command(command, reply) => {
+                    self.next_cmd += 1;
+                    let id = CommandId(self.next_cmd);
+                    self.pending.insert(id, reply);
+                    self.engine.handle(now, Input::Command(id, command))
+                }
+                Msg::Change(doc, f, reply) => match self.engine.change(now, &doc, f) {
+                    Ok(((), out)) => {
+                        let _ = reply.send(Ok(()));
+                        out
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
+                },
+                Msg::Read(doc, f) => {
+                    f(self.engine.document(&doc));
+                    continue;
+                }
+                Msg::Opened(conn, direction, tx) => {
+                    self.conns.insert(conn, tx);
+                    self.engine
+                        .handle(now, Input::Connected { conn, direction })
+                }
+                Msg::Bytes(conn, bytes) => self.engine.handle(now, Input::Received { conn, bytes }),
+                Msg::Closed(conn) => {
+                    self.conns.remove(&conn);
+                    self.engine.handle(now, Input::Disconnected { conn })
+                }
+                Msg::Storage(task, result) => {
+                    self.in_flight_storage = self.in_flight_storage.saturating_sub(1);
+                    self.engine.handle(now, Input::Storage { task, result })
+                }
+                Msg::Shutdown(done) => {
+                    self.shutdown = Some(done);
+                    continue;
+                }
+            };
+            wake = self.act(out);
+        }
+    }
+
+    fn act(&mut self, out: Output) -> Option<Timestamp> {
+        for send in out.sends {
+            if let Some(tx) = self.conns.get(&send.conn) {
+                let _ = tx.send(Outbound::Frame(wire::encode(&send.message)));
+            }
+        }
+        for close in out.closes {
+            if let Some(tx) = self.conns.remove(&close.conn) {
+                tracing::info!(conn = %close.conn, reason = %close.reason, "closing connection");
+                let _ = tx.send(Outbound::Close(close.reason));
+            }
+        }
+        for task in out.storage {
+            self.in_flight_storage += 1;
+            let sent = self
+                .storage_tx
+                .as_ref()
+                .is_some_and(|tx| tx.send((task.id, task.op)).is_ok());
+            if !sent {
+                self.in_flight_storage -= 1;
+                tracing::error!("storage thread is gone");
+            }
+        }
+        for (id, result) in out.completed {
+            if let Some(reply) = self.pending.remove(&id) {
+                let _ = reply.send(result);
+            }
+        }
+        for event in out.events {
+            if let Event::CorruptChunk {
+                document_id,
+                key,
+                reason,
+            } = &event
+            {
+                tracing::error!(document = %document_id, %key, %reason, "corrupt chunk skipped");
+            }
+            let _ = self.events.send(event);
+        }
+        out.next_wakeup
+    }
+}

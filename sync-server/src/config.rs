@@ -1,0 +1,204 @@
+//! Relay settings. Precedence: command-line flags, then environment
+//! variables (`CONVERGE_*`), then the TOML file given by `--config`, then
+//! defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use serde::Deserialize;
+
+/// The relay's settings.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "converge-server",
+    version,
+    about = "Converge relay: automerge-repo compatible sync server"
+)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "CONVERGE_LISTEN", default_value = "127.0.0.1:3030")]
+    pub listen: SocketAddr,
+    /// Directory of the RocksDB database (created if missing).
+    #[arg(long, env = "CONVERGE_DATA_DIR", default_value = "./converge-data")]
+    pub data_dir: PathBuf,
+    /// TOML file with any of these settings (snake_case keys).
+    #[arg(long, env = "CONVERGE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Largest WebSocket message accepted, in bytes; a larger one closes
+    /// that connection with code 1009.
+    #[arg(long, env = "CONVERGE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Seconds between pings; a peer silent for two intervals is dropped.
+    #[arg(long, env = "CONVERGE_PING_INTERVAL_SECS", default_value_t = 5)]
+    pub ping_interval_secs: u64,
+    /// Most documents kept in memory while cold (not being synced); the
+    /// least recently used cold ones are dropped and re-read when needed.
+    #[arg(long, env = "CONVERGE_MAX_DOCS_IN_MEMORY", default_value_t = 10_000)]
+    pub max_docs_in_memory: usize,
+    /// fsync every write (slower; survives power loss, not just crashes).
+    #[arg(long, env = "CONVERGE_SYNC_WRITES", default_value_t = false)]
+    pub sync_writes: bool,
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, env = "CONVERGE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// The file form: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    max_message_bytes: Option<usize>,
+    ping_interval_secs: Option<u64>,
+    max_docs_in_memory: Option<usize>,
+    sync_writes: Option<bool>,
+    log: Option<String>,
+}
+
+/// Why the settings are unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Flags or environment did not parse.
+    #[error("{0}")]
+    Args(#[from] clap::Error),
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a bad value.
+    #[error("bad config file {}: {reason}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A value is out of range.
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads the settings from `args` (the first being the program name),
+    /// the environment and the config file.
+    pub fn load<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Config::command()
+            .try_get_matches_from(args)
+            .map_err(ConfigError::Args)?;
+        let mut config = Config::from_arg_matches(&matches).map_err(ConfigError::Args)?;
+        if let Some(path) = config.config.clone() {
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            config.apply_file(&matches, file);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_file(&mut self, matches: &ArgMatches, file: FileConfig) {
+        let defaulted = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
+        if let (true, Some(v)) = (defaulted("listen"), file.listen) {
+            self.listen = v;
+        }
+        if let (true, Some(v)) = (defaulted("data_dir"), file.data_dir) {
+            self.data_dir = v;
+        }
+        if let (true, Some(v)) = (defaulted("max_message_bytes"), file.max_message_bytes) {
+            self.max_message_bytes = v;
+        }
+        if let (true, Some(v)) = (defaulted("ping_interval_secs"), file.ping_interval_secs) {
+            self.ping_interval_secs = v;
+        }
+        if let (true, Some(v)) = (defaulted("max_docs_in_memory"), file.max_docs_in_memory) {
+            self.max_docs_in_memory = v;
+        }
+        if let (true, Some(v)) = (defaulted("sync_writes"), file.sync_writes) {
+            self.sync_writes = v;
+        }
+        if let (true, Some(v)) = (defaulted("log"), file.log) {
+            self.log = v;
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid(format!(
+                "max_message_bytes must be at least 1024, got {}",
+                self.max_message_bytes
+            )));
+        }
+        if self.ping_interval_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "ping_interval_secs must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str]) -> Result<Config, ConfigError> {
+        Config::load(std::iter::once("converge-server").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_file_and_flags_apply_in_order() {
+        let c = load(&[]).expect("defaults");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:3030");
+        assert_eq!(c.data_dir, PathBuf::from("./converge-data"));
+
+        let dir = std::env::temp_dir().join(format!("converge-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("relay.toml");
+        std::fs::write(
+            &file,
+            "listen = \"0.0.0.0:4000\"\ndata_dir = \"/var/lib/converge\"\nping_interval_secs = 9\n",
+        )
+        .expect("write");
+        let path = file.to_str().expect("utf8");
+        let c = load(&["--config", path]).expect("file");
+        assert_eq!(c.listen.to_string(), "0.0.0.0:4000");
+        assert_eq!(c.ping_interval_secs, 9);
+        // A flag beats the file.
+        let c = load(&["--config", path, "--listen", "127.0.0.1:5000"]).expect("flag wins");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:5000");
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/converge"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_reason() {
+        assert!(matches!(
+            load(&["--listen", "nowhere"]),
+            Err(ConfigError::Args(_))
+        ));
+        assert!(matches!(
+            load(&["--ping-interval-secs", "0"]),
+            Err(ConfigError::Invalid(_))
+        ));
+        let err = load(&["--config", "/nonexistent/converge.toml"]).expect_err("missing file");
+        assert!(err.to_string().contains("cannot read config file"));
+    }
+}

@@ -1,0 +1,15 @@
+//! # converge-server
+//!
+//! The Converge relay: an automerge-repo compatible sync server. Point an
+//! automerge-repo app's `WebSocketClientAdapter` at `ws://host:3030` and it
+//! syncs through this relay, which keeps every document's full history in
+//! RocksDB.
+//!
+//! Layout:
+//! - [`config`]: settings from flags, environment and a TOML file.
+//! - [`server`]: the axum router (WebSocket at `/`, `/healthz`) and
+//!   [`server::serve`], which takes a bound listener and a shutdown future so
+//!   tests can run a relay on port 0.
+
+pub mod config;
+pub mod server;

@@ -1,0 +1,90 @@
+//! `converge-server`: run a Converge relay.
+//!
+//! ```sh
+//! converge-server --listen 127.0.0.1:3030 --data-dir ./converge-data
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use converge_core::engine::RelayPolicy;
+use converge_core::runtime::{load_or_create_storage_id, Repo, RepoConfig};
+use converge_core::storage::RocksStorage;
+use converge_server::config::Config;
+use converge_server::server::{serve, AppState};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = match Config::load(std::env::args_os()) {
+        Ok(c) => c,
+        Err(converge_server::config::ConfigError::Args(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("converge-server: {e}");
+            std::process::exit(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&config.log).context("bad --log filter")?)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let storage = Arc::new(
+        RocksStorage::open(&config.data_dir, config.sync_writes)
+            .with_context(|| format!("cannot open RocksDB in {}", config.data_dir.display()))?,
+    );
+    let storage_id =
+        load_or_create_storage_id(storage.as_ref()).context("cannot read the storage id")?;
+    let mut repo_config = RepoConfig::new(Some(storage_id.clone()));
+    repo_config.engine.policy = Arc::new(RelayPolicy);
+    repo_config.engine.max_message_bytes = config.max_message_bytes;
+    repo_config.engine.max_docs_in_memory = config.max_docs_in_memory;
+    let repo = Repo::start(repo_config, storage.clone());
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        data_dir = %config.data_dir.display(),
+        peer_id = %repo.peer_id(),
+        %storage_id,
+        "converge relay listening (automerge-repo clients: ws://{})",
+        listener.local_addr()?
+    );
+    let state = AppState {
+        repo: repo.clone(),
+        max_message_bytes: config.max_message_bytes,
+        ping_interval: Duration::from_secs(config.ping_interval_secs),
+    };
+    serve(listener, state, shutdown_signal()).await?;
+    tracing::info!("shutting down: finishing storage writes");
+    repo.shutdown().await;
+    storage.flush().context("final flush failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,102 @@
+//! The relay's HTTP face: the automerge-repo WebSocket endpoint at `/` and
+//! a health check at `/healthz`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use converge_core::engine::Direction;
+use converge_core::runtime::Repo;
+use converge_core::transport::{drive, Incoming, Outgoing};
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+
+/// What every request handler can reach.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The relay's repo.
+    pub repo: Repo,
+    /// Largest message accepted.
+    pub max_message_bytes: usize,
+    /// Ping interval.
+    pub ping_interval: Duration,
+}
+
+/// The relay's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(websocket))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and returns once
+/// open connections have wound down.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn websocket(
+    State(state): State<AppState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let Ok(upgrade) = upgrade else {
+        return "Converge relay: connect with an automerge-repo WebSocket client to this URL.\n"
+            .into_response();
+    };
+    upgrade
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(state.max_message_bytes.saturating_mul(2).max(1 << 20))
+        .max_message_size(state.max_message_bytes)
+        .max_frame_size(state.max_message_bytes)
+        .on_upgrade(move |socket| connection(state, socket))
+}
+
+async fn connection(state: AppState, socket: WebSocket) {
+    let (sink, stream) = socket.split();
+    let stream = stream.map(|m| match m {
+        Ok(Message::Binary(b)) => Incoming::Binary(b.to_vec()),
+        Ok(Message::Text(_)) => Incoming::Text,
+        Ok(Message::Ping(_) | Message::Pong(_)) => Incoming::Alive,
+        Ok(Message::Close(_)) => Incoming::Close,
+        Err(e) => {
+            let text = e.to_string();
+            if text.contains("too long") || text.contains("Space limit") {
+                Incoming::TooBig
+            } else {
+                Incoming::Error(text)
+            }
+        }
+    });
+    let sink = sink.with(|o: Outgoing| {
+        futures::future::ready(Ok::<_, axum::Error>(match o {
+            Outgoing::Binary(b) => Message::Binary(b.into()),
+            Outgoing::Ping => Message::Ping(Vec::new().into()),
+            Outgoing::Close(code, reason) => Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })),
+        }))
+    });
+    let ended = drive(
+        &state.repo,
+        Direction::Incoming,
+        Box::pin(stream),
+        Box::pin(sink),
+        Some(state.ping_interval),
+    )
+    .await;
+    tracing::debug!(reason = %ended.reason, "connection ended");
+}

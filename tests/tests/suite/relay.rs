@@ -1,0 +1,454 @@
+//! The relay over real sockets, against the real automerge-repo 2.5 npm
+//! packages (scripts in `tests/js/`, run with Node).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use automerge::transaction::Transactable;
+use automerge::ROOT;
+use converge_core::engine::{Event, RelayPolicy};
+use converge_core::runtime::{load_or_create_storage_id, Repo, RepoConfig};
+use converge_core::storage::{MemoryStorage, RocksStorage};
+use converge_core::transport::ws;
+use converge_core::wire::{self, DocumentId, Message, PeerId};
+use converge_server::server::{serve, AppState};
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+/// A relay running in this process on a random port.
+struct Relay {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(dir: &Path) -> Relay {
+        Self::start_with(dir, 64 << 20).await
+    }
+
+    async fn start_with(dir: &Path, max_message_bytes: usize) -> Relay {
+        let storage = Arc::new(RocksStorage::open(dir, false).expect("open rocksdb"));
+        let storage_id = load_or_create_storage_id(storage.as_ref()).expect("storage id");
+        let mut config = RepoConfig::new(Some(storage_id));
+        config.engine.policy = Arc::new(RelayPolicy);
+        config.engine.max_message_bytes = max_message_bytes;
+        let repo = Repo::start(config, storage.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("ws://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let state = AppState {
+            repo: repo.clone(),
+            max_message_bytes,
+            ping_interval: Duration::from_secs(5),
+        };
+        let done = tokio::spawn(async move {
+            let _ = serve(listener, state, async {
+                let _ = stopped.await;
+            })
+            .await;
+            repo.shutdown().await;
+            let _ = storage.flush();
+        });
+        Relay {
+            url,
+            stop: Some(stop),
+            done,
+        }
+    }
+
+    /// Graceful shutdown, as on SIGTERM.
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.done).await;
+    }
+}
+
+fn js_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("js")
+}
+
+fn node_command(script: &str, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(js_dir().join(script))
+        .args(args)
+        .env("INTEROP_QUIET", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs a script to completion; returns its JSON result or panics with
+/// its stderr.
+async fn node(script: &str, args: &[&str]) -> Value {
+    let out = node_command(script, args)
+        .output()
+        .await
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed ({}):\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{script}: bad output {line:?}: {e}"))
+}
+
+async fn wait_for_output(child: tokio::process::Child, script: &str) -> Value {
+    let out = tokio::time::timeout(Duration::from_secs(40), child.wait_with_output())
+        .await
+        .expect("script finishes")
+        .expect("script runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("json result")
+}
+
+fn rust_client() -> Repo {
+    Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()))
+}
+
+fn doc_id(url: &str) -> DocumentId {
+    url.parse().expect("automerge URL")
+}
+
+/// Finds a document, retrying while the connection comes up.
+async fn find_with_retry(repo: &Repo, id: &DocumentId) -> converge_core::runtime::DocHandle {
+    for _ in 0..50 {
+        if let Ok(h) = repo.find(id).await {
+            return h;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("document {id} never became available");
+}
+
+/// Waits until `doc[key]` reads as the string `value` (JS writes strings
+/// as collaborative text, Rust as scalars; the JSON view shows both alike).
+async fn wait_until(
+    handle: &converge_core::runtime::DocHandle,
+    what: &str,
+    key: &str,
+    value: &str,
+) {
+    for _ in 0..100 {
+        let json = handle
+            .with_doc(|d| serde_json::to_value(automerge::AutoSerde::from(d)).unwrap_or_default())
+            .await
+            .expect("repo alive")
+            .unwrap_or_default();
+        if json[key] == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: {key} never became {value}");
+}
+
+/// (a) Two unmodified automerge-repo clients sync a document through the
+/// Converge relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_js_clients_sync_through_the_relay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::start(dir.path()).await;
+    let result = node("interop-two-clients.mjs", &[&relay.url]).await;
+    assert_eq!(result["doc"]["n"], 2);
+    relay.stop().await;
+}
+
+/// (b) A document created by JS survives a relay restart and a new JS
+/// client finds it. (f) Unknown documents are reported unavailable, and
+/// one that arrives later reaches the client that asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_survive_restarts_and_unknown_ones_arrive_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::start(dir.path()).await;
+    let created = node("interop-create.mjs", &[&relay.url]).await;
+    let url = created["url"].as_str().expect("url").to_owned();
+    relay.stop().await;
+
+    let relay = Relay::start(dir.path()).await;
+    let expected = dir.path().join("expected.json");
+    std::fs::write(&expected, created["doc"].to_string()).expect("write expected");
+    let found = node(
+        "interop-find.mjs",
+        &[&relay.url, &url, expected.to_str().expect("utf8")],
+    )
+    .await;
+    assert_eq!(found["ok"], true);
+
+    let unavailable = node("interop-unavailable.mjs", &[&relay.url]).await;
+    assert_eq!(unavailable["unavailable"], true);
+
+    // A client asks for a document that does not exist yet...
+    let later_url = DocumentId::from_random([9; 16]).url().to_string();
+    let waiter = node_command(
+        "interop-unavailable.mjs",
+        &[&relay.url, "later", &later_url],
+    )
+    .spawn()
+    .expect("spawn");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // ...then another client creates it under that id.
+    node("interop-create.mjs", &[&relay.url, &later_url]).await;
+    let arrived = wait_for_output(waiter, "interop-unavailable later").await;
+    assert_eq!(arrived["arrivedLater"], true);
+    relay.stop().await;
+}
+
+/// (c) A JS client and a Converge Rust client edit one document at the
+/// same time through the relay and end up with both edits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_and_rust_clients_edit_concurrently() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::start(dir.path()).await;
+    let created = node("interop-create.mjs", &[&relay.url]).await;
+    let url = created["url"].as_str().expect("url").to_owned();
+
+    let js = node_command(
+        "interop-edit.mjs",
+        &[&relay.url, &url, "js", "fromjs", "rust", "fromrust"],
+    )
+    .spawn()
+    .expect("spawn");
+    let rust = rust_client();
+    let _conn = ws::connect(rust.clone(), relay.url.clone());
+    let handle = find_with_retry(&rust, &doc_id(&url)).await;
+    handle
+        .change(|d| {
+            let mut tx = d.transaction();
+            tx.put(ROOT, "rust", "fromrust").expect("put");
+            tx.commit();
+        })
+        .await
+        .expect("change");
+    wait_until(&handle, "rust client", "js", "fromjs").await;
+    let js_result = wait_for_output(js, "interop-edit").await;
+    assert_eq!(js_result["doc"]["rust"], "fromrust");
+    assert_eq!(js_result["doc"]["js"], "fromjs");
+    relay.stop().await;
+}
+
+/// (d) A Converge Rust client syncs through the reference Node server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_client_syncs_through_the_reference_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = node_command(
+        "reference-server.mjs",
+        &["0", dir.path().to_str().expect("utf8")],
+    )
+    .spawn()
+    .expect("spawn reference server");
+    let stdout = server.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let ready: Value = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("server starts")
+            .expect("read")
+            .expect("a line");
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            if v["ready"] == true {
+                break v;
+            }
+        }
+    };
+    let url = format!("ws://127.0.0.1:{}", ready["port"]);
+
+    let rust = rust_client();
+    let _conn = ws::connect(rust.clone(), url.clone());
+    let mut events = rust.events();
+    // Wait for the handshake with the reference server.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(Event::PeerConnected { .. }) = events.recv().await {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("connected to the reference server");
+    let handle = rust.create(None).await.expect("create");
+    handle
+        .change(|d| {
+            let mut tx = d.transaction();
+            tx.put(ROOT, "from", "rust").expect("put");
+            tx.commit();
+        })
+        .await
+        .expect("change");
+    let expected = dir.path().join("expected.json");
+    std::fs::write(&expected, r#"{"from":"rust"}"#).expect("write");
+    let found = node(
+        "interop-find.mjs",
+        &[&url, &handle.url(), expected.to_str().expect("utf8")],
+    )
+    .await;
+    assert_eq!(found["ok"], true);
+
+    // And the other way: a JS edit reaches the Rust client.
+    let edited = node(
+        "interop-edit.mjs",
+        &[&url, &handle.url(), "from_js", "yes", "-"],
+    )
+    .await;
+    assert_eq!(edited["ok"], true);
+    wait_until(&handle, "rust client", "from_js", "yes").await;
+    let _ = server.start_kill();
+}
+
+/// (e) Ephemeral messages pass between JS clients through the relay and
+/// from a Rust client to a JS client, with sender, count and session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_messages_pass_both_ways() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::start(dir.path()).await;
+    let both = node("interop-ephemeral.mjs", &[&relay.url, "new", "both"]).await;
+    assert_eq!(both["senderId"], both["aPeerId"]);
+    assert_eq!(both["sessionId"], both["aSessionId"]);
+
+    let created = node("interop-create.mjs", &[&relay.url]).await;
+    let url = created["url"].as_str().expect("url").to_owned();
+    let receiver = node_command("interop-ephemeral.mjs", &[&relay.url, &url, "receive"])
+        .spawn()
+        .expect("spawn");
+    let rust = rust_client();
+    let _conn = ws::connect(rust.clone(), relay.url.clone());
+    let handle = find_with_retry(&rust, &doc_id(&url)).await;
+    // automerge-repo puts CBOR in `data`; send a small CBOR map.
+    let payload = vec![
+        0xa1, 0x65, b'h', b'e', b'l', b'l', b'o', 0x64, b'r', b'u', b's', b't',
+    ];
+    let received = tokio::spawn(wait_for_output(receiver, "interop-ephemeral receive"));
+    for _ in 0..50 {
+        handle.broadcast(payload.clone()).await.expect("broadcast");
+        if received.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = received.await.expect("join");
+    assert_eq!(got["senderId"], rust.peer_id().as_str());
+    assert_eq!(got["message"]["hello"], "rust");
+    assert!(got["count"].as_u64().is_some_and(|c| c >= 1));
+    assert!(got["sessionId"].is_string());
+    relay.stop().await;
+}
+
+/// Every malformed frame closes only its own connection; a well-behaved
+/// client on the same relay keeps syncing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_close_only_their_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::start_with(dir.path(), 64 * 1024).await;
+
+    let good = rust_client();
+    let _good_conn = ws::connect(good.clone(), relay.url.clone());
+    let other = rust_client();
+    let _other_conn = ws::connect(other.clone(), relay.url.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let handle = good.create(None).await.expect("create");
+    let id = handle.id().clone();
+
+    let join = wire::encode(&Message::Join {
+        sender_id: PeerId::new("mallory").expect("valid"),
+        metadata: None,
+        supported_protocol_versions: Some(vec!["1".into()]),
+    });
+    let cases: Vec<(&str, Vec<WsMessage>, Option<u16>)> = vec![
+        (
+            "text frame",
+            vec![WsMessage::Text("{\"type\":\"join\"}".into())],
+            Some(1003),
+        ),
+        (
+            "not CBOR",
+            vec![WsMessage::Binary(vec![0xff, 0x00, 0x13].into())],
+            Some(1008),
+        ),
+        (
+            "empty frame",
+            vec![WsMessage::Binary(Vec::new().into())],
+            Some(1008),
+        ),
+        (
+            "missing fields",
+            vec![WsMessage::Binary(
+                vec![
+                    0xa1, 0x64, b't', b'y', b'p', b'e', 0x64, b's', b'y', b'n', b'c',
+                ]
+                .into(),
+            )],
+            Some(1008),
+        ),
+        (
+            "message before join",
+            vec![WsMessage::Binary(
+                wire::encode(&Message::Leave {
+                    sender_id: PeerId::new("m").expect("valid"),
+                })
+                .into(),
+            )],
+            Some(1008),
+        ),
+        (
+            "oversized",
+            vec![
+                WsMessage::Binary(join.clone().into()),
+                WsMessage::Binary(vec![0u8; 100 * 1024].into()),
+            ],
+            Some(1009),
+        ),
+    ];
+    for (what, frames, code) in cases {
+        let (mut socket, _) = tokio_tungstenite::connect_async(&relay.url)
+            .await
+            .expect("connect");
+        for f in frames {
+            let _ = socket.send(f).await;
+        }
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(msg) = socket.next().await {
+                match msg {
+                    Ok(WsMessage::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+                    Ok(_) => continue,
+                    Err(_) => return None,
+                }
+            }
+            None
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}: connection was not closed"));
+        assert_eq!(closed, code, "{what}: close code");
+    }
+
+    // The well-behaved clients never noticed.
+    let seen = find_with_retry(&other, &id).await;
+    handle
+        .change(|d| {
+            let mut tx = d.transaction();
+            tx.put(ROOT, "still", "working").expect("put");
+            tx.commit();
+        })
+        .await
+        .expect("change");
+    wait_until(&seen, "other client", "still", "working").await;
+    relay.stop().await;
+}
