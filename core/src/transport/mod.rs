@@ -5,8 +5,10 @@
 //! onto [`Incoming`] and [`Outgoing`] frames: it feeds binary frames to the
 //! repo, writes the repo's frames out, pings to detect dead peers, and turns
 //! protocol violations (text frames, oversized messages) into a close with
-//! the right code. [`ws`] has the tokio-tungstenite client with reconnect.
+//! the right code. [`ws`] has the tokio-tungstenite client with reconnect;
+//! [`memory`] links two repos in one process.
 
+pub mod memory;
 pub mod ws;
 
 use std::time::Duration;

@@ -177,3 +177,80 @@ async fn every_version_stays_reachable_after_compaction_and_restart() {
     }
     repo.shutdown().await;
 }
+
+/// Two runtime repos over the in-memory transport: a change on one shows
+/// up on the other, with its origin, and ephemeral data passes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_repos_sync_over_the_in_memory_transport() {
+    use converge_core::engine::Origin;
+    use converge_core::storage::MemoryStorage;
+    use converge_core::transport::memory;
+
+    let alice = Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()));
+    let bob = Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()));
+    let _link = memory::connect(&alice, &bob);
+    let doc = alice.create(None).await.expect("create");
+    let mut bob_events = bob.events();
+    let on_bob = {
+        let mut found = None;
+        for _ in 0..50 {
+            if let Ok(h) = bob.find(doc.id()).await {
+                found = Some(h);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        found.expect("bob finds alice's document")
+    };
+    doc.change(|d| {
+        let mut tx = d.transaction();
+        tx.put(ROOT, "from", "alice").expect("put");
+        tx.commit();
+    })
+    .await
+    .expect("change");
+    let origin = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(Event::DocChanged {
+                document_id,
+                origin,
+                ..
+            }) = bob_events.recv().await
+            {
+                if &document_id == doc.id() && matches!(origin, Origin::Remote(_)) {
+                    return origin;
+                }
+            }
+        }
+    })
+    .await
+    .expect("bob hears of the change");
+    assert_eq!(origin, Origin::Remote(alice.peer_id().clone()));
+    let value = on_bob
+        .with_doc(|d| {
+            d.get(ROOT, "from")
+                .ok()
+                .flatten()
+                .and_then(|(v, _)| v.into_string().ok())
+        })
+        .await
+        .expect("alive")
+        .flatten();
+    assert_eq!(value.as_deref(), Some("alice"));
+
+    let sent = doc.broadcast(b"hi".to_vec()).await.expect("broadcast");
+    assert_eq!(sent, 1);
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(Event::Ephemeral {
+                data, sender_id, ..
+            }) = bob_events.recv().await
+            {
+                return (data, sender_id);
+            }
+        }
+    })
+    .await
+    .expect("bob gets the ephemeral message");
+    assert_eq!(got, (b"hi".to_vec(), alice.peer_id().clone()));
+}
