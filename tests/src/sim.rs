@@ -781,6 +781,17 @@ impl Sim {
                 writes = ops;
                 StorageResult::Written
             }
+            StorageOp::Compact { doc, replace } => {
+                match converge_core::storage::compaction(&doc, &replace, |k| {
+                    durable.get(k).cloned()
+                }) {
+                    Ok((ops, key, bytes)) => {
+                        writes = ops;
+                        StorageResult::Compacted { key, bytes }
+                    }
+                    Err(reason) => StorageResult::Failed(reason),
+                }
+            }
         };
         for w in writes {
             match w {

@@ -55,7 +55,7 @@ pub use types::{
 };
 
 use crate::storage::{
-    BatchOp, ChunkKind, DocKey, StorageKey, StorageOp, StorageResult, StorageTask, TaskId,
+    ChunkKind, DocKey, StorageKey, StorageOp, StorageResult, StorageTask, TaskId,
 };
 use crate::wire::{
     self, DecodeError, DocMessage, DocumentId, EphemeralMessage, Message, PeerId, PeerMetadata,
@@ -169,6 +169,8 @@ struct DocStore {
     snapshot_bytes: usize,
     incremental_keys: Vec<StorageKey>,
     incremental_bytes: usize,
+    /// A compaction is under way (at most one at a time).
+    compacting: bool,
 }
 
 #[derive(Debug)]
@@ -205,6 +207,10 @@ enum Task {
     SaveDoc {
         doc: DocumentId,
         fallback_heads: Vec<ChangeHash>,
+    },
+    Compact {
+        doc: DocumentId,
+        replaced: Vec<StorageKey>,
     },
     Other,
 }
@@ -347,6 +353,7 @@ impl Engine {
                     && d.pending.is_empty()
                     && d.waiting_finds.is_empty()
                     && d.unconfirmed_saves == 0
+                    && !d.store.compacting
                     && d.store.saved_heads == d.replica.heads()
             })
             .map(|(id, d)| (d.last_used, id.clone()))
@@ -1398,6 +1405,22 @@ impl Engine {
         match (purpose, result) {
             (Task::LoadDoc(id), StorageResult::Range(entries)) => self.loaded(&id, entries),
             (Task::LoadDoc(id), _) => self.loaded(&id, Vec::new()),
+            (Task::Compact { doc, replaced }, result) => {
+                if let Some(d) = self.docs.get_mut(&doc) {
+                    d.store.compacting = false;
+                    match result {
+                        StorageResult::Compacted { key, bytes } => {
+                            d.store.snapshot_keys.push(key);
+                            d.store.snapshot_bytes = bytes;
+                        }
+                        _ => {
+                            // Nothing was replaced; keep tracking the chunks
+                            // so a later compaction includes them.
+                            d.store.snapshot_keys.extend(replaced);
+                        }
+                    }
+                }
+            }
             (
                 Task::SaveDoc {
                     doc,
@@ -1511,41 +1534,50 @@ impl Engine {
         }
         let fallback_heads = doc.store.saved_heads.clone();
         let incremental = doc.replica.save_after(&doc.store.saved_heads);
-        doc.store.saved_heads = heads.clone();
+        doc.store.saved_heads = heads;
         if incremental.is_empty() {
             return;
         }
-        let op = if doc.store.incremental_bytes + incremental.len() >= doc.store.snapshot_bytes {
-            let snapshot = doc.replica.save();
-            let key = StorageKey::doc_chunk(id, ChunkKind::Snapshot, &heads_name(&heads));
-            let mut ops: Vec<BatchOp> = doc
-                .store
-                .snapshot_keys
-                .drain(..)
-                .chain(doc.store.incremental_keys.drain(..))
-                .filter(|k| *k != key)
-                .map(BatchOp::Delete)
-                .collect();
-            doc.store.snapshot_bytes = snapshot.len();
-            doc.store.incremental_bytes = 0;
-            doc.store.snapshot_keys.push(key.clone());
-            ops.push(BatchOp::Put(key, snapshot));
-            StorageOp::Batch(ops)
-        } else {
-            let name = hex::encode(&Sha256::digest(&incremental)[..16]);
-            let key = StorageKey::doc_chunk(id, ChunkKind::Incremental, &name);
-            doc.store.incremental_bytes += incremental.len();
-            doc.store.incremental_keys.push(key.clone());
-            StorageOp::Put(key, incremental)
-        };
+        let name = hex::encode(&Sha256::digest(&incremental)[..16]);
+        let key = StorageKey::doc_chunk(id, ChunkKind::Incremental, &name);
+        doc.store.incremental_bytes += incremental.len();
+        doc.store.incremental_keys.push(key.clone());
         doc.unconfirmed_saves += 1;
+        // Compaction happens off the engine: the storage side merges the
+        // chunks into a snapshot and swaps them atomically. The changes are
+        // already durable as incrementals, so compaction can fail or be
+        // lost in a crash without losing anything.
+        let compact = !doc.store.compacting
+            && doc.store.incremental_keys.len() > 1
+            && doc.store.incremental_bytes >= doc.store.snapshot_bytes;
+        let replace = if compact {
+            doc.store.compacting = true;
+            doc.store.incremental_bytes = 0;
+            let mut keys = std::mem::take(&mut doc.store.snapshot_keys);
+            keys.append(&mut doc.store.incremental_keys);
+            Some(keys)
+        } else {
+            None
+        };
         self.storage(
-            op,
+            StorageOp::Put(key, incremental),
             Task::SaveDoc {
                 doc: id.clone(),
                 fallback_heads,
             },
         );
+        if let Some(replace) = replace {
+            self.storage(
+                StorageOp::Compact {
+                    doc: id.clone(),
+                    replace: replace.clone(),
+                },
+                Task::Compact {
+                    doc: id.clone(),
+                    replaced: replace,
+                },
+            );
+        }
     }
 
     // ------------------------------------------------------------ sending
@@ -1578,13 +1610,4 @@ impl Doc {
             last_used: Timestamp(0),
         }
     }
-}
-
-/// A snapshot's name: a digest of the heads it covers.
-fn heads_name(heads: &[ChangeHash]) -> String {
-    let mut hasher = Sha256::new();
-    for h in heads {
-        hasher.update(h.0);
-    }
-    hex::encode(&hasher.finalize()[..16])
 }

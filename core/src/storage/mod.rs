@@ -166,6 +166,14 @@ pub enum StorageOp {
     Delete(StorageKey),
     /// Apply every op or none.
     Batch(Vec<BatchOp>),
+    /// Merge the chunks at `replace` into one snapshot and, in one atomic
+    /// batch, write it and delete them. See [`compaction`].
+    Compact {
+        /// The document the chunks belong to.
+        doc: DocumentId,
+        /// The chunks to merge and replace.
+        replace: Vec<StorageKey>,
+    },
 }
 
 /// A storage op with the id its result will carry.
@@ -186,6 +194,13 @@ pub enum StorageResult {
     Range(Vec<(StorageKey, Vec<u8>)>),
     /// A write (`Put`, `Delete`, `Batch`) is done.
     Written,
+    /// A `Compact` wrote this snapshot, of this many bytes.
+    Compacted {
+        /// The new snapshot's key.
+        key: StorageKey,
+        /// Its size.
+        bytes: usize,
+    },
     /// The task failed; the text says why.
     Failed(String),
 }
@@ -220,7 +235,62 @@ pub trait Storage: Send + Sync + 'static {
                 .batch(vec![BatchOp::Delete(key)])
                 .map(|()| StorageResult::Written),
             StorageOp::Batch(ops) => self.batch(ops).map(|()| StorageResult::Written),
+            StorageOp::Compact { doc, replace } => {
+                match compaction(&doc, &replace, |k| self.get(k).ok().flatten()) {
+                    Ok((ops, key, bytes)) => self
+                        .batch(ops)
+                        .map(|()| StorageResult::Compacted { key, bytes }),
+                    Err(reason) => Ok(StorageResult::Failed(reason)),
+                }
+            }
         };
         outcome.unwrap_or_else(|e| StorageResult::Failed(e.to_string()))
     }
+}
+
+/// Plans a compaction: reads the chunks at `replace` through `get`, merges
+/// them into one document and returns the atomic batch that writes its
+/// snapshot and deletes the chunks, the snapshot's key and its size.
+///
+/// Every chunk is loaded strictly; if any is damaged nothing is planned, so
+/// a compaction can never lose data it could not read.
+pub fn compaction(
+    doc: &DocumentId,
+    replace: &[StorageKey],
+    get: impl Fn(&StorageKey) -> Option<Vec<u8>>,
+) -> Result<(Vec<BatchOp>, StorageKey, usize), String> {
+    use crate::engine::{FullDocument, Replica};
+    let mut merged = FullDocument::new(automerge::ActorId::from(vec![0u8; 16]));
+    let mut ordered: Vec<&StorageKey> = replace.iter().collect();
+    // Snapshots first, as loading does.
+    ordered.sort_by_key(|k| !matches!(k.classify(), Some(DocKey::Chunk(ChunkKind::Snapshot, _))));
+    for key in ordered {
+        // A chunk that is not there was never written (its write failed and
+        // the engine writes those changes again); there is nothing to merge.
+        let Some(bytes) = get(key) else { continue };
+        merged
+            .load_chunk(&bytes)
+            .map_err(|e| format!("cannot compact {doc}: chunk {key}: {e}"))?;
+    }
+    let snapshot = merged.save();
+    let key = StorageKey::doc_chunk(doc, ChunkKind::Snapshot, &heads_name(&merged.heads()));
+    let bytes = snapshot.len();
+    let mut ops: Vec<BatchOp> = replace
+        .iter()
+        .filter(|k| **k != key)
+        .cloned()
+        .map(BatchOp::Delete)
+        .collect();
+    ops.push(BatchOp::Put(key.clone(), snapshot));
+    Ok((ops, key, bytes))
+}
+
+/// A snapshot's name: a digest of the heads it covers.
+fn heads_name(heads: &[automerge::ChangeHash]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for h in heads {
+        hasher.update(h.0);
+    }
+    hex::encode(&hasher.finalize()[..16])
 }

@@ -209,15 +209,11 @@ async fn two_repos_sync_over_the_in_memory_transport() {
     })
     .await
     .expect("change");
+    let alice_heads = doc.heads().await.expect("heads");
     let origin = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            if let Ok(Event::DocChanged {
-                document_id,
-                origin,
-                ..
-            }) = bob_events.recv().await
-            {
-                if &document_id == doc.id() && matches!(origin, Origin::Remote(_)) {
+            if let Ok(Event::DocChanged { heads, origin, .. }) = bob_events.recv().await {
+                if heads == alice_heads {
                     return origin;
                 }
             }
