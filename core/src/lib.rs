@@ -11,6 +11,9 @@
 //!   trait and an in-memory store.
 //! - [`engine`]: the sync engine, a deterministic state machine. It does
 //!   no IO: no sockets, no clock, no OS randomness, no tokio.
+//! - [`context`]: the Context API — typed reads and writes by JSON Pointer,
+//!   transactions, history, time travel and patches — as plain functions
+//!   over an Automerge document.
 //! - [`runtime`]: [`runtime::Repo`] and [`runtime::DocHandle`], which drive
 //!   the engine on tokio, perform its storage tasks and wake it on time.
 //! - [`transport`]: WebSocket connections (client with reconnect; the
@@ -18,6 +21,7 @@
 //!
 //! [`Storage`]: storage::Storage
 
+pub mod context;
 pub mod engine;
 pub mod runtime;
 pub mod storage;

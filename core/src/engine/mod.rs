@@ -158,6 +158,8 @@ struct Doc {
     unconfirmed_saves: usize,
     /// When the document was last touched (for eviction).
     last_used: Timestamp,
+    /// The heads last reported in an [`Event::DocChanged`].
+    announced_heads: Vec<ChangeHash>,
 }
 
 /// What storage holds for a document, as far as the engine knows.
@@ -1206,10 +1208,15 @@ impl Engine {
                     .push((cmd, CommandResult::Found(id.clone())));
             }
         }
-        let Some(doc) = self.docs.get(id) else { return };
+        let Some(doc) = self.docs.get_mut(id) else {
+            return;
+        };
+        let heads = doc.replica.heads();
+        let previous = std::mem::replace(&mut doc.announced_heads, heads.clone());
         self.out.events.push(Event::DocChanged {
             document_id: id.clone(),
-            heads: doc.replica.heads(),
+            previous,
+            heads,
             origin,
         });
         for peer in self.doc_audience(id, None) {
@@ -1506,8 +1513,10 @@ impl Engine {
                     .push((cmd, CommandResult::Found(id.clone())));
             }
             let heads = doc.replica.heads();
+            doc.announced_heads = heads.clone();
             self.out.events.push(Event::DocChanged {
                 document_id: id.clone(),
+                previous: Vec::new(),
                 heads,
                 origin: Origin::Storage,
             });
@@ -1608,6 +1617,7 @@ impl Doc {
             store: DocStore::default(),
             unconfirmed_saves: 0,
             last_used: Timestamp(0),
+            announced_heads: Vec::new(),
         }
     }
 }

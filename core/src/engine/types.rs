@@ -244,6 +244,9 @@ pub enum Event {
     DocChanged {
         /// Which document.
         document_id: DocumentId,
+        /// Its heads at the previous `DocChanged` (empty the first time),
+        /// so `Automerge::diff(previous, heads)` is exactly this change.
+        previous: Vec<ChangeHash>,
         /// Its new heads.
         heads: Vec<ChangeHash>,
         /// Why.

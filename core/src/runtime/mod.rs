@@ -14,6 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod context;
+
+pub use context::{Context, ContextEvent, Subscription, View};
+
 use automerge::{Automerge, ChangeHash};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -43,6 +47,9 @@ pub enum RepoError {
     /// The document could not be edited.
     #[error(transparent)]
     Change(#[from] ChangeError),
+    /// A Context API operation was refused (bad path, wrong type…).
+    #[error(transparent)]
+    Context(#[from] crate::context::ContextError),
     /// The command failed.
     #[error("{0}")]
     Failed(String),
@@ -283,7 +290,7 @@ impl Repo {
 /// A document in a [`Repo`].
 #[derive(Clone, Debug)]
 pub struct DocHandle {
-    repo: Repo,
+    pub(crate) repo: Repo,
     id: DocumentId,
 }
 
@@ -296,6 +303,11 @@ impl DocHandle {
     /// The document's `automerge:` URL.
     pub fn url(&self) -> String {
         self.id.url().to_string()
+    }
+
+    /// The Context API on this document.
+    pub fn context(&self) -> Context {
+        Context::new(self.clone())
     }
 
     /// Edits the document; the change is saved and synced.

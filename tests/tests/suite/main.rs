@@ -1,6 +1,7 @@
 //! The Converge test suite, in one binary (each extra test binary costs a
 //! link step, and links are slow with RocksDB in the tree).
 
+mod context;
 mod hostile;
 mod properties;
 mod relay;
