@@ -783,7 +783,7 @@ impl Sim {
             }
             StorageOp::Compact { doc, replace } => {
                 match converge_core::storage::compaction(&doc, &replace, |k| {
-                    durable.get(k).cloned()
+                    Ok(durable.get(k).cloned())
                 }) {
                     Ok((ops, key, bytes)) => {
                         writes = ops;

@@ -81,6 +81,9 @@ pub enum ChangeError {
     /// This engine's replicas do not hold document contents.
     #[error("this engine's replicas cannot be edited")]
     NotEditable,
+    /// The edit panicked; the document was left as it was before.
+    #[error("the edit panicked; nothing was changed")]
+    Panicked,
 }
 
 /// The sync engine. See the [module docs](self).
@@ -108,6 +111,7 @@ pub struct Engine {
 #[derive(Debug)]
 struct Connection {
     state: ConnState,
+    direction: Direction,
     handshake_deadline: Timestamp,
 }
 
@@ -149,6 +153,8 @@ struct Doc {
     /// Until then, "nobody has it" is not yet an answer (see
     /// [`EngineConfig::unavailable_grace`]).
     grace_until: Option<Timestamp>,
+    /// The request deadline was extended once already.
+    request_extended: bool,
     peers: BTreeMap<PeerId, DocPeer>,
     /// Sync states read from storage, by remote storage id, not yet in use.
     stored_sync_states: BTreeMap<String, Vec<u8>>,
@@ -400,13 +406,22 @@ impl Engine {
                         d.status == DocStatus::Requesting && d.request_deadline == Some(at)
                     });
                     if expired {
-                        if self.someone_has_it(&id) {
+                        let still_asking = self.docs.get(&id).is_some_and(|d| {
+                            d.peers.iter().any(|(p, dp)| {
+                                dp.we_requested && !dp.lacks && self.peers.contains_key(p)
+                            })
+                        });
+                        let extendable = self.docs.get(&id).is_some_and(|d| !d.request_extended);
+                        if extendable && (still_asking || self.someone_has_it(&id)) {
                             // An exchange with a peer that has it is under
                             // way; give it the full request timeout.
                             let deadline = self.now.plus(self.cfg.request_timeout);
                             if let Some(d) = self.docs.get_mut(&id) {
                                 d.request_deadline = Some(deadline);
                                 d.grace_until = None;
+                                // Once only: a peer that claims the document
+                                // and never sends it cannot hold us forever.
+                                d.request_extended = true;
                             }
                             self.timers.insert((deadline, Timer::Request(id)));
                         } else {
@@ -588,6 +603,7 @@ impl Engine {
             conn,
             Connection {
                 state,
+                direction,
                 handshake_deadline: deadline,
             },
         );
@@ -812,7 +828,13 @@ impl Engine {
     fn on_peer_message(&mut self, conn: ConnectionId, peer: PeerId, message: Message) {
         // Ephemeral messages keep their original sender as relays pass
         // them on, so only other messages must come from the bound peer.
-        let relayed = matches!(message, Message::Ephemeral(_));
+        // Only a server we dialled (a relay) passes on other peers'
+        // ephemeral messages; from anyone else a foreign sender is spoofed.
+        let from_server = self
+            .connections
+            .get(&conn)
+            .is_some_and(|c| c.direction == Direction::Outgoing);
+        let relayed = from_server && matches!(message, Message::Ephemeral(_));
         if !relayed && message.sender_id() != Some(&peer) {
             tracing::debug!(%conn, "dropping message whose sender is not the connected peer");
             return;
@@ -920,6 +942,7 @@ impl Engine {
         };
         if is_request {
             dp.they_requested = true;
+            dp.told_unavailable = false;
             dp.lacks = true;
         } else if !message.heads.is_empty() {
             dp.lacks = false;
@@ -1261,6 +1284,7 @@ impl Engine {
         doc.status = DocStatus::Requesting;
         doc.request_deadline = Some(deadline);
         doc.grace_until = nobody.then_some(deadline);
+        doc.request_extended = false;
         for dp in doc.peers.values_mut() {
             dp.we_requested = false;
         }
@@ -1411,6 +1435,7 @@ impl Engine {
         }
         match (purpose, result) {
             (Task::LoadDoc(id), StorageResult::Range(entries)) => self.loaded(&id, entries),
+            (Task::LoadDoc(id), StorageResult::Failed(reason)) => self.load_failed(&id, &reason),
             (Task::LoadDoc(id), _) => self.loaded(&id, Vec::new()),
             (Task::Compact { doc, replaced }, result) => {
                 if let Some(d) = self.docs.get_mut(&doc) {
@@ -1445,6 +1470,27 @@ impl Engine {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Storage could not be read: that is not "the document does not
+    /// exist", so nobody is told it is unavailable. Waiting finds fail with
+    /// the reason and the document is forgotten, to be read again next time.
+    fn load_failed(&mut self, id: &DocumentId, reason: &str) {
+        let Some(doc) = self.docs.remove(id) else {
+            return;
+        };
+        tracing::error!(document = %id, %reason, "cannot read document from storage");
+        for cmd in doc.waiting_finds {
+            self.out.completed.push((
+                cmd,
+                CommandResult::Failed(format!("cannot read document {id} from storage: {reason}")),
+            ));
+        }
+        for peer in doc.peers.keys() {
+            if let Some(set) = self.peer_docs.get_mut(peer) {
+                set.remove(id);
+            }
         }
     }
 
@@ -1611,6 +1657,7 @@ impl Doc {
             waiting_finds: Vec::new(),
             request_deadline: None,
             grace_until: None,
+            request_extended: false,
             peers: BTreeMap::new(),
             stored_sync_states: BTreeMap::new(),
             pending: Vec::new(),

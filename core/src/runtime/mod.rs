@@ -369,7 +369,8 @@ impl DocHandle {
                 Ok(Event::DocChanged {
                     document_id, heads, ..
                 }) if document_id == self.id => return Ok(heads),
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => return self.heads().await,
+                Ok(_) => {}
                 Err(broadcast::error::RecvError::Closed) => return Err(RepoError::Stopped),
             }
         }
@@ -418,7 +419,11 @@ fn spawn_storage_thread(
             // One thread, tasks in order: a later write never overtakes an
             // earlier one, which compaction relies on.
             for (task, op) in rx {
-                let result = storage.perform(op);
+                // A panic in the store (or in Automerge during compaction)
+                // fails this task instead of silently killing the thread.
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| storage.perform(op)))
+                        .unwrap_or_else(|_| StorageResult::Failed("storage task panicked".into()));
                 if results.send(MsgBox(Msg::Storage(task, result))).is_err() {
                     break;
                 }
@@ -480,9 +485,16 @@ impl Actor {
                     self.pending.insert(id, reply);
                     self.engine.handle(now, Input::Command(id, command))
                 }
-                Msg::Change(doc, f, reply) => match self.engine.change(now, &doc, f) {
-                    Ok(((), out)) => {
-                        let _ = reply.send(Ok(()));
+                Msg::Change(doc, f, reply) => match self.engine.change(now, &doc, |am| {
+                    // A panicking closure must not take the repo down.
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(am))).is_ok()
+                }) {
+                    Ok((ran, out)) => {
+                        let _ = reply.send(if ran {
+                            Ok(())
+                        } else {
+                            Err(ChangeError::Panicked)
+                        });
                         out
                     }
                     Err(e) => {
@@ -491,7 +503,10 @@ impl Actor {
                     }
                 },
                 Msg::Read(doc, f) => {
-                    f(self.engine.document(&doc));
+                    let doc = self.engine.document(&doc);
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(doc))).is_err() {
+                        tracing::error!("a document read panicked; the repo carries on");
+                    }
                     continue;
                 }
                 Msg::Opened(conn, direction, tx) => {

@@ -236,7 +236,7 @@ pub trait Storage: Send + Sync + 'static {
                 .map(|()| StorageResult::Written),
             StorageOp::Batch(ops) => self.batch(ops).map(|()| StorageResult::Written),
             StorageOp::Compact { doc, replace } => {
-                match compaction(&doc, &replace, |k| self.get(k).ok().flatten()) {
+                match compaction(&doc, &replace, |k| self.get(k).map_err(|e| e.to_string())) {
                     Ok((ops, key, bytes)) => self
                         .batch(ops)
                         .map(|()| StorageResult::Compacted { key, bytes }),
@@ -257,28 +257,35 @@ pub trait Storage: Send + Sync + 'static {
 pub fn compaction(
     doc: &DocumentId,
     replace: &[StorageKey],
-    get: impl Fn(&StorageKey) -> Option<Vec<u8>>,
+    get: impl Fn(&StorageKey) -> Result<Option<Vec<u8>>, String>,
 ) -> Result<(Vec<BatchOp>, StorageKey, usize), String> {
     use crate::engine::{FullDocument, Replica};
     let mut merged = FullDocument::new(automerge::ActorId::from(vec![0u8; 16]));
     let mut ordered: Vec<&StorageKey> = replace.iter().collect();
     // Snapshots first, as loading does.
     ordered.sort_by_key(|k| !matches!(k.classify(), Some(DocKey::Chunk(ChunkKind::Snapshot, _))));
+    let mut merged_keys = Vec::new();
     for key in ordered {
-        // A chunk that is not there was never written (its write failed and
-        // the engine writes those changes again); there is nothing to merge.
-        let Some(bytes) = get(key) else { continue };
+        // A read error stops everything; a chunk that is simply not there
+        // was never written (its write failed and the engine writes those
+        // changes again), so there is nothing to merge or delete.
+        let Some(bytes) =
+            get(key).map_err(|e| format!("cannot compact {doc}: reading {key}: {e}"))?
+        else {
+            continue;
+        };
         merged
             .load_chunk(&bytes)
             .map_err(|e| format!("cannot compact {doc}: chunk {key}: {e}"))?;
+        merged_keys.push(key.clone());
     }
     let snapshot = merged.save();
     let key = StorageKey::doc_chunk(doc, ChunkKind::Snapshot, &heads_name(&merged.heads()));
     let bytes = snapshot.len();
-    let mut ops: Vec<BatchOp> = replace
-        .iter()
-        .filter(|k| **k != key)
-        .cloned()
+    // Only chunks whose contents are in the snapshot are deleted.
+    let mut ops: Vec<BatchOp> = merged_keys
+        .into_iter()
+        .filter(|k| *k != key)
         .map(BatchOp::Delete)
         .collect();
     ops.push(BatchOp::Put(key.clone(), snapshot));

@@ -86,6 +86,9 @@ where
             reason: "repo stopped".into(),
         };
     };
+    // However this function ends — even if its task is aborted at an
+    // await — the repo hears that the connection is gone.
+    let _closed = ClosedGuard { repo, conn };
     let period = ping_every.unwrap_or(Duration::from_secs(3600));
     let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
     let mut last_seen = Instant::now();
@@ -136,8 +139,19 @@ where
             }
         }
     };
-    repo.closed(conn);
     Ended { reason: ended }
+}
+
+/// Tells the repo a connection ended when dropped.
+struct ClosedGuard<'a> {
+    repo: &'a Repo,
+    conn: crate::engine::ConnectionId,
+}
+
+impl Drop for ClosedGuard<'_> {
+    fn drop(&mut self) {
+        self.repo.closed(self.conn);
+    }
 }
 
 /// Close reasons must fit in a control frame (123 bytes).

@@ -58,7 +58,7 @@ pub fn connect(repo: Repo, url: String) -> Connection {
             let config = socket_config(64 << 20);
             match tokio_tungstenite::connect_async_with_config(&url, Some(config), false).await {
                 Ok((socket, _)) => {
-                    backoff = Duration::from_millis(100);
+                    let connected_at = tokio::time::Instant::now();
                     let (sink, stream) = socket.split();
                     let stream = stream.map(|m| match m {
                         Ok(Message::Binary(b)) => Incoming::Binary(b.to_vec()),
@@ -89,6 +89,11 @@ pub fn connect(repo: Repo, url: String) -> Connection {
                     )
                     .await;
                     tracing::info!(%url, reason = %ended.reason, "connection ended; reconnecting");
+                    // Only a connection that lasted resets the backoff; a
+                    // server that drops us at once is not hammered.
+                    if connected_at.elapsed() > Duration::from_secs(10) {
+                        backoff = Duration::from_millis(100);
+                    }
                 }
                 Err(e) => tracing::debug!(%url, error = %e, "connect failed"),
             }

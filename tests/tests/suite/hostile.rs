@@ -270,3 +270,48 @@ fn a_panic_is_contained_to_one_connection() {
     assert_eq!(text_on(&sim, relay, &doc), before);
     others_unaffected(&mut sim, &clients, &doc, "after the panic");
 }
+
+/// A client cannot speak for another: an ephemeral message whose sender
+/// is not the peer on that connection is dropped by the relay, so it can
+/// neither impersonate Alice nor poison her de-duplication counter.
+#[test]
+fn spoofed_ephemeral_senders_are_dropped() {
+    let (mut sim, relay, clients, doc) = busy_relay(|_| {});
+    eve_joins(&mut sim, relay);
+    let alice = sim.nodes[clients[0]].engine.as_ref().expect("alive");
+    let forged = Message::Ephemeral(converge_core::wire::EphemeralMessage {
+        sender_id: PeerId::new("alice").expect("valid"),
+        target_id: PeerId::new("relay").expect("valid"),
+        document_id: doc.clone(),
+        count: 1 << 50,
+        session_id: alice.session_id().clone(),
+        data: b"forged".to_vec(),
+    });
+    sim.inject(relay, EVE, wire::encode(&forged));
+    sim.run_until_quiescent(SETTLE);
+    for &c in &clients[1..] {
+        assert!(
+            !sim.nodes[c]
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::Ephemeral { .. })),
+            "{} received a forged message",
+            sim.nodes[c].name
+        );
+    }
+    // Alice's real messages still get through.
+    sim.command(
+        clients[0],
+        Command::Broadcast {
+            document_id: doc.clone(),
+            data: b"real".to_vec(),
+        },
+    );
+    sim.run_until_quiescent(SETTLE);
+    for &c in &clients[1..] {
+        assert!(sim.nodes[c]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Ephemeral { data, .. } if data == b"real")));
+    }
+}
