@@ -15,8 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod context;
+mod presence;
 
 pub use context::{Context, ContextEvent, Subscription, View};
+pub use presence::{Presence, PresenceConfig, PresenceEvent};
 
 use automerge::{Automerge, ChangeHash};
 use tokio::sync::{broadcast, mpsc, oneshot};

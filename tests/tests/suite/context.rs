@@ -384,3 +384,90 @@ async fn remote_changes_arrive_as_patches_with_their_origin() {
     assert_eq!(local.origin, Origin::Local);
     assert_eq!(local.patches[0].path, "/settings/font");
 }
+
+/// Presence between two repos: each sees the other join with its state,
+/// sees updates, and sees the other leave — by goodbye, or by going silent
+/// past the time-to-live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_joins_updates_and_expires() {
+    use converge_core::runtime::{Presence, PresenceConfig, PresenceEvent};
+    let fast = PresenceConfig {
+        heartbeat: Duration::from_millis(200),
+        ttl: Duration::from_millis(800),
+    };
+    let alice = Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()));
+    let bob = Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()));
+    let _link = memory::connect(&alice, &bob);
+    let doc = alice.create(None).await.expect("create");
+    let bobs_doc = loop {
+        if let Ok(h) = bob.find(doc.id()).await {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let bob_presence = Presence::start(bobs_doc, json!({"name": "bob"}), fast)
+        .await
+        .expect("start");
+    let mut seen = bob_presence.events();
+    let alice_presence = Presence::start(doc.clone(), json!({"name": "alice"}), fast)
+        .await
+        .expect("start");
+    let joined = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+        .await
+        .expect("join")
+        .expect("open");
+    assert_eq!(
+        joined,
+        PresenceEvent::Joined {
+            peer: alice.peer_id().clone(),
+            state: json!({"name": "alice"}).as_object().cloned().expect("map")
+        }
+    );
+    // Alice sees Bob too (he answered her with his state).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        alice_presence
+            .peers()
+            .get(bob.peer_id())
+            .and_then(|s| s.get("name").cloned()),
+        Some(json!("bob"))
+    );
+
+    alice_presence
+        .set("cursor", json!({"line": 3}))
+        .await
+        .expect("set");
+    let updated = loop {
+        match tokio::time::timeout(Duration::from_secs(5), seen.recv())
+            .await
+            .expect("update")
+            .expect("open")
+        {
+            PresenceEvent::Updated { state, .. } if state.contains_key("cursor") => break state,
+            _ => continue,
+        }
+    };
+    assert_eq!(updated.get("cursor"), Some(&json!({"line": 3})));
+
+    // Heartbeats keep Alice present well past the time-to-live...
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        bob_presence.peers().contains_key(alice.peer_id()),
+        "alice expired despite heartbeats"
+    );
+    // ...until she goes silent.
+    let silent_since = std::time::Instant::now();
+    drop(alice_presence);
+    let left = loop {
+        match tokio::time::timeout(Duration::from_secs(5), seen.recv())
+            .await
+            .expect("leave")
+            .expect("open")
+        {
+            PresenceEvent::Left { peer, goodbye } => break (peer, goodbye),
+            _ => continue,
+        }
+    };
+    assert_eq!(left, (alice.peer_id().clone(), false));
+    assert!(silent_since.elapsed() >= Duration::from_millis(700));
+}
