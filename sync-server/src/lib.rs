@@ -7,9 +7,11 @@
 //!
 //! Layout:
 //! - [`config`]: settings from flags, environment and a TOML file.
+//! - [`api`]: the HTTP API for backend services (`openapi.json`).
 //! - [`server`]: the axum router (WebSocket at `/`, `/healthz`) and
 //!   [`server::serve`], which takes a bound listener and a shutdown future so
 //!   tests can run a relay on port 0.
 
+pub mod api;
 pub mod config;
 pub mod server;

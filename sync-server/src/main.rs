@@ -59,7 +59,9 @@ async fn main() -> anyhow::Result<()> {
         repo: repo.clone(),
         max_message_bytes: config.max_message_bytes,
         ping_interval: Duration::from_secs(config.ping_interval_secs),
+        storage: storage.clone(),
     };
+    converge_server::api::spawn_metadata_tracker(&repo, storage.clone());
     serve(listener, state, shutdown_signal()).await?;
     tracing::info!("shutting down: finishing storage writes");
     repo.shutdown().await;

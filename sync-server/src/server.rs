@@ -25,6 +25,8 @@ pub struct AppState {
     pub max_message_bytes: usize,
     /// Ping interval.
     pub ping_interval: Duration,
+    /// The relay's storage (for metadata and listings).
+    pub storage: std::sync::Arc<dyn converge_core::storage::Storage>,
 }
 
 /// The relay's routes.
@@ -32,6 +34,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(websocket))
         .route("/healthz", get(|| async { "ok" }))
+        .merge(crate::api::routes())
         .with_state(state)
 }
 

@@ -215,7 +215,7 @@ pub enum StorageError {
 }
 
 /// A key-value store the runtime performs [`StorageOp`]s against.
-pub trait Storage: Send + Sync + 'static {
+pub trait Storage: Send + Sync + fmt::Debug + 'static {
     /// Reads one key.
     fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>, StorageError>;
     /// Reads every key under `prefix`, in key order.

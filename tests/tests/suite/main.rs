@@ -3,6 +3,7 @@
 
 mod context;
 mod hostile;
+mod http;
 mod properties;
 mod relay;
 mod scenarios;

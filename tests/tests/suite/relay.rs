@@ -21,14 +21,14 @@ use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// A relay running in this process on a random port.
-struct Relay {
-    url: String,
+pub(crate) struct Relay {
+    pub(crate) url: String,
     stop: Option<oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<()>,
 }
 
 impl Relay {
-    async fn start(dir: &Path) -> Relay {
+    pub(crate) async fn start(dir: &Path) -> Relay {
         Self::start_with(dir, 64 << 20).await
     }
 
@@ -48,7 +48,9 @@ impl Relay {
             repo: repo.clone(),
             max_message_bytes,
             ping_interval: Duration::from_secs(5),
+            storage: storage.clone(),
         };
+        converge_server::api::spawn_metadata_tracker(&repo, storage.clone());
         let done = tokio::spawn(async move {
             let _ = serve(listener, state, async {
                 let _ = stopped.await;
@@ -65,7 +67,7 @@ impl Relay {
     }
 
     /// Graceful shutdown, as on SIGTERM.
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -1,0 +1,606 @@
+//! The HTTP API for backend services (described in `openapi.json`).
+//!
+//! | method and path | does |
+//! |---|---|
+//! | `POST /v1/contexts` | create a context, empty or from a JSON object |
+//! | `GET /v1/contexts?prefix=&after=&limit=` | list contexts by id |
+//! | `GET /v1/contexts/{id}?path=&heads=` | read a context (or a subtree) as JSON, now or at heads |
+//! | `POST /v1/contexts/{id}/ops` | apply operations as one change, synced at once |
+//! | `GET /v1/contexts/{id}/history?offset=&limit=` | changes, newest first |
+//! | `GET /v1/contexts/{id}/metadata` | created, updated, size, change count, last writer |
+//! | `GET /v1/contexts/{id}/events?path=` | server-sent events: each change as patches |
+//!
+//! Errors are `{"error": {"code": "...", "message": "..."}}` with a 4xx
+//! status; a request that fails changes nothing.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use converge_core::context::{ContextError, Op, Path, Value};
+use converge_core::engine::{Event, Origin};
+use converge_core::runtime::{DocHandle, Repo, RepoError};
+use converge_core::storage::{BatchOp, DocKey, Storage, StorageKey};
+use converge_core::wire::{decode_head, DocumentId};
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::{json, Value as JsonValue};
+
+use crate::server::AppState;
+
+/// The API routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/contexts", post(create).get(list))
+        .route("/v1/contexts/{id}", get(read))
+        .route("/v1/contexts/{id}/ops", post(apply_ops))
+        .route("/v1/contexts/{id}/history", get(history))
+        .route("/v1/contexts/{id}/metadata", get(metadata))
+        .route("/v1/contexts/{id}/events", get(events))
+}
+
+/// An API error: a status and a machine-readable code with a message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.body_text())
+    }
+}
+
+impl From<ContextError> for ApiError {
+    fn from(e: ContextError) -> ApiError {
+        let (status, code) = match &e {
+            ContextError::BadPath(_) => (StatusCode::BAD_REQUEST, "bad_path"),
+            ContextError::NotFound(_) => (StatusCode::NOT_FOUND, "path_not_found"),
+            ContextError::UnknownHeads(_) => (StatusCode::BAD_REQUEST, "unknown_heads"),
+            ContextError::TypeMismatch { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "type_mismatch")
+            }
+            ContextError::IndexOutOfRange { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "index_out_of_range")
+            }
+            ContextError::Root(_) => (StatusCode::UNPROCESSABLE_ENTITY, "root"),
+            _ => (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<RepoError> for ApiError {
+    fn from(e: RepoError) -> ApiError {
+        match e {
+            RepoError::Unavailable(id) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no context {id}"),
+            ),
+            RepoError::Context(c) => c.into(),
+            other => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                other.to_string(),
+            ),
+        }
+    }
+}
+
+fn parse_id(id: &str) -> Result<DocumentId, ApiError> {
+    id.parse().map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_id",
+            format!("`{id}` is not a context id: {e}"),
+        )
+    })
+}
+
+fn parse_path(path: Option<&str>) -> Result<Path, ApiError> {
+    path.unwrap_or("")
+        .parse()
+        .map_err(|e: converge_core::context::BadPath| {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_path", e.to_string())
+        })
+}
+
+fn parse_heads(heads: Option<&str>) -> Result<Option<Vec<automerge::ChangeHash>>, ApiError> {
+    let Some(text) = heads.filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    text.split(['|', ','])
+        .map(|h| {
+            decode_head(h)
+                .or_else(|_| h.parse::<automerge::ChangeHash>())
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_heads",
+                        format!("`{h}` is not a change hash"),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+async fn find(repo: &Repo, id: &DocumentId) -> Result<DocHandle, ApiError> {
+    Ok(repo.find(id).await?)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+// ------------------------------------------------------------------ create
+
+async fn create(
+    State(state): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let parsed = if body.iter().all(u8::is_ascii_whitespace) {
+        JsonValue::Null
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                format!("the body is not JSON: {e}"),
+            )
+        })?
+    };
+    let initial = match parsed {
+        JsonValue::Object(m) => Some(JsonValue::Object(m)),
+        JsonValue::Null => None,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_json",
+                "the initial content must be a JSON object",
+            ))
+        }
+    };
+    let handle = state.repo.create(None).await?;
+    if let Some(json) = initial {
+        handle
+            .context()
+            .apply(
+                vec![Op::MergeJson {
+                    path: Path::root(),
+                    json,
+                }],
+                Some("created over HTTP".into()),
+            )
+            .await?;
+    }
+    let heads: Vec<String> = handle
+        .heads()
+        .await?
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    let body = json!({"id": handle.id().to_string(), "url": handle.url(), "heads": heads});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+// ------------------------------------------------------------------ read
+
+#[derive(Deserialize)]
+struct ReadQuery {
+    path: Option<String>,
+    heads: Option<String>,
+}
+
+async fn read(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<ReadQuery>,
+) -> Result<Json<JsonValue>, ApiError> {
+    let id = parse_id(&id)?;
+    let path = parse_path(q.path.as_deref())?;
+    let heads = parse_heads(q.heads.as_deref())?;
+    let handle = find(&state.repo, &id).await?;
+    let json = handle
+        .with_doc(move |doc| converge_core::context::to_json(doc, &path, heads.as_deref()))
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no context {id}"),
+            )
+        })??;
+    Ok(Json(json))
+}
+
+// ------------------------------------------------------------------ ops
+
+#[derive(Deserialize)]
+struct OpsBody {
+    ops: Vec<JsonValue>,
+    message: Option<String>,
+}
+
+fn field<'a>(op: &'a JsonValue, name: &str, i: usize) -> Result<&'a JsonValue, ApiError> {
+    op.get(name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_op",
+            format!("op {i}: missing `{name}`"),
+        )
+    })
+}
+
+fn usize_field(op: &JsonValue, name: &str, i: usize) -> Result<usize, ApiError> {
+    field(op, name, i)?
+        .as_u64()
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_op",
+                format!("op {i}: `{name}` must be a non-negative integer"),
+            )
+        })
+}
+
+/// A JSON value, typed by an optional `type` field of the op.
+fn typed_value(op: &JsonValue, i: usize) -> Result<Value, ApiError> {
+    let value = field(op, "value", i)?;
+    let bad =
+        |what: &str| ApiError::new(StatusCode::BAD_REQUEST, "bad_op", format!("op {i}: {what}"));
+    Ok(match op.get("type").and_then(JsonValue::as_str) {
+        None | Some("json") => Value::from_json(value),
+        Some("string") => Value::Str(
+            value
+                .as_str()
+                .ok_or_else(|| bad("a string value needs a JSON string"))?
+                .to_owned(),
+        ),
+        Some("text") => Value::Text(
+            value
+                .as_str()
+                .ok_or_else(|| bad("a text value needs a JSON string"))?
+                .to_owned(),
+        ),
+        Some("counter") => Value::Counter(
+            value
+                .as_i64()
+                .ok_or_else(|| bad("a counter needs an integer"))?,
+        ),
+        Some("timestamp") => Value::Timestamp(
+            value
+                .as_i64()
+                .ok_or_else(|| bad("a timestamp needs integer milliseconds"))?,
+        ),
+        Some("int") => Value::Int(
+            value
+                .as_i64()
+                .ok_or_else(|| bad("an int needs an integer"))?,
+        ),
+        Some("float") => Value::Float(
+            value
+                .as_f64()
+                .ok_or_else(|| bad("a float needs a number"))?,
+        ),
+        Some("bytes") => Value::Bytes(
+            value
+                .as_str()
+                .and_then(|s| hex::decode(s).ok())
+                .ok_or_else(|| bad("bytes need a hex string"))?,
+        ),
+        Some(other) => return Err(bad(&format!("unknown type `{other}`"))),
+    })
+}
+
+fn parse_op(op: &JsonValue, i: usize) -> Result<Op, ApiError> {
+    let kind = field(op, "op", i)?.as_str().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_op",
+            format!("op {i}: `op` must be a string"),
+        )
+    })?;
+    let path = parse_path(Some(field(op, "path", i)?.as_str().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_op",
+            format!("op {i}: `path` must be a string"),
+        )
+    })?))?;
+    Ok(match kind {
+        "set" => Op::Set { path, value: typed_value(op, i)? },
+        "delete" => Op::Delete { path },
+        "increment" => Op::Increment {
+            path,
+            by: op.get("by").map_or(Some(1), JsonValue::as_i64).ok_or_else(|| {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_op", format!("op {i}: `by` must be an integer"))
+            })?,
+        },
+        "insert" => Op::Insert { path, index: usize_field(op, "index", i)?, value: typed_value(op, i)? },
+        "remove" => Op::Remove {
+            path,
+            index: usize_field(op, "index", i)?,
+            count: op.get("count").map_or(Ok(1), |_| usize_field(op, "count", i))?,
+        },
+        "splice" => Op::Splice {
+            path,
+            index: usize_field(op, "index", i)?,
+            delete: op.get("delete").map_or(Ok(0), |_| usize_field(op, "delete", i))?,
+            insert: op.get("insert").and_then(JsonValue::as_str).unwrap_or_default().to_owned(),
+        },
+        "merge" => Op::MergeJson { path, json: field(op, "value", i)?.clone() },
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_op",
+                format!("op {i}: unknown op `{other}` (set, delete, increment, insert, remove, splice, merge)"),
+            ))
+        }
+    })
+}
+
+async fn apply_ops(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    body: Result<Json<OpsBody>, JsonRejection>,
+) -> Result<Json<JsonValue>, ApiError> {
+    let id = parse_id(&id)?;
+    let Json(body) = body?;
+    let ops = body
+        .ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| parse_op(op, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let handle = find(&state.repo, &id).await?;
+    let change = handle.context().apply(ops, body.message).await?;
+    let heads: Vec<String> = handle
+        .heads()
+        .await?
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    Ok(Json(
+        json!({"change": change.map(|h| h.to_string()), "heads": heads}),
+    ))
+}
+
+// ------------------------------------------------------------------ history
+
+#[derive(Deserialize)]
+struct Page {
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+async fn history(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Query(page): Query<Page>,
+) -> Result<Json<JsonValue>, ApiError> {
+    let id = parse_id(&id)?;
+    let handle = find(&state.repo, &id).await?;
+    let (offset, limit) = (
+        page.offset.unwrap_or(0),
+        page.limit.unwrap_or(100).min(1000),
+    );
+    let changes = handle.context().history(offset, limit).await?;
+    Ok(Json(
+        json!({"offset": offset, "limit": limit, "changes": changes}),
+    ))
+}
+
+// ------------------------------------------------------------------ metadata
+
+fn meta_key(id: &DocumentId) -> StorageKey {
+    StorageKey::new(["meta".to_owned(), id.to_string()])
+}
+
+async fn metadata(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<JsonValue>, ApiError> {
+    let id = parse_id(&id)?;
+    let handle = find(&state.repo, &id).await?;
+    let stored = state
+        .storage
+        .get(&meta_key(&id))
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice::<JsonValue>(&b).ok())
+        .unwrap_or_else(|| json!({}));
+    let size: usize = state
+        .storage
+        .range(&StorageKey::doc_prefix(&id))
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage", e.to_string()))?
+        .iter()
+        .filter(|(k, _)| matches!(k.classify(), Some(DocKey::Chunk(..))))
+        .map(|(_, v)| v.len())
+        .sum();
+    let count = handle
+        .with_doc(converge_core::context::change_count)
+        .await?
+        .unwrap_or(0);
+    let heads: Vec<String> = handle
+        .heads()
+        .await?
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    Ok(Json(json!({
+        "id": id.to_string(),
+        "url": handle.url(),
+        "created_ms": stored.get("created_ms"),
+        "updated_ms": stored.get("updated_ms"),
+        "last_writer": stored.get("last_writer"),
+        "size_bytes": size,
+        "change_count": count,
+        "heads": heads,
+    })))
+}
+
+/// Keeps `meta/<id>` (created, last updated, last writer) current as
+/// changes land. Runs until the repo stops.
+pub fn spawn_metadata_tracker(
+    repo: &Repo,
+    storage: Arc<dyn Storage>,
+) -> tokio::task::JoinHandle<()> {
+    let mut events = repo.events();
+    tokio::spawn(async move {
+        loop {
+            let event = match events.recv().await {
+                Ok(e) => e,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let Event::DocChanged {
+                document_id,
+                origin,
+                ..
+            } = event
+            else {
+                continue;
+            };
+            let writer = match origin {
+                Origin::Local => "relay (HTTP API)".to_owned(),
+                Origin::Remote(peer) => peer.to_string(),
+                Origin::Storage => continue,
+            };
+            let key = meta_key(&document_id);
+            let storage = storage.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let now = now_ms();
+                let created = storage
+                    .get(&key)
+                    .ok()
+                    .flatten()
+                    .and_then(|b| serde_json::from_slice::<JsonValue>(&b).ok())
+                    .and_then(|m| m.get("created_ms").and_then(JsonValue::as_u64))
+                    .unwrap_or(now);
+                let record =
+                    json!({"created_ms": created, "updated_ms": now, "last_writer": writer});
+                let bytes = serde_json::to_vec(&record).unwrap_or_default();
+                if let Err(e) = storage.batch(vec![BatchOp::Put(key, bytes)]) {
+                    tracing::warn!(error = %e, "cannot write context metadata");
+                }
+            })
+            .await;
+        }
+    })
+}
+
+// ------------------------------------------------------------------ list
+
+#[derive(Deserialize)]
+struct ListQuery {
+    prefix: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<JsonValue>, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let entries = state
+        .storage
+        .range(&StorageKey::new(["meta"]))
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage", e.to_string()))?;
+    let mut ids: BTreeMap<String, JsonValue> = BTreeMap::new();
+    for (key, value) in entries {
+        let Some(id) = key.parts().get(1) else {
+            continue;
+        };
+        if q.prefix.as_deref().is_some_and(|p| !id.starts_with(p)) {
+            continue;
+        }
+        if q.after.as_deref().is_some_and(|a| id.as_str() <= a) {
+            continue;
+        }
+        ids.insert(
+            id.clone(),
+            serde_json::from_slice(&value).unwrap_or(JsonValue::Null),
+        );
+    }
+    let page: Vec<JsonValue> = ids
+        .iter()
+        .take(limit)
+        .map(|(id, meta)| json!({"id": id, "url": format!("automerge:{id}"), "updated_ms": meta.get("updated_ms")}))
+        .collect();
+    let next = (ids.len() > limit)
+        .then(|| {
+            page.last()
+                .and_then(|p| p["id"].as_str().map(str::to_owned))
+        })
+        .flatten();
+    Ok(Json(json!({"contexts": page, "next_after": next})))
+}
+
+// ------------------------------------------------------------------ events
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    path: Option<String>,
+}
+
+async fn events(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let id = parse_id(&id)?;
+    let path = parse_path(q.path.as_deref())?;
+    let handle = find(&state.repo, &id).await?;
+    let stream = futures::stream::unfold(
+        handle.context().subscribe(&path.to_string())?,
+        |mut sub| async move {
+            let event = sub.next().await?;
+            let origin = match &event.origin {
+                Origin::Local => json!("local"),
+                Origin::Remote(p) => json!({"peer": p.as_str()}),
+                Origin::Storage => json!("storage"),
+            };
+            let heads: Vec<String> = event.heads.iter().map(|h| h.to_string()).collect();
+            let data = json!({"origin": origin, "heads": heads, "patches": event.patches});
+            Some((
+                Ok(SseEvent::default().event("change").data(data.to_string())),
+                sub,
+            ))
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
