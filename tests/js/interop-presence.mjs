@@ -3,7 +3,8 @@
 //   node interop-presence.mjs <wsUrl> <automergeUrl> <otherPeerId>
 //
 // 1. Connect to the relay, find the document (retrying every 300 ms until
-//    the hard timeout, since it may not be on the relay yet).
+//    the hard timeout, since it may not be on the relay yet; each retry
+//    uses a fresh connection, see findWithRetry).
 // 2. new Presence({handle}).start({initialState: {name: "js", color: "blue"},
 //    heartbeatMs: 500, peerTtlMs: 2000}); stderr line
 //    `interop-event {"event":"started","peerId":...}`.
@@ -66,29 +67,33 @@ function event(name, fields = {}) {
 }
 
 // repo.find() rejects once the relay says doc-unavailable, and a cached
-// handle in state "unavailable" makes every later find() reject at once
-// without asking again. So between attempts: use the cached handle if the
-// document arrived by itself, else drop it from the cache and ask afresh.
-async function findWithRetry(repo, docUrl) {
+// handle in state "unavailable" makes every later find() on that Repo reject
+// at once without asking again (unavailable -> ready is the only way out,
+// and repo.removeFromCache() throws for a handle that is not ready). So
+// between attempts: use the old handle if the document arrived by itself
+// (the reference server pushes it to peers that asked), else drop that
+// client and ask again from a fresh one.
+async function findWithRetry(wsUrl, docUrl) {
   const documentId = documentIdOf(docUrl)
   let attempts = 0
   for (;;) {
     attempts++
+    const client = await connectClient(wsUrl, attempts === 1 ? "presence" : `presence (find attempt ${attempts})`)
     waiting(`repo.find(${docUrl}) through the relay (attempt ${attempts})`)
     try {
-      return { handle: await repo.find(docUrl), attempts }
+      return { client, handle: await client.repo.find(docUrl), attempts }
     } catch (e) {
       log(`find attempt ${attempts} failed: ${errText(e)}; retrying in ${FIND_RETRY_MS} ms`)
     }
     await sleep(FIND_RETRY_MS)
-    const cached = repo.handles[documentId]
-    if (cached?.isReady()) return { handle: cached, attempts }
-    if (cached) {
-      try {
-        await repo.removeFromCache(documentId)
-      } catch (e) {
-        log(`removeFromCache failed: ${errText(e)}`)
-      }
+    const cached = client.repo.handles[documentId]
+    if (cached?.isReady()) return { client, handle: cached, attempts }
+    log(`dropping client ${client.repo.peerId}; the next attempt uses a fresh connection`)
+    try {
+      const p = client.repo.shutdown()
+      if (p && typeof p.catch === "function") p.catch(() => {})
+    } catch {
+      // already closed
     }
   }
 }
@@ -96,8 +101,7 @@ async function findWithRetry(repo, docUrl) {
 async function main() {
   if (!isValidAutomergeUrl(url)) return fail(`not a valid automerge URL: ${url}`)
 
-  const c = await connectClient(wsUrl, "presence")
-  const { handle, attempts } = await findWithRetry(c.repo, url)
+  const { client: c, handle, attempts } = await findWithRetry(wsUrl, url)
   log(`found ${url} after ${attempts} attempt(s)`)
 
   const presence = new Presence({ handle })

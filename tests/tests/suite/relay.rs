@@ -454,3 +454,91 @@ async fn malformed_frames_close_only_their_connection() {
     wait_until(&seen, "other client", "still", "working").await;
     relay.stop().await;
 }
+
+/// Presence between a Converge Rust client and an unmodified automerge-repo
+/// client through the relay: each sees the other's state and updates, and
+/// each notices the other leave when it goes silent (time-to-live).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_between_rust_and_js_clients() {
+    use converge_core::runtime::{Presence, PresenceConfig, PresenceEvent};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::start(dir.path()).await;
+    let fast = PresenceConfig {
+        heartbeat: Duration::from_millis(300),
+        ttl: Duration::from_millis(2000),
+    };
+
+    let rust = rust_client();
+    let _conn = ws::connect(rust.clone(), relay.url.clone());
+    let observer = rust_client();
+    let _conn2 = ws::connect(observer.clone(), relay.url.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let doc = rust.create(None).await.expect("create");
+    let url = doc.url();
+    let observed = find_with_retry(&observer, doc.id()).await;
+    let watcher = Presence::start(observed, serde_json::json!({"name": "observer"}), fast)
+        .await
+        .expect("observer presence");
+    let mut watched = watcher.events();
+    let me = Presence::start(doc.clone(), serde_json::json!({"name": "rust"}), fast)
+        .await
+        .expect("rust presence");
+    let mut mine = me.events();
+
+    let js = node_command(
+        "interop-presence.mjs",
+        &[&relay.url, &url, rust.peer_id().as_str()],
+    )
+    .spawn()
+    .expect("spawn");
+
+    // The JS peer appears with its state, then moves its cursor.
+    let js_peer = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(PresenceEvent::Joined { peer, state }) = mine.recv().await {
+                if state.get("name") == Some(&serde_json::json!("js")) {
+                    return peer;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the JS client's presence arrives");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(PresenceEvent::Updated { peer, state }) = mine.recv().await {
+                if peer == js_peer && state.get("cursor") == Some(&serde_json::json!({"line": 3})) {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the JS cursor update arrives");
+    me.set("cursor", serde_json::json!({"line": 7}))
+        .await
+        .expect("set");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Go silent: no goodbye; the JS side must time us out.
+    drop(me);
+    let result = wait_for_output(js, "interop-presence").await;
+    assert_eq!(result["sawState"]["name"], "rust");
+    assert_eq!(result["cursor"], serde_json::json!({"line": 7}));
+    // The JS client exited without a goodbye; our observer times it out.
+    let left = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(PresenceEvent::Left { peer, goodbye }) = watched.recv().await {
+                if peer == js_peer {
+                    return goodbye;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the JS client times out");
+    assert!(
+        !left,
+        "no goodbye was sent, so this must be the time-to-live"
+    );
+    relay.stop().await;
+}
