@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -14,6 +14,7 @@ use converge_core::engine::Direction;
 use converge_core::runtime::Repo;
 use converge_core::transport::{drive, Incoming, Outgoing};
 use futures::{SinkExt, StreamExt};
+use std::net::SocketAddr;
 use tokio::net::TcpListener;
 
 /// What every request handler can reach.
@@ -34,6 +35,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(websocket))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/sessions", get(sessions))
         .merge(crate::api::routes())
         .with_state(state)
 }
@@ -45,13 +47,17 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn websocket(
     State(state): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let Ok(upgrade) = upgrade else {
@@ -64,10 +70,10 @@ async fn websocket(
         .max_write_buffer_size(state.max_message_bytes.saturating_mul(2).max(1 << 20))
         .max_message_size(state.max_message_bytes)
         .max_frame_size(state.max_message_bytes)
-        .on_upgrade(move |socket| connection(state, socket))
+        .on_upgrade(move |socket| connection(state, socket, remote))
 }
 
-async fn connection(state: AppState, socket: WebSocket) {
+async fn connection(state: AppState, socket: WebSocket, remote: SocketAddr) {
     let (sink, stream) = socket.split();
     let stream = stream.map(|m| match m {
         Ok(Message::Binary(b)) => Incoming::Binary(b.to_vec()),
@@ -96,10 +102,25 @@ async fn connection(state: AppState, socket: WebSocket) {
     let ended = drive(
         &state.repo,
         Direction::Incoming,
+        Some(remote.to_string()),
         Box::pin(stream),
         Box::pin(sink),
         Some(state.ping_interval),
     )
     .await;
     tracing::debug!(reason = %ended.reason, "connection ended");
+}
+
+/// Every connected peer: peer id, storage id, address, connected since.
+async fn sessions(State(state): State<AppState>) -> Response {
+    match state.repo.sessions().await {
+        Ok(list) => axum::Json(serde_json::json!({ "sessions": list })).into_response(),
+        Err(e) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(
+                serde_json::json!({"error": {"code": "unavailable", "message": e.to_string()}}),
+            ),
+        )
+            .into_response(),
+    }
 }

@@ -69,11 +69,32 @@ enum Msg {
     Command(Command, oneshot::Sender<CommandResult>),
     Change(DocumentId, Editor, oneshot::Sender<Result<(), ChangeError>>),
     Read(DocumentId, Reader),
-    Opened(ConnectionId, Direction, mpsc::UnboundedSender<Outbound>),
+    Opened(
+        ConnectionId,
+        Direction,
+        mpsc::UnboundedSender<Outbound>,
+        Option<String>,
+    ),
+    Sessions(oneshot::Sender<Vec<Session>>),
     Bytes(ConnectionId, Vec<u8>),
     Closed(ConnectionId),
     Storage(TaskId, StorageResult),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// One connected peer: a session.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Session {
+    /// The peer's id.
+    pub peer_id: PeerId,
+    /// Its storage id, if it has storage.
+    pub storage_id: Option<StorageId>,
+    /// Whether it said it keeps nothing.
+    pub ephemeral: bool,
+    /// Its network address, when the transport knows it.
+    pub remote: Option<String>,
+    /// When the handshake completed, ms since the epoch.
+    pub connected_since_ms: u64,
 }
 
 /// Builds a [`Repo`].
@@ -179,6 +200,8 @@ impl Repo {
         let (storage_tx, storage_thread) = spawn_storage_thread(storage, tx.clone());
         let actor = Actor {
             engine: Engine::new(config.engine),
+            remotes: BTreeMap::new(),
+            sessions: BTreeMap::new(),
             clock: Clock::new(),
             conns: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -263,11 +286,19 @@ impl Repo {
     pub fn open_connection(
         &self,
         direction: Direction,
+        remote: Option<String>,
     ) -> Result<(ConnectionId, mpsc::UnboundedReceiver<Outbound>), RepoError> {
         let conn = ConnectionId(self.inner.next_conn.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::unbounded_channel();
-        self.send(Msg::Opened(conn, direction, tx))?;
+        self.send(Msg::Opened(conn, direction, tx, remote))?;
         Ok((conn, rx))
+    }
+
+    /// Every connection that completed the handshake: a session each.
+    pub async fn sessions(&self) -> Result<Vec<Session>, RepoError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Sessions(tx))?;
+        rx.await.map_err(|_| RepoError::Stopped)
     }
 
     /// A frame arrived on a connection.
@@ -437,6 +468,8 @@ fn spawn_storage_thread(
 
 struct Actor {
     engine: Engine,
+    remotes: BTreeMap<ConnectionId, String>,
+    sessions: BTreeMap<ConnectionId, Session>,
     clock: Clock,
     conns: BTreeMap<ConnectionId, mpsc::UnboundedSender<Outbound>>,
     pending: BTreeMap<CommandId, oneshot::Sender<CommandResult>>,
@@ -511,14 +544,22 @@ impl Actor {
                     }
                     continue;
                 }
-                Msg::Opened(conn, direction, tx) => {
+                Msg::Opened(conn, direction, tx, remote) => {
                     self.conns.insert(conn, tx);
+                    if let Some(remote) = remote {
+                        self.remotes.insert(conn, remote);
+                    }
                     self.engine
                         .handle(now, Input::Connected { conn, direction })
                 }
                 Msg::Bytes(conn, bytes) => self.engine.handle(now, Input::Received { conn, bytes }),
+                Msg::Sessions(reply) => {
+                    let _ = reply.send(self.sessions.values().cloned().collect());
+                    continue;
+                }
                 Msg::Closed(conn) => {
                     self.conns.remove(&conn);
+                    self.remotes.remove(&conn);
                     self.engine.handle(now, Input::Disconnected { conn })
                 }
                 Msg::Storage(task, result) => {
@@ -563,6 +604,28 @@ impl Actor {
             }
         }
         for event in out.events {
+            match &event {
+                Event::PeerConnected {
+                    conn,
+                    peer_id,
+                    metadata,
+                } => {
+                    self.sessions.insert(
+                        *conn,
+                        Session {
+                            peer_id: peer_id.clone(),
+                            storage_id: metadata.storage_id.clone(),
+                            ephemeral: metadata.ephemeral(),
+                            remote: self.remotes.get(conn).cloned(),
+                            connected_since_ms: self.clock.now().0,
+                        },
+                    );
+                }
+                Event::PeerDisconnected { conn, .. } => {
+                    self.sessions.remove(conn);
+                }
+                _ => {}
+            }
             if let Event::CorruptChunk {
                 document_id,
                 key,

@@ -7,7 +7,8 @@
 //! |---|---|
 //! | `chunks` | `doc/<id>/snapshot/*` and `doc/<id>/incremental/*` |
 //! | `sync` | `doc/<id>/sync-state/*` |
-//! | `default` | everything else (the store's own id, metadata) |
+//! | `meta` | `meta/<id>`: per-context metadata (created, updated, writer) |
+//! | `default` | everything else (the store's own id) |
 //!
 //! Writes go through the write-ahead log. By default they are not fsynced
 //! one by one: a write that returned survives the process being killed
@@ -22,7 +23,8 @@ use super::{BatchOp, DocKey, Storage, StorageError, StorageKey};
 
 const CF_CHUNKS: &str = "chunks";
 const CF_SYNC: &str = "sync";
-const FAMILIES: [&str; 3] = ["default", CF_CHUNKS, CF_SYNC];
+const CF_META: &str = "meta";
+const FAMILIES: [&str; 4] = ["default", CF_CHUNKS, CF_SYNC, CF_META];
 
 /// A RocksDB database holding Converge's data.
 pub struct RocksStorage {
@@ -61,6 +63,7 @@ impl RocksStorage {
         let name = match key.classify() {
             Some(DocKey::Chunk(..)) => CF_CHUNKS,
             Some(DocKey::SyncState(_)) => CF_SYNC,
+            None if key.parts().first().map(String::as_str) == Some("meta") => CF_META,
             None => "default",
         };
         self.db

@@ -68,11 +68,13 @@ pub struct Ended {
     pub reason: String,
 }
 
-/// Runs one connection until it ends. `ping_every` sends a ping at that
-/// interval and gives up on a peer silent for two intervals.
+/// Runs one connection until it ends. `remote` names the other end (for
+/// session listings); `ping_every` sends a ping at that interval and gives
+/// up on a peer silent for two intervals.
 pub async fn drive<St, Si>(
     repo: &Repo,
     direction: Direction,
+    remote: Option<String>,
     mut stream: St,
     mut sink: Si,
     ping_every: Option<Duration>,
@@ -81,7 +83,7 @@ where
     St: Stream<Item = Incoming> + Unpin,
     Si: Sink<Outgoing> + Unpin,
 {
-    let Ok((conn, mut outbound)) = repo.open_connection(direction) else {
+    let Ok((conn, mut outbound)) = repo.open_connection(direction, remote) else {
         return Ended {
             reason: "repo stopped".into(),
         };

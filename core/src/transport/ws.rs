@@ -83,6 +83,7 @@ pub fn connect(repo: Repo, url: String) -> Connection {
                     let ended = drive(
                         &repo,
                         Direction::Outgoing,
+                        Some(url.clone()),
                         Box::pin(stream),
                         Box::pin(sink),
                         Some(Duration::from_secs(5)),

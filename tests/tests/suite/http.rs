@@ -1,5 +1,6 @@
 //! The relay's HTTP API over a real socket, checked against the checked-in
-//! OpenAPI document and fed bad input of every kind.
+//! OpenAPI document and fed bad input of every kind. A last test makes sure
+//! the document and the router list the same routes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -485,6 +486,22 @@ async fn http_changes_reach_clients_and_the_event_stream() {
     };
     let mut sub = ctx.subscribe("/status").expect("subscribe");
 
+    // The relay lists the client as a session, with its address.
+    let (s, sessions) = http(&a, "GET", "/v1/sessions", None).await;
+    assert_eq!(s, 200);
+    let spec = openapi();
+    let schema = documented(&spec, "/v1/sessions", "get", s);
+    conforms(&spec, &schema, &sessions, "GET /v1/sessions").unwrap_or_else(|e| panic!("{e}"));
+    let list = sessions["sessions"].as_array().expect("sessions");
+    let me = list
+        .iter()
+        .find(|x| x["peer_id"] == client.peer_id().as_str())
+        .unwrap_or_else(|| panic!("client missing from {sessions}"));
+    assert!(me["remote"]
+        .as_str()
+        .is_some_and(|r| r.starts_with("127.0.0.1:")));
+    assert!(me["connected_since_ms"].as_u64().is_some());
+
     let mut sse = TcpStream::connect(&a).await.expect("connect");
     sse.write_all(format!("GET /v1/contexts/{id}/events HTTP/1.1\r\nHost: {a}\r\nAccept: text/event-stream\r\n\r\n").as_bytes())
         .await
@@ -536,5 +553,29 @@ async fn http_changes_reach_clients_and_the_event_stream() {
     assert!(seen.contains("text/event-stream"), "{seen}");
     assert!(seen.contains("event: change"), "{seen}");
     assert!(seen.contains("\"busy\""), "{seen}");
+    relay.stop().await;
+}
+
+/// Every route the OpenAPI document lists answers (not 404/405), so the
+/// document and the router cannot drift apart silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_lists_only_real_routes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::start(dir.path()).await;
+    let a = addr(&relay);
+    let (_, created) = http(&a, "POST", "/v1/contexts", Some("{}")).await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    let spec = openapi();
+    for (path, ops) in spec["paths"].as_object().expect("paths") {
+        for method in ops.as_object().expect("methods").keys() {
+            if path.ends_with("/events") {
+                continue; // a stream; covered above
+            }
+            let concrete = path.replace("{id}", &id);
+            let body = (method == "post").then_some(r#"{"ops": []}"#);
+            let (s, _) = http(&a, &method.to_uppercase(), &concrete, body).await;
+            assert!(s != 404 && s != 405, "{method} {path} answered {s}");
+        }
+    }
     relay.stop().await;
 }
