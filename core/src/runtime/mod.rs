@@ -567,6 +567,11 @@ impl Actor {
                     self.engine.handle(now, Input::Storage { task, result })
                 }
                 Msg::Shutdown(done) => {
+                    // Close every connection so transports wind down (and
+                    // release what they hold) while storage drains.
+                    for (_, tx) in std::mem::take(&mut self.conns) {
+                        let _ = tx.send(Outbound::Close("shutting down".into()));
+                    }
                     self.shutdown = Some(done);
                     continue;
                 }

@@ -33,7 +33,19 @@ impl Relay {
     }
 
     async fn start_with(dir: &Path, max_message_bytes: usize) -> Relay {
-        let storage = Arc::new(RocksStorage::open(dir, false).expect("open rocksdb"));
+        // A previous relay on this directory may still be letting go of it
+        // (its connection tasks end asynchronously); wait for the lock.
+        let mut attempts = 0;
+        let storage = loop {
+            match RocksStorage::open(dir, false) {
+                Ok(s) => break Arc::new(s),
+                Err(e) if attempts < 50 && e.to_string().contains("lock") => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("open rocksdb: {e}"),
+            }
+        };
         let storage_id = load_or_create_storage_id(storage.as_ref()).expect("storage id");
         let mut config = RepoConfig::new(Some(storage_id));
         config.engine.policy = Arc::new(RelayPolicy);
@@ -50,13 +62,14 @@ impl Relay {
             ping_interval: Duration::from_secs(5),
             storage: storage.clone(),
         };
-        converge_server::api::spawn_metadata_tracker(&repo, storage.clone());
+        let tracker = converge_server::api::spawn_metadata_tracker(&repo, storage.clone());
         let done = tokio::spawn(async move {
             let _ = serve(listener, state, async {
                 let _ = stopped.await;
             })
             .await;
             repo.shutdown().await;
+            tracker.abort();
             let _ = storage.flush();
         });
         Relay {
