@@ -11,6 +11,7 @@
 pub mod memory;
 pub mod ws;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
@@ -92,56 +93,91 @@ where
     // await — the repo hears that the connection is gone.
     let _closed = ClosedGuard { repo, conn };
     let period = ping_every.unwrap_or(Duration::from_secs(3600));
-    let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
-    let mut last_seen = Instant::now();
-    let ended = loop {
-        tokio::select! {
-            frame = stream.next() => {
-                last_seen = Instant::now();
+    let started = Instant::now();
+    // Milliseconds since `started` when the peer was last heard from;
+    // shared by the reading and writing halves below.
+    let last_seen = AtomicU64::new(0);
+
+    // Reading and writing run side by side, so a write that waits on a slow
+    // peer never stops us reading (two peers writing big frames to each
+    // other at once cannot deadlock), and a peer that stops reading is cut
+    // off after WRITE_TIMEOUT instead of holding its queue forever.
+    let stop = {
+        let reader = async {
+            loop {
+                let frame = stream.next().await;
+                last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                 match frame {
                     Some(Incoming::Binary(bytes)) => repo.received(conn, bytes),
                     Some(Incoming::Alive) => {}
                     Some(Incoming::Text) => {
-                        let reason = "text frames are not part of the protocol; send binary CBOR".to_owned();
-                        let _ = sink.send(Outgoing::Close(close_code::UNSUPPORTED, reason.clone())).await;
-                        break reason;
+                        return Stop::Close(
+                            close_code::UNSUPPORTED,
+                            "text frames are not part of the protocol; send binary CBOR".into(),
+                        )
                     }
                     Some(Incoming::TooBig) => {
-                        let reason = "message too big".to_owned();
-                        let _ = sink.send(Outgoing::Close(close_code::TOO_BIG, reason.clone())).await;
-                        break reason;
+                        return Stop::Close(close_code::TOO_BIG, "message too big".into())
                     }
-                    Some(Incoming::Close) | None => break "closed by peer".to_owned(),
-                    Some(Incoming::Error(e)) => break format!("connection error: {e}"),
-                }
-            }
-            out = outbound.recv() => match out {
-                Some(Outbound::Frame(bytes)) => {
-                    if let Err(_e) = sink.send(Outgoing::Binary(bytes)).await {
-                        break "write failed".to_owned();
+                    Some(Incoming::Close) | None => return Stop::Gone("closed by peer".into()),
+                    Some(Incoming::Error(e)) => {
+                        return Stop::Gone(format!("connection error: {e}"))
                     }
                 }
-                Some(Outbound::Close(reason)) => {
-                    let _ = sink.send(Outgoing::Close(close_code::POLICY, truncate(&reason))).await;
-                    break reason;
-                }
-                None => {
-                    let _ = sink.send(Outgoing::Close(close_code::NORMAL, "shutting down".into())).await;
-                    break "repo stopped".to_owned();
-                }
-            },
-            _ = ticker.tick(), if ping_every.is_some() => {
-                if last_seen.elapsed() > period * 2 {
-                    let _ = sink.send(Outgoing::Close(close_code::GOING_AWAY, "ping timeout".into())).await;
-                    break "ping timeout".to_owned();
-                }
-                if sink.send(Outgoing::Ping).await.is_err() {
-                    break "write failed".to_owned();
+            }
+        };
+        let writer = async {
+            let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+            loop {
+                tokio::select! {
+                    out = outbound.recv() => match out {
+                        Some(Outbound::Frame(bytes)) => {
+                            match tokio::time::timeout(WRITE_TIMEOUT, sink.send(Outgoing::Binary(bytes))).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(_)) => return Stop::Gone("write failed".into()),
+                                Err(_) => return Stop::Gone("peer stopped reading (write timed out)".into()),
+                            }
+                        }
+                        Some(Outbound::Close(reason)) => return Stop::Close(close_code::POLICY, reason),
+                        None => return Stop::Close(close_code::NORMAL, "shutting down".into()),
+                    },
+                    _ = ticker.tick(), if ping_every.is_some() => {
+                        let seen = Duration::from_millis(last_seen.load(Ordering::Relaxed));
+                        if started.elapsed().saturating_sub(seen) > period * 2 {
+                            return Stop::Close(close_code::GOING_AWAY, "ping timeout".into());
+                        }
+                        if tokio::time::timeout(WRITE_TIMEOUT, sink.send(Outgoing::Ping)).await.map_or(true, |r| r.is_err()) {
+                            return Stop::Gone("write failed".into());
+                        }
+                    }
                 }
             }
+        };
+        tokio::select! {
+            stop = reader => stop,
+            stop = writer => stop,
         }
     };
-    Ended { reason: ended }
+    let reason = match stop {
+        Stop::Gone(reason) => reason,
+        Stop::Close(code, reason) => {
+            let frame = Outgoing::Close(code, truncate(&reason));
+            let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(frame)).await;
+            reason
+        }
+    };
+    Ended { reason }
+}
+
+/// How long one write may wait for the peer to accept it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a connection ends.
+enum Stop {
+    /// The connection is already unusable.
+    Gone(String),
+    /// Close it with this code and reason.
+    Close(u16, String),
 }
 
 /// Tells the repo a connection ended when dropped.
