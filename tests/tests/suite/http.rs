@@ -222,6 +222,15 @@ async fn every_endpoint_works_and_matches_the_openapi_document() {
     for _ in 0..3 {
         http(&a, "POST", "/v1/contexts", None).await;
     }
+    // Metadata (which the listing reads) is written just after each
+    // change lands; wait until all four contexts are listed.
+    for _ in 0..50 {
+        let (_, all) = http(&a, "GET", "/v1/contexts", None).await;
+        if all["contexts"].as_array().map(Vec::len) == Some(4) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (s, page) = http(&a, "GET", "/v1/contexts?limit=2", None).await;
     assert_eq!(s, 200);
     check("/v1/contexts", "get", s, &page);
