@@ -582,41 +582,11 @@ fn apply_op(tx: &mut Transaction<'_>, op: &Op) -> Result<(), ContextError> {
             }
         }
         Op::Insert { path, index, value } => {
-            let (obj, kind) = object_at(tx, path, None)?;
-            if kind != ObjType::List {
-                return Err(ContextError::TypeMismatch {
-                    path: path.to_string(),
-                    expected: "list",
-                    found: obj_kind(kind),
-                });
-            }
-            let len = tx.length(&obj);
-            if *index > len {
-                return Err(ContextError::IndexOutOfRange {
-                    path: path.to_string(),
-                    index: *index,
-                    len,
-                });
-            }
+            let obj = sequence_at(tx, path, ObjType::List, *index)?;
             put_in_list(tx, &obj, *index, value, true)
         }
         Op::Remove { path, index, count } => {
-            let (obj, kind) = object_at(tx, path, None)?;
-            if kind != ObjType::List {
-                return Err(ContextError::TypeMismatch {
-                    path: path.to_string(),
-                    expected: "list",
-                    found: obj_kind(kind),
-                });
-            }
-            let len = tx.length(&obj);
-            if index.saturating_add(*count) > len {
-                return Err(ContextError::IndexOutOfRange {
-                    path: path.to_string(),
-                    index: index + count,
-                    len,
-                });
-            }
+            let obj = sequence_at(tx, path, ObjType::List, index.saturating_add(*count))?;
             let count = isize::try_from(*count).unwrap_or(isize::MAX);
             Ok(tx.splice(&obj, *index, count, std::iter::empty::<ScalarValue>())?)
         }
@@ -626,22 +596,7 @@ fn apply_op(tx: &mut Transaction<'_>, op: &Op) -> Result<(), ContextError> {
             delete,
             insert,
         } => {
-            let (obj, kind) = object_at(tx, path, None)?;
-            if kind != ObjType::Text {
-                return Err(ContextError::TypeMismatch {
-                    path: path.to_string(),
-                    expected: "text",
-                    found: obj_kind(kind),
-                });
-            }
-            let len = tx.length(&obj);
-            if index.saturating_add(*delete) > len {
-                return Err(ContextError::IndexOutOfRange {
-                    path: path.to_string(),
-                    index: index + delete,
-                    len,
-                });
-            }
+            let obj = sequence_at(tx, path, ObjType::Text, index.saturating_add(*delete))?;
             let delete = isize::try_from(*delete).unwrap_or(isize::MAX);
             Ok(tx.splice_text(&obj, *index, delete, insert)?)
         }
@@ -664,6 +619,33 @@ fn apply_op(tx: &mut Transaction<'_>, op: &Op) -> Result<(), ContextError> {
             merge_into(tx, &obj, fields)
         }
     }
+}
+
+/// The object at `path`, which must be of `kind`, with its length; `end`
+/// (a position past the last touched element) must not pass the length.
+fn sequence_at(
+    tx: &Transaction<'_>,
+    path: &Path,
+    kind: ObjType,
+    end: usize,
+) -> Result<ObjId, ContextError> {
+    let (obj, found) = object_at(tx, path, None)?;
+    if found != kind {
+        return Err(ContextError::TypeMismatch {
+            path: path.to_string(),
+            expected: obj_kind(kind),
+            found: obj_kind(found),
+        });
+    }
+    let len = tx.length(&obj);
+    if end > len {
+        return Err(ContextError::IndexOutOfRange {
+            path: path.to_string(),
+            index: end,
+            len,
+        });
+    }
+    Ok(obj)
 }
 
 fn get_current(tx: &Transaction<'_>, path: &Path) -> Result<Value, ContextError> {
