@@ -1034,14 +1034,14 @@ function synthesize() {
 
 async function main() {
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "converge-fixtures-"))
-  try {
-    await captureClients(tmp)
-    await captureRelayServer(tmp)
-    await captureGossipServer()
-    synthesize()
-  } finally {
-    fs.rmSync(tmp, { recursive: true, force: true })
-  }
+  // Removed only when the process exits: automerge-repo saves sync state on
+  // a throttle timer that can fire after the repos are flushed, and a write
+  // into a deleted folder would crash the script.
+  process.on("exit", () => fs.rmSync(tmp, { recursive: true, force: true }))
+  await captureClients(tmp)
+  await captureRelayServer(tmp)
+  await captureGossipServer()
+  synthesize()
 
   fs.mkdirSync(OUT_DIR, { recursive: true })
   for (const f of fs.readdirSync(OUT_DIR)) {
