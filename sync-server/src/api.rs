@@ -281,35 +281,24 @@ fn typed_value(op: &JsonValue, i: usize) -> Result<Value, ApiError> {
     let value = field(op, "value", i)?;
     let bad =
         |what: &str| ApiError::new(StatusCode::BAD_REQUEST, "bad_op", format!("op {i}: {what}"));
+    let text = || {
+        value
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| bad("this type needs a JSON string"))
+    };
+    let int = || {
+        value
+            .as_i64()
+            .ok_or_else(|| bad("this type needs an integer"))
+    };
     Ok(match op.get("type").and_then(JsonValue::as_str) {
         None | Some("json") => Value::from_json(value),
-        Some("string") => Value::Str(
-            value
-                .as_str()
-                .ok_or_else(|| bad("a string value needs a JSON string"))?
-                .to_owned(),
-        ),
-        Some("text") => Value::Text(
-            value
-                .as_str()
-                .ok_or_else(|| bad("a text value needs a JSON string"))?
-                .to_owned(),
-        ),
-        Some("counter") => Value::Counter(
-            value
-                .as_i64()
-                .ok_or_else(|| bad("a counter needs an integer"))?,
-        ),
-        Some("timestamp") => Value::Timestamp(
-            value
-                .as_i64()
-                .ok_or_else(|| bad("a timestamp needs integer milliseconds"))?,
-        ),
-        Some("int") => Value::Int(
-            value
-                .as_i64()
-                .ok_or_else(|| bad("an int needs an integer"))?,
-        ),
+        Some("string") => Value::Str(text()?),
+        Some("text") => Value::Text(text()?),
+        Some("counter") => Value::Counter(int()?),
+        Some("timestamp") => Value::Timestamp(int()?),
+        Some("int") => Value::Int(int()?),
         Some("float") => Value::Float(
             value
                 .as_f64()

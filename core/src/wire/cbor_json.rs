@@ -9,7 +9,7 @@ use minicbor::data::Type;
 use minicbor::{Decoder, Encoder};
 use serde_json::{Map, Number, Value as Json};
 
-use super::codec::MAX_NESTING;
+use super::codec::{for_each_item, map_entries, DecodeError, MAX_NESTING};
 
 /// Why a payload is not convertible.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,7 +59,7 @@ fn write(e: &mut Encoder<&mut Vec<u8>>, value: &Json) {
 /// Decodes a CBOR payload into JSON.
 pub fn cbor_to_json(bytes: &[u8]) -> Result<Json, PayloadError> {
     let mut d = Decoder::new(bytes);
-    let value = read(&mut d, 0)?;
+    let value = read(&mut d, 0).map_err(err)?;
     if d.position() != bytes.len() {
         return Err(PayloadError("trailing bytes".into()));
     }
@@ -70,89 +70,63 @@ fn err(e: impl std::fmt::Display) -> PayloadError {
     PayloadError(e.to_string())
 }
 
-fn read(d: &mut Decoder<'_>, depth: usize) -> Result<Json, PayloadError> {
+/// Reads one item, using the message codec's bounded walkers for arrays
+/// and maps (so nesting limits and indefinite lengths behave the same).
+fn read(d: &mut Decoder<'_>, depth: usize) -> Result<Json, DecodeError> {
     if depth > MAX_NESTING {
-        return Err(PayloadError("nested too deeply".into()));
+        return Err(DecodeError::TooDeep);
     }
-    Ok(match d.datatype().map_err(err)? {
+    Ok(match d.datatype()? {
         Type::Null | Type::Undefined => {
-            d.skip().map_err(err)?;
+            d.skip()?;
             Json::Null
         }
-        Type::Bool => Json::Bool(d.bool().map_err(err)?),
-        Type::U8 | Type::U16 | Type::U32 | Type::U64 => Json::from(d.u64().map_err(err)?),
-        Type::I8 | Type::I16 | Type::I32 | Type::I64 => Json::from(d.i64().map_err(err)?),
+        Type::Bool => Json::Bool(d.bool()?),
+        Type::U8 | Type::U16 | Type::U32 | Type::U64 => Json::from(d.u64()?),
+        Type::I8 | Type::I16 | Type::I32 | Type::I64 => Json::from(d.i64()?),
         Type::F16 | Type::F32 | Type::F64 => {
-            let f = d.f64().map_err(err)?;
+            let f = d.f64()?;
             if f.fract() == 0.0 && f.abs() < 9.0e15 {
                 Json::from(f as i64)
             } else {
                 Number::from_f64(f).map(Json::Number).unwrap_or(Json::Null)
             }
         }
-        Type::String => Json::String(d.str().map_err(err)?.to_owned()),
+        Type::String => Json::String(d.str()?.to_owned()),
         Type::StringIndef => {
             let mut s = String::new();
-            for part in d.str_iter().map_err(err)? {
-                s.push_str(part.map_err(err)?);
+            for part in d.str_iter()? {
+                s.push_str(part?);
             }
             Json::String(s)
         }
-        Type::Bytes => Json::Array(
-            d.bytes()
-                .map_err(err)?
-                .iter()
-                .map(|b| Json::from(*b))
-                .collect(),
-        ),
+        Type::Bytes => Json::Array(d.bytes()?.iter().map(|b| Json::from(*b)).collect()),
         Type::Array | Type::ArrayIndef => {
-            let len = d.array().map_err(err)?;
             let mut out = Vec::new();
-            match len {
-                Some(n) => {
-                    for _ in 0..n {
-                        out.push(read(d, depth + 1)?);
-                    }
-                }
-                None => loop {
-                    if d.datatype().map_err(err)? == Type::Break {
-                        d.skip().map_err(err)?;
-                        break;
-                    }
-                    out.push(read(d, depth + 1)?);
-                },
-            }
+            for_each_item(d, "payload", |d| {
+                out.push(read(d, depth + 1)?);
+                Ok(())
+            })?;
             Json::Array(out)
         }
         Type::Map | Type::MapIndef => {
-            let len = d.map().map_err(err)?;
             let mut out = Map::new();
-            let mut remaining = len;
-            loop {
-                match remaining {
-                    Some(0) => break,
-                    Some(ref mut n) => *n -= 1,
-                    None => {
-                        if d.datatype().map_err(err)? == Type::Break {
-                            d.skip().map_err(err)?;
-                            break;
-                        }
-                    }
-                }
+            map_entries(d, "payload", |d| {
                 let key = match read(d, depth + 1)? {
                     Json::String(s) => s,
                     other => other.to_string(),
                 };
                 let value = read(d, depth + 1)?;
                 out.insert(key, value);
-            }
+                Ok(())
+            })?;
             Json::Object(out)
         }
         Type::Tag => {
-            d.tag().map_err(err)?;
+            d.tag()?;
             read(d, depth + 1)?
         }
-        other => return Err(PayloadError(format!("unsupported CBOR item {other}"))),
+        other => return Err(DecodeError::Cbor(format!("unsupported CBOR item {other}"))),
     })
 }
 

@@ -576,7 +576,7 @@ fn read_timestamp(d: &mut Decoder<'_>, field: &'static str) -> Result<f64, Decod
 }
 
 /// Calls `item` once per element of an array (definite or not).
-fn for_each_item<'b>(
+pub(super) fn for_each_item<'b>(
     d: &mut Decoder<'b>,
     field: &'static str,
     mut item: impl FnMut(&mut Decoder<'b>) -> Result<(), DecodeError>,
@@ -609,7 +609,7 @@ fn for_each_item<'b>(
 
 /// Calls `each` once per entry of a map (definite or not); `each` reads
 /// the key and the value.
-fn map_entries<'b>(
+pub(super) fn map_entries<'b>(
     d: &mut Decoder<'b>,
     field: &'static str,
     mut each: impl FnMut(&mut Decoder<'b>) -> Result<(), DecodeError>,
