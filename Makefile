@@ -16,14 +16,15 @@ LISTEN ?= 127.0.0.1:3030
 DATA_DIR ?= ./converge-data
 NPM_STAMP := tests/js/node_modules/.converge-installed
 
-.PHONY: test run check fmt lint unit fixtures-live deps deps-rust deps-node deps-python bindings python-tests
+.PHONY: test run check fmt lint unit fixtures-live deps deps-rust deps-node deps-python deps-kotlin \
+	build-debug bindings bindings-tests python-tests kotlin-tests bench-ffi
 
-test: deps lint unit fixtures-live
+test: deps lint unit fixtures-live bindings-tests
 	@echo "make test: all green"
 
 ## ---------------------------------------------------------------- deps
 
-deps: deps-rust deps-node deps-python
+deps: deps-rust deps-node deps-python deps-kotlin
 
 deps-python:
 	@python3 -c "import pytest" 2>/dev/null || python3 -m pip install --quiet pytest
@@ -67,25 +68,52 @@ fixtures-live: deps-node
 	CONVERGE_FIXTURE_DIR=$$tmp $(CARGO) test -p converge-tests --test suite wire_fixtures
 
 ## ---------------------------------------------------------------- bindings
-# In progress (issue 5): bindings/ is outside the workspace until its
-# build and tests are verified; these targets are not part of `make test`.
+# The bindings are generated from the very library the tests load (uniffi
+# checks API checksums at load time). Everything is built by the same cargo
+# invocation as `unit`: a different package set would unify dependency
+# features differently and rebuild RocksDB.
 
 PY_OUT := bindings/python/generated
-FFI_LIB := $(CARGO_TARGET_DIR)/debug/libconverge_ffi.so
+KT_OUT := bindings/kotlin/generated
+SWIFT_OUT := bindings/swift/generated
+DEBUG_DIR := $(CARGO_TARGET_DIR)/debug
+FFI_LIB := $(DEBUG_DIR)/libconverge_ffi.so
+BINDGEN := $(DEBUG_DIR)/uniffi-bindgen
+SERVER_BIN := $(DEBUG_DIR)/converge-server
 
-# Generate the Python, Kotlin and Swift bindings from the very library the
-# tests load (uniffi checks API checksums at load time).
-bindings:
-	$(CARGO) build -p converge-ffi -p converge-server
-	rm -rf $(PY_OUT) bindings/kotlin/generated bindings/swift/generated
-	$(CARGO) run -q -p converge-ffi --bin uniffi-bindgen -- generate --library $(FFI_LIB) --language python --out-dir $(PY_OUT)
-	$(CARGO) run -q -p converge-ffi --bin uniffi-bindgen -- generate --library $(FFI_LIB) --language kotlin --out-dir bindings/kotlin/generated
-	$(CARGO) run -q -p converge-ffi --bin uniffi-bindgen -- generate --library $(FFI_LIB) --language swift --out-dir bindings/swift/generated
+build-debug: deps-rust
+	$(CARGO) build --workspace -q
+
+bindings: build-debug
+	rm -rf $(PY_OUT) $(KT_OUT) $(SWIFT_OUT)
+	$(BINDGEN) generate --library $(FFI_LIB) --language python --no-format --out-dir $(PY_OUT)
+	$(BINDGEN) generate --library $(FFI_LIB) --language kotlin --no-format --out-dir $(KT_OUT)
+	$(BINDGEN) generate --library $(FFI_LIB) --language swift --no-format --out-dir $(SWIFT_OUT)
 	cp $(FFI_LIB) $(PY_OUT)/
 
+bindings-tests: python-tests kotlin-tests
+
 python-tests: deps-python bindings
-	CONVERGE_SERVER_BIN=$(CARGO_TARGET_DIR)/debug/converge-server CONVERGE_PY_DIR=$(PY_OUT) \
+	CONVERGE_SERVER_BIN=$(SERVER_BIN) CONVERGE_PY_DIR=$(PY_OUT) \
 		python3 -m pytest -q bindings/python/tests
+
+# Kotlin on the JVM: Maven with the Kotlin plugin, JNA and coroutines
+# (Debian's kotlinc is too old). Artifacts come from Maven Central once.
+kotlin-tests: deps-kotlin bindings
+	mvn -B -ntp -f bindings/kotlin/pom.xml test \
+		-Dconverge.lib.dir=$(abspath $(DEBUG_DIR)) -Dconverge.server.bin=$(abspath $(SERVER_BIN))
+
+deps-kotlin:
+	@command -v mvn >/dev/null && command -v javac >/dev/null || { \
+		echo "installing Maven and a JDK (for the Kotlin binding tests)"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q maven default-jdk-headless; }
+
+# QUALITY.md P8: a splice and a path set through Python vs the same call
+# from Rust (dev profile, both sides on the same library build).
+bench-ffi: bindings
+	$(CARGO) test --workspace --no-run -q
+	CONVERGE_PY_DIR=$(PY_OUT) python3 bindings/python/bench_ffi.py \
+		"$$($(DEBUG_DIR)/examples/ffi_overhead 20000)"
 
 check: lint unit
 

@@ -6,8 +6,13 @@
 //! multi-threaded tokio runtime; it has no logic of its own.
 //!
 //! Values cross the boundary as JSON strings (`get_json`, `set_json`), which
-//! every target language parses natively. Calls block the calling thread
-//! until done; call them off the UI thread.
+//! every target language parses natively. Calls that wait on the network or
+//! on storage (`find`, `list_documents`, `sync_status`, `wait_synced`,
+//! `close`) are async: `suspend` in Kotlin, `async` in Swift and Python.
+//! Their work runs on this crate's own tokio runtime; the foreign executor
+//! only awaits the result. The other calls touch the in-memory document
+//! and return at once (they still take the repo's actor, so keep them off a
+//! UI thread that must never wait).
 
 use std::sync::{Arc, Mutex};
 
@@ -24,34 +29,34 @@ uniffi::setup_scaffolding!();
 #[derive(Debug, thiserror::Error, uniffi::Error)]
 pub enum ConvergeError {
     /// The context (or the path inside it) does not exist.
-    #[error("{message}")]
+    #[error("{reason}")]
     NotFound {
         /// What is missing.
-        message: String,
+        reason: String,
     },
     /// A path, URL, JSON value or argument is malformed.
-    #[error("{message}")]
+    #[error("{reason}")]
     InvalidInput {
         /// What is wrong with it.
-        message: String,
+        reason: String,
     },
     /// The value at the path has another type than the operation needs.
-    #[error("{message}")]
+    #[error("{reason}")]
     TypeMismatch {
         /// What was expected and found.
-        message: String,
+        reason: String,
     },
     /// Storage could not be opened or used.
-    #[error("{message}")]
+    #[error("{reason}")]
     Storage {
         /// The storage error.
-        message: String,
+        reason: String,
     },
     /// Anything else (the repo stopped, a callback failed…).
-    #[error("{message}")]
+    #[error("{reason}")]
     Internal {
         /// What happened.
-        message: String,
+        reason: String,
     },
 }
 
@@ -59,9 +64,9 @@ impl From<RepoError> for ConvergeError {
     fn from(e: RepoError) -> Self {
         let message = e.to_string();
         match e {
-            RepoError::Unavailable(_) => ConvergeError::NotFound { message },
+            RepoError::Unavailable(_) => ConvergeError::NotFound { reason: message },
             RepoError::Context(c) => c.into(),
-            _ => ConvergeError::Internal { message },
+            _ => ConvergeError::Internal { reason: message },
         }
     }
 }
@@ -70,22 +75,22 @@ impl From<ContextError> for ConvergeError {
     fn from(e: ContextError) -> Self {
         let message = e.to_string();
         match e {
-            ContextError::NotFound(_) => ConvergeError::NotFound { message },
-            ContextError::TypeMismatch { .. } => ConvergeError::TypeMismatch { message },
-            _ => ConvergeError::InvalidInput { message },
+            ContextError::NotFound(_) => ConvergeError::NotFound { reason: message },
+            ContextError::TypeMismatch { .. } => ConvergeError::TypeMismatch { reason: message },
+            _ => ConvergeError::InvalidInput { reason: message },
         }
     }
 }
 
 impl From<uniffi::UnexpectedUniFFICallbackError> for ConvergeError {
     fn from(e: uniffi::UnexpectedUniFFICallbackError) -> Self {
-        ConvergeError::Internal { message: e.reason }
+        ConvergeError::Internal { reason: e.reason }
     }
 }
 
 fn invalid(message: impl Into<String>) -> ConvergeError {
     ConvergeError::InvalidInput {
-        message: message.into(),
+        reason: message.into(),
     }
 }
 
@@ -130,28 +135,77 @@ pub trait PresenceListener: Send + Sync {
 }
 
 /// A repo: your documents, their storage, and your connections.
-#[derive(uniffi::Object)]
+#[derive(Debug, uniffi::Object)]
 pub struct Repo {
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<Rt>,
     repo: runtime::Repo,
     connections: Mutex<Vec<ws::Connection>>,
 }
 
-fn new_runtime() -> Result<Arc<tokio::runtime::Runtime>, ConvergeError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("converge")
-        .build()
-        .map(Arc::new)
-        .map_err(|e| ConvergeError::Internal {
-            message: format!("cannot start the runtime: {e}"),
-        })
+/// The crate's tokio runtime. Dropping a runtime from inside async code
+/// panics, and the last reference may go away on any thread, so it is shut
+/// down in the background instead.
+#[derive(Debug)]
+struct Rt(Option<tokio::runtime::Runtime>);
+
+impl Rt {
+    fn new() -> Result<Arc<Rt>, ConvergeError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("converge")
+            .build()
+            .map(|rt| Arc::new(Rt(Some(rt))))
+            .map_err(|e| ConvergeError::Internal {
+                reason: format!("cannot start the runtime: {e}"),
+            })
+    }
+
+    fn get(&self) -> &tokio::runtime::Runtime {
+        self.0
+            .as_ref()
+            .expect("the runtime lives until Rt is dropped")
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.get().block_on(f)
+    }
+
+    fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
+        self.get().enter()
+    }
+
+    fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.get().spawn(f)
+    }
+
+    /// Runs `f` on the runtime and awaits it from whatever executor the
+    /// foreign language polls us with.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, ConvergeError>> + Send + 'static,
+    ) -> Result<T, ConvergeError> {
+        self.spawn(f).await.map_err(|e| ConvergeError::Internal {
+            reason: format!("the call was cancelled: {e}"),
+        })?
+    }
+}
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Repo {
     fn start(storage: Arc<dyn Storage>, persistent: bool) -> Result<Arc<Repo>, ConvergeError> {
-        let rt = new_runtime()?;
+        let rt = Rt::new()?;
         let storage_id = if persistent {
             Some(runtime::load_or_create_storage_id(storage.as_ref())?)
         } else {
@@ -182,7 +236,7 @@ impl Repo {
     pub fn open(path: String) -> Result<Arc<Repo>, ConvergeError> {
         let storage = RocksStorage::open(std::path::Path::new(&path), false).map_err(|e| {
             ConvergeError::Storage {
-                message: format!("cannot open storage at {path}: {e}"),
+                reason: format!("cannot open storage at {path}: {e}"),
             }
         })?;
         Repo::start(Arc::new(storage), true)
@@ -215,11 +269,44 @@ impl Repo {
             .clear();
     }
 
-    /// How many peers are connected right now.
-    pub fn connected_peers(&self) -> Result<u32, ConvergeError> {
+    /// The peers connected right now (peer ids).
+    pub async fn connected_peers(&self) -> Result<Vec<String>, ConvergeError> {
         let repo = self.repo.clone();
-        let sessions = self.rt.block_on(async move { repo.sessions().await })?;
-        Ok(sessions.len() as u32)
+        self.rt
+            .run(async move {
+                let sessions = repo.sessions().await?;
+                Ok(sessions
+                    .into_iter()
+                    .map(|s| s.peer_id.to_string())
+                    .collect())
+            })
+            .await
+    }
+
+    /// The `automerge:` URL of every context this repo holds (stored or
+    /// in memory).
+    pub async fn list_documents(&self) -> Result<Vec<String>, ConvergeError> {
+        let repo = self.repo.clone();
+        self.rt
+            .run(async move {
+                let ids = repo.documents().await?;
+                Ok(ids.iter().map(|id| id.url().to_string()).collect())
+            })
+            .await
+    }
+
+    /// Drops every connection and waits until every change is written to
+    /// storage. The repo refuses further calls afterwards; RocksDB closes
+    /// when this object is released.
+    pub async fn shutdown(&self) -> Result<(), ConvergeError> {
+        self.disconnect();
+        let repo = self.repo.clone();
+        self.rt
+            .run(async move {
+                repo.shutdown().await;
+                Ok(())
+            })
+            .await
     }
 
     /// Creates a context, empty or from a JSON object.
@@ -248,12 +335,13 @@ impl Repo {
 
     /// Finds a context by its `automerge:` URL, locally or at connected
     /// peers. Fails with `NotFound` if nobody has it.
-    pub fn find(&self, url: String) -> Result<Arc<Context>, ConvergeError> {
+    pub async fn find(&self, url: String) -> Result<Arc<Context>, ConvergeError> {
         let parsed: AutomergeUrl = url.parse().map_err(|e| invalid(format!("`{url}`: {e}")))?;
         let repo = self.repo.clone();
         let handle = self
             .rt
-            .block_on(async move { repo.find(&parsed.document_id).await })?;
+            .run(async move { Ok(repo.find(&parsed.document_id).await?) })
+            .await?;
         Ok(Arc::new(Context {
             rt: self.rt.clone(),
             ctx: handle.context(),
@@ -262,18 +350,192 @@ impl Repo {
 }
 
 /// One context: a JSON-like document addressed by JSON Pointer paths.
-#[derive(uniffi::Object)]
+#[derive(Debug, uniffi::Object)]
 pub struct Context {
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<Rt>,
     ctx: runtime::Context,
 }
 
+/// One edit in a transaction ([`Context::transact`]). Values are JSON.
+#[derive(Debug, Clone, uniffi::Enum)]
+pub enum ContextOp {
+    /// Sets `path` to a JSON value (strings become collaborative text).
+    Set {
+        /// Where.
+        path: String,
+        /// The value, as JSON.
+        json: String,
+    },
+    /// Sets `path` to a counter starting at `value`.
+    SetCounter {
+        /// Where.
+        path: String,
+        /// The start value.
+        value: i64,
+    },
+    /// Deletes a map key or list element.
+    Delete {
+        /// What.
+        path: String,
+    },
+    /// Adds `by` to the counter at `path`.
+    Increment {
+        /// The counter.
+        path: String,
+        /// By how much (may be negative).
+        by: i64,
+    },
+    /// Inserts a JSON value into the list at `path` before `index`.
+    Insert {
+        /// The list.
+        path: String,
+        /// Before which element (the length appends).
+        index: u64,
+        /// The value, as JSON.
+        json: String,
+    },
+    /// Removes `count` elements from the list at `path`.
+    Remove {
+        /// The list.
+        path: String,
+        /// From where.
+        index: u64,
+        /// How many.
+        count: u64,
+    },
+    /// Replaces `delete` characters of the text at `path` with `insert`.
+    Splice {
+        /// The text.
+        path: String,
+        /// Where, in characters.
+        index: u64,
+        /// How many characters to delete.
+        delete: u64,
+        /// What to insert.
+        insert: String,
+    },
+    /// Merges a JSON object into the map at `path` (`null` deletes keys).
+    MergeJson {
+        /// The map.
+        path: String,
+        /// The object, as JSON.
+        json: String,
+    },
+}
+
+fn index(n: u64) -> Result<usize, ConvergeError> {
+    usize::try_from(n).map_err(|_| invalid(format!("{n} is too large for an index")))
+}
+
+impl TryFrom<ContextOp> for Op {
+    type Error = ConvergeError;
+
+    fn try_from(op: ContextOp) -> Result<Op, ConvergeError> {
+        Ok(match op {
+            ContextOp::Set { path, json } => Op::Set {
+                path: parse_path(&path)?,
+                value: Value::from_json(&parse_json(&json)?),
+            },
+            ContextOp::SetCounter { path, value } => Op::Set {
+                path: parse_path(&path)?,
+                value: Value::Counter(value),
+            },
+            ContextOp::Delete { path } => Op::Delete {
+                path: parse_path(&path)?,
+            },
+            ContextOp::Increment { path, by } => Op::Increment {
+                path: parse_path(&path)?,
+                by,
+            },
+            ContextOp::Insert {
+                path,
+                index: i,
+                json,
+            } => Op::Insert {
+                path: parse_path(&path)?,
+                index: index(i)?,
+                value: Value::from_json(&parse_json(&json)?),
+            },
+            ContextOp::Remove {
+                path,
+                index: i,
+                count,
+            } => Op::Remove {
+                path: parse_path(&path)?,
+                index: index(i)?,
+                count: index(count)?,
+            },
+            ContextOp::Splice {
+                path,
+                index: i,
+                delete,
+                insert,
+            } => Op::Splice {
+                path: parse_path(&path)?,
+                index: index(i)?,
+                delete: index(delete)?,
+                insert,
+            },
+            ContextOp::MergeJson { path, json } => Op::MergeJson {
+                path: parse_path(&path)?,
+                json: parse_json(&json)?,
+            },
+        })
+    }
+}
+
+/// How far one connected peer has synced a context.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct PeerSync {
+    /// The peer's id.
+    pub peer_id: String,
+    /// It reported exactly our heads.
+    pub in_sync: bool,
+    /// Its heads as last reported (hex), empty if it has not said.
+    pub their_heads: Vec<String>,
+}
+
+/// A context's sync status.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct SyncStatus {
+    /// Our heads (hex).
+    pub heads: Vec<String>,
+    /// Every change is written to local storage.
+    pub saved: bool,
+    /// Each connected peer syncing this context.
+    pub peers: Vec<PeerSync>,
+}
+
+fn hex_heads(heads: &[automerge::ChangeHash]) -> Vec<String> {
+    heads.iter().map(|h| h.to_string()).collect()
+}
+
 impl Context {
-    fn apply(&self, op: Op) -> Result<(), ConvergeError> {
-        let ctx = self.ctx.clone();
-        self.rt
-            .block_on(async move { ctx.apply(vec![op], None).await })?;
-        Ok(())
+    fn apply(&self, op: ContextOp) -> Result<(), ConvergeError> {
+        self.transact(vec![op], None).map(drop)
+    }
+
+    async fn status(ctx: runtime::Context) -> Result<SyncStatus, ConvergeError> {
+        let status = ctx
+            .handle()
+            .sync_status()
+            .await?
+            .ok_or_else(|| ConvergeError::NotFound {
+                reason: format!("{} is not loaded", ctx.url()),
+            })?;
+        Ok(SyncStatus {
+            heads: hex_heads(&status.heads),
+            saved: status.saved,
+            peers: status
+                .peers
+                .into_iter()
+                .map(|p| PeerSync {
+                    peer_id: p.peer.to_string(),
+                    in_sync: p.in_sync,
+                    their_heads: hex_heads(p.their_heads.as_deref().unwrap_or_default()),
+                })
+                .collect(),
+        })
     }
 }
 
@@ -291,55 +553,53 @@ impl Context {
         Ok(json.to_string())
     }
 
+    /// Applies every op as one change, with an optional commit message:
+    /// all of them or, on any error, none. Returns the change hash (hex),
+    /// or `None` if nothing changed.
+    pub fn transact(
+        &self,
+        ops: Vec<ContextOp>,
+        message: Option<String>,
+    ) -> Result<Option<String>, ConvergeError> {
+        let ops = ops
+            .into_iter()
+            .map(Op::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let ctx = self.ctx.clone();
+        let hash = self
+            .rt
+            .block_on(async move { ctx.apply(ops, message).await })?;
+        Ok(hash.map(|h| h.to_string()))
+    }
+
     /// Sets `path` to a JSON value (strings become collaborative text).
     pub fn set_json(&self, path: String, json: String) -> Result<(), ConvergeError> {
-        let value = Value::from_json(&parse_json(&json)?);
-        self.apply(Op::Set {
-            path: parse_path(&path)?,
-            value,
-        })
+        self.apply(ContextOp::Set { path, json })
     }
 
     /// Sets `path` to a counter starting at `value`.
     pub fn set_counter(&self, path: String, value: i64) -> Result<(), ConvergeError> {
-        self.apply(Op::Set {
-            path: parse_path(&path)?,
-            value: Value::Counter(value),
-        })
+        self.apply(ContextOp::SetCounter { path, value })
     }
 
     /// Deletes a map key or list element.
     pub fn delete(&self, path: String) -> Result<(), ConvergeError> {
-        self.apply(Op::Delete {
-            path: parse_path(&path)?,
-        })
+        self.apply(ContextOp::Delete { path })
     }
 
     /// Adds `by` to the counter at `path`.
     pub fn increment(&self, path: String, by: i64) -> Result<(), ConvergeError> {
-        self.apply(Op::Increment {
-            path: parse_path(&path)?,
-            by,
-        })
+        self.apply(ContextOp::Increment { path, by })
     }
 
     /// Inserts a JSON value into the list at `path`.
     pub fn insert_json(&self, path: String, index: u64, json: String) -> Result<(), ConvergeError> {
-        let value = Value::from_json(&parse_json(&json)?);
-        self.apply(Op::Insert {
-            path: parse_path(&path)?,
-            index: index as usize,
-            value,
-        })
+        self.apply(ContextOp::Insert { path, index, json })
     }
 
     /// Removes `count` elements from the list at `path`.
     pub fn remove(&self, path: String, index: u64, count: u64) -> Result<(), ConvergeError> {
-        self.apply(Op::Remove {
-            path: parse_path(&path)?,
-            index: index as usize,
-            count: count as usize,
-        })
+        self.apply(ContextOp::Remove { path, index, count })
     }
 
     /// Replaces `delete` characters of the text at `path` with `insert`.
@@ -350,27 +610,66 @@ impl Context {
         delete: u64,
         insert: String,
     ) -> Result<(), ConvergeError> {
-        self.apply(Op::Splice {
-            path: parse_path(&path)?,
-            index: index as usize,
-            delete: delete as usize,
+        self.apply(ContextOp::Splice {
+            path,
+            index,
+            delete,
             insert,
         })
     }
 
     /// Merges a JSON object into the map at `path` (`null` deletes keys).
     pub fn merge_json(&self, path: String, json: String) -> Result<(), ConvergeError> {
-        self.apply(Op::MergeJson {
-            path: parse_path(&path)?,
-            json: parse_json(&json)?,
-        })
+        self.apply(ContextOp::MergeJson { path, json })
     }
 
     /// The current heads (hex change hashes).
     pub fn heads(&self) -> Result<Vec<String>, ConvergeError> {
         let ctx = self.ctx.clone();
         let heads = self.rt.block_on(async move { ctx.heads().await })?;
-        Ok(heads.iter().map(|h| h.to_string()).collect())
+        Ok(hex_heads(&heads))
+    }
+
+    /// Where syncing stands: saved locally, and which peers have our heads.
+    pub async fn sync_status(&self) -> Result<SyncStatus, ConvergeError> {
+        let ctx = self.ctx.clone();
+        self.rt.run(Context::status(ctx)).await
+    }
+
+    /// Waits until every change is saved and at least one peer is connected
+    /// and every connected peer has our heads. Returns `false` if that did
+    /// not happen within `timeout_ms`.
+    pub async fn wait_synced(&self, timeout_ms: u64) -> Result<bool, ConvergeError> {
+        let ctx = self.ctx.clone();
+        self.rt
+            .run(async move {
+                let deadline =
+                    tokio::time::Instant::now() + std::time::Duration::from_millis(timeout_ms);
+                let mut events = ctx.handle().repo().events();
+                loop {
+                    let status = Context::status(ctx.clone()).await?;
+                    if status.saved
+                        && !status.peers.is_empty()
+                        && status.peers.iter().all(|p| p.in_sync)
+                    {
+                        return Ok(true);
+                    }
+                    // Re-check on any event, and at least every 50 ms.
+                    let tick = tokio::time::sleep(std::time::Duration::from_millis(50));
+                    tokio::select! {
+                        event = events.recv() => {
+                            if let Err(tokio::sync::broadcast::error::RecvError::Closed) = event {
+                                return Err(ConvergeError::Internal {
+                                    reason: "the repo was closed".to_owned(),
+                                });
+                            }
+                        }
+                        _ = tick => {}
+                        _ = tokio::time::sleep_until(deadline) => return Ok(false),
+                    }
+                }
+            })
+            .await
     }
 
     /// History, newest first.
@@ -485,7 +784,7 @@ impl Context {
 }
 
 /// A live subscription.
-#[derive(uniffi::Object)]
+#[derive(Debug, uniffi::Object)]
 pub struct Subscription {
     task: tokio::task::JoinHandle<()>,
 }
@@ -505,9 +804,9 @@ impl Drop for Subscription {
 }
 
 /// This peer's presence on a context.
-#[derive(uniffi::Object)]
+#[derive(Debug, uniffi::Object)]
 pub struct PresenceHandle {
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<Rt>,
     presence: Mutex<Option<runtime::Presence>>,
     task: tokio::task::JoinHandle<()>,
 }

@@ -1,5 +1,8 @@
 """Converge from Python, through the generated uniffi module and a real relay."""
+import asyncio
 import json
+import os
+import tempfile
 import threading
 import time
 
@@ -19,10 +22,11 @@ def wait_for(predicate, timeout=10.0, what="condition"):
 
 
 def find(repo, url, timeout=10.0):
+    """`Repo.find` is async; retry it until the relay has the context."""
     deadline = time.time() + timeout
     while True:
         try:
-            return repo.find(url)
+            return asyncio.run(repo.find(url))
         except Exception:  # noqa: BLE001 - not there yet
             if time.time() > deadline:
                 raise
@@ -134,3 +138,60 @@ def test_bad_input_raises_a_python_exception(converge):
         ctx.increment("/n", 1)
     with pytest.raises(converge.ConvergeError.InvalidInput):
         repo.connect("http://example.com")
+
+
+def test_a_transaction_is_all_or_nothing(converge):
+    repo = converge.Repo.in_memory()
+    ctx = repo.create(json.dumps({"score": 1}))
+    Op = converge.ContextOp
+    before = ctx.heads()
+    with pytest.raises(converge.ConvergeError.NotFound):
+        ctx.transact([Op.SET("/name", json.dumps("x")), Op.DELETE("/nothing-here")], None)
+    assert ctx.heads() == before
+    assert json.loads(ctx.get_json("")) == {"score": 1}
+    change = ctx.transact(
+        [
+            Op.SET("/name", json.dumps("ada")),
+            Op.SET_COUNTER("/hits", 1),
+            Op.INCREMENT("/hits", 2),
+            Op.SET("/doc", json.dumps("helo")),
+            Op.SPLICE("/doc", 3, 0, "l"),
+            Op.MERGE_JSON("", json.dumps({"score": None, "tags": ["a"]})),
+            Op.INSERT("/tags", 1, json.dumps("b")),
+            Op.REMOVE("/tags", 0, 1),
+        ],
+        "one change",
+    )
+    assert json.loads(ctx.get_json("")) == {"name": "ada", "hits": 3, "doc": "hello", "tags": ["b"]}
+    newest = ctx.history(0, 1)[0]
+    assert newest.hash == change and newest.message == "one change"
+    assert json.loads(ctx.get_json_at("", before)) == {"score": 1}
+
+
+def test_sync_status_and_the_document_list(converge, relay):
+    alice = converge.Repo.in_memory()
+    alice.connect(relay)
+    ctx = alice.create(json.dumps({"v": 1}))
+    assert asyncio.run(ctx.wait_synced(10_000)), asyncio.run(ctx.sync_status())
+    status = asyncio.run(ctx.sync_status())
+    assert status.saved and status.peers and all(p.in_sync for p in status.peers)
+    assert sorted(status.heads) == sorted(ctx.heads())
+    assert [p.peer_id for p in status.peers] == asyncio.run(alice.connected_peers())
+    assert ctx.url() in asyncio.run(alice.list_documents())
+
+
+def test_a_rocksdb_repo_keeps_contexts_across_restarts(converge):
+    path = tempfile.mkdtemp(prefix="converge-py-rocks-")
+    repo = converge.Repo.open(path)
+    ctx = repo.create(json.dumps({"theme": "dark"}))
+    url = ctx.url()
+    asyncio.run(repo.shutdown())
+    del ctx, repo
+    import gc
+
+    gc.collect()
+    again = converge.Repo.open(path)
+    assert url in asyncio.run(again.list_documents())
+    assert json.loads(asyncio.run(again.find(url)).get_json("/theme")) == "dark"
+    with pytest.raises(converge.ConvergeError.Storage):
+        converge.Repo.open(os.path.join(path, "CURRENT", "not-a-dir"))

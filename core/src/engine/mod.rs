@@ -128,6 +128,28 @@ enum ConnState {
     },
 }
 
+/// A document's sync progress, from [`Engine::sync_status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncStatus {
+    /// Our heads (sorted).
+    pub heads: Vec<ChangeHash>,
+    /// Every change we hold has been handed to storage and confirmed.
+    pub saved: bool,
+    /// Each connected peer we sync this document with.
+    pub peers: Vec<PeerSyncStatus>,
+}
+
+/// One peer's view of a document, as its sync messages told us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSyncStatus {
+    /// The peer.
+    pub peer: PeerId,
+    /// Its heads as last reported (sorted), if it has told us.
+    pub their_heads: Option<Vec<ChangeHash>>,
+    /// It reported exactly our heads.
+    pub in_sync: bool,
+}
+
 /// What a document is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DocStatus {
@@ -286,6 +308,35 @@ impl Engine {
     /// A document's heads, if it is in memory.
     pub fn heads(&self, id: &DocumentId) -> Option<Vec<ChangeHash>> {
         self.docs.get(id).map(|d| d.replica.heads())
+    }
+
+    /// How far each peer syncing `id` has got, or `None` if the document
+    /// is not in memory.
+    pub fn sync_status(&self, id: &DocumentId) -> Option<SyncStatus> {
+        let doc = self.docs.get(id)?;
+        let mut ours = doc.replica.heads();
+        ours.sort();
+        let peers = doc
+            .peers
+            .iter()
+            .filter(|(peer, _)| self.peers.contains_key(*peer))
+            .map(|(peer, dp)| {
+                let their_heads = dp.sync.their_heads.clone().map(|mut h| {
+                    h.sort();
+                    h
+                });
+                PeerSyncStatus {
+                    peer: peer.clone(),
+                    in_sync: their_heads.as_ref() == Some(&ours),
+                    their_heads,
+                }
+            })
+            .collect();
+        Some(SyncStatus {
+            heads: ours,
+            saved: doc.unconfirmed_saves == 0,
+            peers,
+        })
     }
 
     /// The materialized document, if it is in memory in that form.

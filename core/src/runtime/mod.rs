@@ -24,8 +24,8 @@ use automerge::{Automerge, ChangeHash};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::engine::{
-    ChangeError, Command, CommandId, CommandResult, ConnectionId, Direction, Engine, EngineConfig,
-    Event, Input, Output, Timestamp,
+    ChangeError, Command, CommandId, CommandResult, ConnectionId, Direction, DocStatus, Engine,
+    EngineConfig, Event, Input, Output, SyncStatus, Timestamp,
 };
 use crate::storage::{Storage, StorageKey, StorageOp, StorageResult, TaskId};
 use crate::wire::{self, DocumentId, PeerId, StorageId};
@@ -64,11 +64,14 @@ pub enum RepoError {
 type Reader = Box<dyn FnOnce(Option<&Automerge>) + Send>;
 /// An edit of a document, run inside the actor.
 type Editor = Box<dyn FnOnce(&mut Automerge) + Send>;
+/// A look at the engine's state, run inside the actor.
+type Inspector = Box<dyn FnOnce(&Engine) + Send>;
 
 enum Msg {
     Command(Command, oneshot::Sender<CommandResult>),
     Change(DocumentId, Editor, oneshot::Sender<Result<(), ChangeError>>),
     Read(DocumentId, Reader),
+    Inspect(Inspector),
     Opened(
         ConnectionId,
         Direction,
@@ -180,6 +183,7 @@ struct Inner {
     events: broadcast::Sender<Event>,
     peer_id: PeerId,
     next_conn: AtomicU64,
+    storage: Arc<dyn Storage>,
 }
 
 /// `Msg` holds closures, which are not `Debug`; this wrapper is.
@@ -197,7 +201,7 @@ impl Repo {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
         let peer_id = config.engine.peer_id.clone();
-        let (storage_tx, storage_thread) = spawn_storage_thread(storage, tx.clone());
+        let (storage_tx, storage_thread) = spawn_storage_thread(storage.clone(), tx.clone());
         let actor = Actor {
             engine: Engine::new(config.engine),
             remotes: BTreeMap::new(),
@@ -219,6 +223,7 @@ impl Repo {
                 events,
                 peer_id,
                 next_conn: AtomicU64::new(1),
+                storage,
             }),
         }
     }
@@ -273,6 +278,38 @@ impl Repo {
             repo: self.clone(),
             id,
         }
+    }
+
+    /// Runs `f` on the engine inside the actor and returns what it returns.
+    async fn inspect<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Engine) -> R + Send + 'static,
+    ) -> Result<R, RepoError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Inspect(Box::new(move |engine| {
+            let _ = tx.send(f(engine));
+        })))?;
+        rx.await.map_err(|_| RepoError::Stopped)
+    }
+
+    /// Every document this repo holds: in storage or in memory (ready).
+    pub async fn documents(&self) -> Result<Vec<DocumentId>, RepoError> {
+        let in_memory = self
+            .inspect(|engine| {
+                engine
+                    .documents()
+                    .filter(|(_, status)| *status == DocStatus::Ready)
+                    .map(|(id, _)| id.clone())
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        let storage = self.inner.storage.clone();
+        let mut ids = tokio::task::spawn_blocking(move || crate::storage::document_ids(&*storage))
+            .await
+            .map_err(|e| RepoError::Failed(format!("listing documents failed: {e}")))?
+            .map_err(|e| RepoError::Failed(format!("listing documents failed: {e}")))?;
+        ids.extend(in_memory);
+        Ok(ids.into_iter().collect())
     }
 
     /// Every engine event, as it happens.
@@ -369,6 +406,20 @@ impl DocHandle {
         });
         self.repo.send(Msg::Read(self.id.clone(), f))?;
         rx.await.map_err(|_| RepoError::Stopped)
+    }
+
+    /// The repo this handle belongs to.
+    pub fn repo(&self) -> &Repo {
+        &self.repo
+    }
+
+    /// How far each connected peer has synced this document, and whether
+    /// every change is saved locally. `None` if it is not in memory.
+    pub async fn sync_status(&self) -> Result<Option<SyncStatus>, RepoError> {
+        let id = self.id.clone();
+        self.repo
+            .inspect(move |engine| engine.sync_status(&id))
+            .await
     }
 
     /// The document's heads.
@@ -537,6 +588,14 @@ impl Actor {
                         continue;
                     }
                 },
+                Msg::Inspect(f) => {
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&self.engine)))
+                        .is_err()
+                    {
+                        tracing::error!("an engine inspection panicked; the repo carries on");
+                    }
+                    continue;
+                }
                 Msg::Read(doc, f) => {
                     let doc = self.engine.document(&doc);
                     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(doc))).is_err() {

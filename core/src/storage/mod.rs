@@ -223,6 +223,11 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     /// Applies all ops atomically.
     fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError>;
 
+    /// Every key under `prefix`, in key order, without the values.
+    fn keys(&self, prefix: &StorageKey) -> Result<Vec<StorageKey>, StorageError> {
+        Ok(self.range(prefix)?.into_iter().map(|(k, _)| k).collect())
+    }
+
     /// Performs one op and turns the outcome into a [`StorageResult`].
     fn perform(&self, op: StorageOp) -> StorageResult {
         let outcome = match op {
@@ -246,6 +251,21 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
         };
         outcome.unwrap_or_else(|e| StorageResult::Failed(e.to_string()))
     }
+}
+
+/// Every document that has at least one chunk in `storage`.
+pub fn document_ids(
+    storage: &dyn Storage,
+) -> Result<std::collections::BTreeSet<DocumentId>, StorageError> {
+    let mut ids = std::collections::BTreeSet::new();
+    for key in storage.keys(&StorageKey::new(["doc"]))? {
+        if let (Some(DocKey::Chunk(..)), Some(id)) = (key.classify(), key.parts().get(1)) {
+            if let Ok(id) = id.parse::<DocumentId>() {
+                ids.insert(id);
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// Plans a compaction: reads the chunks at `replace` through `get`, merges

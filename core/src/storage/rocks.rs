@@ -116,6 +116,33 @@ impl Storage for RocksStorage {
         Ok(out)
     }
 
+    fn keys(&self, prefix: &StorageKey) -> Result<Vec<StorageKey>, StorageError> {
+        let exact = prefix.to_bytes();
+        let mut start = exact.clone();
+        start.push(b'/');
+        let mut out = Vec::new();
+        for name in FAMILIES {
+            let Some(cf) = self.db.cf_handle(name) else {
+                continue;
+            };
+            // A raw iterator reads keys without copying the values out.
+            let mut iter = self.db.raw_iterator_cf(cf);
+            iter.seek(&exact);
+            while let Some(k) = iter.key() {
+                if k != exact.as_slice() && !k.starts_with(&start) {
+                    break;
+                }
+                if let Some(key) = StorageKey::from_bytes(k) {
+                    out.push(key);
+                }
+                iter.next();
+            }
+            iter.status().map_err(backend)?;
+        }
+        out.sort();
+        Ok(out)
+    }
+
     fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         for op in &ops {
