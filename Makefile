@@ -65,7 +65,7 @@ unit: deps-node
 fixtures-live: deps-node
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	CONVERGE_FIXTURE_OUT=$$tmp node tests/js/gen-fixtures.mjs && \
-	CONVERGE_FIXTURE_DIR=$$tmp $(CARGO) test -p converge-tests --test suite wire_fixtures
+	CONVERGE_FIXTURE_DIR=$$tmp $(CARGO) test --workspace --test suite wire_fixtures
 
 ## ---------------------------------------------------------------- bindings
 # The bindings are generated from the very library the tests load (uniffi
