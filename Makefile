@@ -17,9 +17,9 @@ DATA_DIR ?= ./converge-data
 NPM_STAMP := tests/js/node_modules/.converge-installed
 
 .PHONY: test run check fmt lint unit fixtures-live deps deps-rust deps-node deps-python deps-kotlin \
-	build-debug bindings bindings-tests python-tests kotlin-tests bench-ffi
+	build-debug bindings bindings-tests python-tests kotlin-tests bench-ffi bench bench-smoke
 
-test: deps lint unit fixtures-live bindings-tests
+test: deps lint unit fixtures-live bindings-tests bench-smoke
 	@echo "make test: all green"
 
 ## ---------------------------------------------------------------- deps
@@ -114,6 +114,22 @@ bench-ffi: bindings
 	$(CARGO) test --workspace --no-run -q
 	CONVERGE_PY_DIR=$(PY_OUT) python3 bindings/python/bench_ffi.py \
 		"$$($(DEBUG_DIR)/examples/ffi_overhead 20000)"
+
+## ---------------------------------------------------------------- benchmarks
+# `make bench`: every server and floor driven by converge-bench (release),
+# server on CPU 1 and load generator on CPU 0; rewrites BENCHMARKS.md.
+# Each release binary is built on its own so its dependency features (and
+# RocksDB's build) stay cached.
+
+bench: deps-rust deps-node
+	@python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
+	$(CARGO) build --release -p converge-server
+	$(CARGO) build --release -p converge-bench
+	python3 bench/run.py
+
+# Seconds of the load generator against a debug relay and the floor.
+bench-smoke: build-debug
+	bench/smoke.sh $(DEBUG_DIR)/converge-bench $(SERVER_BIN)
 
 check: lint unit
 

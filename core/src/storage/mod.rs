@@ -15,9 +15,11 @@
 //! so loading a document is one prefix scan of `doc/<id>`.
 
 mod memory;
+#[cfg(feature = "rocksdb")]
 mod rocks;
 
 pub use memory::MemoryStorage;
+#[cfg(feature = "rocksdb")]
 pub use rocks::RocksStorage;
 
 use std::fmt;

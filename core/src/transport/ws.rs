@@ -56,7 +56,7 @@ pub fn connect(repo: Repo, url: String) -> Connection {
         let mut backoff = Duration::from_millis(100);
         loop {
             let config = socket_config(64 << 20);
-            match tokio_tungstenite::connect_async_with_config(&url, Some(config), false).await {
+            match tokio_tungstenite::connect_async_with_config(&url, Some(config), true).await {
                 Ok((socket, _)) => {
                     let connected_at = tokio::time::Instant::now();
                     let (sink, stream) = socket.split();

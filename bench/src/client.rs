@@ -1,0 +1,396 @@
+//! A lean automerge-repo client for load generation.
+//!
+//! A real repo materializes every document it syncs; a load generator that
+//! did so would measure itself, not the server (Automerge's receive costs
+//! hundreds of µs on a busy document, and one hot document means every
+//! keystroke is received by every client). This client keeps only the
+//! change graph's frontier: it parses incoming changes for their hash and
+//! dependencies (about a microsecond each), answers with its heads and a
+//! Bloom filter of its own recent changes, exactly the messages a real
+//! client would send. Typists make real changes with their own Automerge
+//! document, which holds only their own edits.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use automerge::sync::{BloomFilter, Have, Message as SyncMessage, MessageVersion};
+use automerge::transaction::Transactable;
+use automerge::{ActorId, Automerge, Change, ChangeHash, ObjType, ReadDoc, ROOT};
+use converge_core::wire::{self, DocMessage, DocumentId, Message, PeerId, PeerMetadata};
+use futures::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+/// Own changes kept in the Bloom filter we send (covers a few seconds of
+/// typing; older ones are acknowledged by then).
+const OWN_WINDOW: usize = 64;
+
+/// What every client of a run shares: when each change was sent, and the
+/// delays observed.
+#[derive(Debug, Default)]
+pub struct Shared {
+    sent: Mutex<HashMap<ChangeHash, Instant>>,
+    delays: Mutex<Vec<Duration>>,
+    /// Only deliveries of changes sent after this count.
+    measure_from: Mutex<Option<Instant>>,
+    deliveries_expected: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// Starts measuring (after warm-up).
+    pub fn start_measuring(&self) {
+        *self.measure_from.lock().expect("lock") = Some(Instant::now());
+    }
+
+    fn sent(&self, hash: ChangeHash, at: Instant, receivers: u64) {
+        self.sent.lock().expect("lock").insert(hash, at);
+        if self
+            .measure_from
+            .lock()
+            .expect("lock")
+            .is_some_and(|m| at >= m)
+        {
+            self.deliveries_expected
+                .fetch_add(receivers, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn delivered(&self, hash: &ChangeHash, now: Instant) {
+        let Some(at) = self.sent.lock().expect("lock").get(hash).copied() else {
+            return;
+        };
+        if self
+            .measure_from
+            .lock()
+            .expect("lock")
+            .is_some_and(|m| at >= m)
+        {
+            self.delays.lock().expect("lock").push(now - at);
+        }
+    }
+
+    /// Every expected delivery arrived.
+    pub fn complete(&self) -> bool {
+        let expected = self
+            .deliveries_expected
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.delays.lock().expect("lock").len() as u64 >= expected
+    }
+
+    /// Delays observed, and how many deliveries were expected.
+    pub fn results(&self) -> (Vec<Duration>, u64) {
+        let delays = self.delays.lock().expect("lock").clone();
+        let expected = self
+            .deliveries_expected
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (delays, expected)
+    }
+}
+
+/// One document's state as a lean client sees it.
+#[derive(Debug)]
+struct DocView {
+    known: HashSet<ChangeHash>,
+    frontier: HashSet<ChangeHash>,
+    /// Heads the server told us that we have: our `have.lastSync`.
+    last_sync: Vec<ChangeHash>,
+    own_recent: VecDeque<ChangeHash>,
+}
+
+impl DocView {
+    fn new(initial: &[ChangeHash]) -> Self {
+        DocView {
+            known: initial.iter().copied().collect(),
+            frontier: initial.iter().copied().collect(),
+            last_sync: initial.to_vec(),
+            own_recent: VecDeque::new(),
+        }
+    }
+
+    fn learn(&mut self, hash: ChangeHash, deps: &[ChangeHash]) -> bool {
+        if !self.known.insert(hash) {
+            return false;
+        }
+        for d in deps {
+            self.frontier.remove(d);
+        }
+        self.frontier.insert(hash);
+        true
+    }
+
+    fn message(&self, changes: Vec<Vec<u8>>) -> Vec<u8> {
+        let mut heads: Vec<_> = self.frontier.iter().copied().collect();
+        heads.sort();
+        SyncMessage {
+            heads,
+            need: Vec::new(),
+            have: vec![Have {
+                last_sync: self.last_sync.clone(),
+                bloom: BloomFilter::from_hashes(self.own_recent.iter()),
+            }],
+            changes: changes.into(),
+            flags: None,
+            version: MessageVersion::V1,
+        }
+        .encode()
+    }
+}
+
+/// What a client does in a run.
+#[derive(Debug, Clone)]
+pub struct Role {
+    /// Keystrokes per second, or `None` for an observer.
+    pub typing_rate: Option<f64>,
+    /// How many other clients see each of its keystrokes.
+    pub receivers: u64,
+    /// Answer sync messages (a real client does; the broadcast floor
+    /// relays everything and needs no answers).
+    pub reply: bool,
+}
+
+/// The document every client of a run starts from.
+#[derive(Debug, Clone)]
+pub struct Seed {
+    /// Its id.
+    pub id: DocumentId,
+    /// Its one change.
+    pub change: Vec<u8>,
+    /// Its heads.
+    pub heads: Vec<ChangeHash>,
+    /// `Automerge::save` of it.
+    pub saved: Vec<u8>,
+}
+
+impl Seed {
+    /// A fresh document with an empty map.
+    pub fn new(n: u64) -> anyhow::Result<Seed> {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "seed", n as i64)?;
+        tx.commit();
+        let change = doc
+            .get_last_local_change()
+            .context("no change")?
+            .raw_bytes()
+            .to_vec();
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&n.to_le_bytes());
+        id[8..].copy_from_slice(&std::process::id().to_le_bytes().repeat(2));
+        Ok(Seed {
+            id: DocumentId::from_random(id),
+            change,
+            heads: doc.get_heads(),
+            saved: doc.save(),
+        })
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A connected, joined client.
+pub struct Client {
+    ws: Ws,
+    me: PeerId,
+    server: PeerId,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({})", self.me)
+    }
+}
+
+fn peer_id(n: u64) -> PeerId {
+    PeerId::new(&format!("bench-{}-{n}", std::process::id())).expect("valid peer id")
+}
+
+impl Client {
+    /// Connects and completes the handshake.
+    pub async fn connect(url: &str, n: u64) -> anyhow::Result<Client> {
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        let me = peer_id(n);
+        let join = Message::Join {
+            sender_id: me.clone(),
+            metadata: Some(PeerMetadata {
+                storage_id: None,
+                is_ephemeral: Some(true),
+            }),
+            supported_protocol_versions: Some(vec!["1".to_owned()]),
+        };
+        ws.send(WsMessage::Binary(wire::encode(&join).into()))
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let frame = tokio::time::timeout_at(deadline.into(), ws.next())
+                .await
+                .context("no `peer` reply within 10 s")?;
+            let Some(frame) = frame else {
+                bail!("the server closed the connection during the handshake")
+            };
+            if let WsMessage::Binary(bytes) = frame? {
+                if let Ok(Message::Peer { sender_id, .. }) = wire::decode(&bytes) {
+                    return Ok(Client {
+                        ws,
+                        me,
+                        server: sender_id,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn send_sync(&mut self, doc: &DocumentId, data: Vec<u8>) -> anyhow::Result<()> {
+        let msg = Message::Sync(DocMessage {
+            sender_id: self.me.clone(),
+            target_id: self.server.clone(),
+            document_id: doc.clone(),
+            data,
+        });
+        self.ws
+            .send(WsMessage::Binary(wire::encode(&msg).into()))
+            .await?;
+        Ok(())
+    }
+
+    /// Tells the server we follow the seed document.
+    pub async fn subscribe(&mut self, seed: &Seed) -> anyhow::Result<()> {
+        let view = DocView::new(&seed.heads);
+        self.send_sync(&seed.id, view.message(Vec::new())).await
+    }
+
+    /// Uploads the seed and waits until the server has it.
+    pub async fn upload(&mut self, seed: &Seed) -> anyhow::Result<()> {
+        let mut view = DocView::new(&[]);
+        view.last_sync.clear();
+        self.send_sync(&seed.id, view.message(vec![seed.change.clone()]))
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let frame = tokio::time::timeout_at(deadline.into(), self.ws.next())
+                .await
+                .context("the server did not acknowledge the seed within 10 s")?;
+            let Some(frame) = frame else {
+                bail!("the server closed the connection")
+            };
+            if let WsMessage::Binary(bytes) = frame? {
+                if let Ok(Message::Sync(m)) = wire::decode(&bytes) {
+                    if let Ok(sync) = SyncMessage::decode(&m.data) {
+                        if sync.heads == seed.heads {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the client until `until`: types until `stop_typing` if it is a
+    /// typist, and receives and answers whatever arrives.
+    pub async fn run(
+        mut self,
+        seed: Seed,
+        role: Role,
+        n: u64,
+        shared: Arc<Shared>,
+        stop_typing: Instant,
+        until: Instant,
+    ) -> anyhow::Result<()> {
+        let mut view = DocView::new(&seed.heads);
+        // Say we are here: the server starts syncing the document with us.
+        self.send_sync(&seed.id, view.message(Vec::new())).await?;
+
+        let mut typist = match role.typing_rate {
+            Some(rate) => {
+                let mut doc = Automerge::load(&seed.saved)?;
+                doc.set_actor(ActorId::from(peer_id(n).to_string().as_bytes()));
+                let mut tx = doc.transaction();
+                let text = tx.put_object(ROOT, format!("t{n}"), ObjType::Text)?;
+                tx.commit();
+                let first = doc.get_last_local_change().context("no change")?.clone();
+                Some((doc, text, Duration::from_secs_f64(1.0 / rate), Some(first)))
+            }
+            None => None,
+        };
+        // Spread typists' keystrokes over the interval.
+        let offset = typist
+            .as_ref()
+            .map(|t| t.2.mul_f64((n % 97) as f64 / 97.0))
+            .unwrap_or_default();
+        let mut next_key = Instant::now() + offset;
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            let typing = typist.is_some() && next_key < stop_typing;
+            if now >= stop_typing && shared.complete() {
+                break;
+            }
+            // After typing ends, look every 20 ms whether everything arrived.
+            let wake = if typing {
+                next_key
+            } else {
+                until.min(now.max(stop_typing) + Duration::from_millis(20))
+            };
+            tokio::select! {
+                frame = self.ws.next() => {
+                    let Some(frame) = frame else { bail!("the server closed the connection") };
+                    let WsMessage::Binary(bytes) = frame? else { continue };
+                    let Ok(Message::Sync(m)) = wire::decode(&bytes) else { continue };
+                    let Ok(sync) = SyncMessage::decode(&m.data) else { continue };
+                    let now = Instant::now();
+                    let mut fresh = false;
+                    for chunk in sync.changes.iter() {
+                        let change = Change::from_bytes(chunk.to_vec())
+                            .context("the server sent a malformed change")?;
+                        if view.learn(change.hash(), change.deps()) {
+                            fresh = true;
+                            shared.delivered(&change.hash(), now);
+                        }
+                    }
+                    if sync.heads.iter().all(|h| view.known.contains(h)) && !sync.heads.is_empty() {
+                        view.last_sync = sync.heads.clone();
+                    }
+                    if fresh && role.reply {
+                        let reply = view.message(Vec::new());
+                        self.send_sync(&seed.id, reply).await?;
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    if let Some((doc, text, interval, first)) = typist.as_mut() {
+                        if typing && Instant::now() >= next_key {
+                            next_key += *interval;
+                            let mut changes = Vec::new();
+                            if let Some(first) = first.take() {
+                                view.learn(first.hash(), first.deps());
+                                view.own_recent.push_back(first.hash());
+                                changes.push(first.raw_bytes().to_vec());
+                            }
+                            let len = doc.length(&*text);
+                            let mut tx = doc.transaction();
+                            tx.splice_text(&*text, len, 0, "x")?;
+                            tx.commit();
+                            let change = doc.get_last_local_change().context("no change")?;
+                            let (hash, deps) = (change.hash(), change.deps().to_vec());
+                            changes.push(change.raw_bytes().to_vec());
+                            view.learn(hash, &deps);
+                            view.own_recent.push_back(hash);
+                            while view.own_recent.len() > OWN_WINDOW {
+                                view.own_recent.pop_front();
+                            }
+                            shared.sent(hash, Instant::now(), role.receivers);
+                            let msg = view.message(changes);
+                            self.send_sync(&seed.id, msg).await?;
+                        }
+                    }
+                }
+            }
+        }
+        let _ = self.ws.close(None).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,246 @@
+//! `converge-bench`: the load generator behind `make bench`.
+//!
+//! ```text
+//! converge-bench p1 --url ws://127.0.0.1:3030 --typists 16 --docs 1
+//! converge-bench floor --listen 127.0.0.1:3040
+//! ```
+//!
+//! `p1` is QUALITY.md's live-typing fan-out: typists on `--docs` documents
+//! (spread evenly), each typing `--rate` keystrokes per second, every
+//! client of a document seeing every keystroke. It prints one JSON line:
+//! delivery delay percentiles (from the typist's send to each other
+//! client's receipt) and how many deliveries never arrived. `floor` is the
+//! plain broadcast relay the servers are compared with: it answers the
+//! handshake and forwards every frame to the document's other clients.
+
+mod client;
+mod floor;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use client::{Client, Role, Seed, Shared};
+
+#[derive(Parser, Debug)]
+#[command(about = "Load generator for automerge-repo sync servers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Live-typing fan-out (QUALITY.md P1).
+    P1 {
+        /// The server's WebSocket URL.
+        #[arg(long)]
+        url: String,
+        /// How many clients type.
+        #[arg(long, default_value_t = 8)]
+        typists: u64,
+        /// Clients that only watch, per document.
+        #[arg(long, default_value_t = 0)]
+        observers: u64,
+        /// Documents the typists are spread over.
+        #[arg(long, default_value_t = 1)]
+        docs: u64,
+        /// Keystrokes per second per typist.
+        #[arg(long, default_value_t = 6.0)]
+        rate: f64,
+        /// Seconds measured, after the warm-up.
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// Seconds of warm-up (not measured).
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// The server is the broadcast floor: clients do not answer.
+        #[arg(long)]
+        floor: bool,
+    },
+    /// Idle connections (QUALITY.md P2): connects, completes the handshake,
+    /// subscribes each to a document, prints `ready`, and holds them.
+    Idle {
+        /// The server's WebSocket URL.
+        #[arg(long)]
+        url: String,
+        /// How many connections.
+        #[arg(long, default_value_t = 1000)]
+        conns: u64,
+        /// Seconds to hold them after `ready`.
+        #[arg(long, default_value_t = 5.0)]
+        hold: f64,
+        /// The server is the broadcast floor (it acknowledges nothing).
+        #[arg(long)]
+        floor: bool,
+    },
+    /// The broadcast floor relay.
+    Floor {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:3040")]
+        listen: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Floor { listen } => rt.block_on(floor::serve(&listen)),
+        Command::Idle {
+            url,
+            conns,
+            hold,
+            floor,
+        } => rt.block_on(async move {
+            let seed = Seed::new(7)?;
+            let mut creator = Client::connect(&url, 2_000_000).await?;
+            if !floor {
+                creator.upload(&seed).await?;
+            }
+            let mut held = Vec::new();
+            for n in 0..conns {
+                let mut c = Client::connect(&url, 3_000_000 + n)
+                    .await
+                    .with_context(|| format!("connection {n}"))?;
+                c.subscribe(&seed).await?;
+                held.push(c);
+            }
+            println!("ready {}", held.len());
+            tokio::time::sleep(Duration::from_secs_f64(hold)).await;
+            drop(creator);
+            Ok(())
+        }),
+        Command::P1 {
+            url,
+            typists,
+            observers,
+            docs,
+            rate,
+            secs,
+            warmup,
+            floor,
+        } => {
+            let report = rt.block_on(p1(P1 {
+                url,
+                typists,
+                observers,
+                docs: docs.max(1),
+                rate,
+                secs,
+                warmup,
+                floor,
+            }))?;
+            println!("{report}");
+            Ok(())
+        }
+    }
+}
+
+#[derive(Debug)]
+struct P1 {
+    url: String,
+    typists: u64,
+    observers: u64,
+    docs: u64,
+    rate: f64,
+    secs: f64,
+    warmup: f64,
+    floor: bool,
+}
+
+async fn p1(cfg: P1) -> anyhow::Result<serde_json::Value> {
+    let shared = Arc::new(Shared::default());
+    let mut seeds = Vec::new();
+    for d in 0..cfg.docs {
+        let seed = Seed::new(d)?;
+        if !cfg.floor {
+            let mut creator = Client::connect(&cfg.url, 1_000_000 + d).await?;
+            creator.upload(&seed).await.context("uploading a seed")?;
+        }
+        seeds.push(seed);
+    }
+    // Typists round-robin over documents; observers on every document.
+    let mut clients = Vec::new();
+    let mut per_doc = vec![0u64; cfg.docs as usize];
+    for t in 0..cfg.typists {
+        per_doc[(t % cfg.docs) as usize] += 1;
+    }
+    let mut n = 0;
+    for (d, seed) in seeds.iter().enumerate() {
+        let members = per_doc[d] + cfg.observers;
+        for i in 0..members {
+            let typing = i < per_doc[d];
+            let role = Role {
+                typing_rate: typing.then_some(cfg.rate),
+                receivers: members.saturating_sub(1),
+                reply: !cfg.floor,
+            };
+            let client = Client::connect(&cfg.url, n).await?;
+            clients.push((client, seed.clone(), role, n));
+            n += 1;
+        }
+    }
+    let start = Instant::now();
+    let measure_at = start + Duration::from_secs_f64(cfg.warmup);
+    let stop_sending = measure_at + Duration::from_secs_f64(cfg.secs);
+    // Typists stop at `stop_sending`; everyone keeps receiving a little
+    // longer so late deliveries are counted as late, not lost.
+    let drain = Duration::from_secs(2);
+    let mut tasks = Vec::new();
+    for (client, seed, role, n) in clients {
+        let shared = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .run(seed, role, n, shared, stop_sending, stop_sending + drain)
+                .await
+        }));
+    }
+    tokio::time::sleep_until(measure_at.into()).await;
+    shared.start_measuring();
+    let mut errors = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(format!("{e:#}")),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let (mut delays, expected) = shared.results();
+    delays.sort();
+    let pct = |p: f64| -> f64 {
+        if delays.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((delays.len() as f64 - 1.0) * p).round() as usize;
+        delays[i].as_secs_f64() * 1e3
+    };
+    let delivered = delays.len() as u64;
+    // Deliveries that never arrived count as later than anything seen.
+    let lost = expected.saturating_sub(delivered);
+    let p99 = if expected > 0 && lost * 100 > expected {
+        f64::INFINITY
+    } else {
+        pct(0.99)
+    };
+    errors.truncate(3);
+    Ok(serde_json::json!({
+        "scenario": "p1",
+        "typists": cfg.typists,
+        "docs": cfg.docs,
+        "observers_per_doc": cfg.observers,
+        "rate": cfg.rate,
+        "keystrokes_per_sec": cfg.typists as f64 * cfg.rate,
+        "expected": expected,
+        "delivered": delivered,
+        "lost": lost,
+        "p50_ms": pct(0.5),
+        "p99_ms": if p99.is_finite() { serde_json::json!(p99) } else { serde_json::json!("inf") },
+        "max_ms": pct(1.0),
+        "errors": errors,
+    }))
+}
