@@ -9,7 +9,7 @@ port=$((20000 + RANDOM % 20000))
 fport=$((port + 1))
 "$server" --listen 127.0.0.1:$port --data-dir "$data" --log warn & spid=$!
 "$bench" floor --listen 127.0.0.1:$fport >/dev/null & fpid=$!
-trap 'kill $spid $fpid 2>/dev/null; wait $spid $fpid 2>/dev/null; rm -rf "$data"' EXIT
+trap 'kill $spid $fpid 2>/dev/null; wait $spid $fpid 2>/dev/null || true; rm -rf "$data"' EXIT
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 check() {
   python3 -c 'import json,sys; r=json.loads(sys.stdin.read().splitlines()[-1]); print(r)
