@@ -96,6 +96,10 @@ struct DocView {
     /// Heads the server told us that we have: our `have.lastSync`.
     last_sync: Vec<ChangeHash>,
     own_recent: VecDeque<ChangeHash>,
+    /// Dependencies of received changes that never arrived: the server
+    /// skipped them (a Bloom filter false positive says we have them), so
+    /// ask for them by hash, as a real client does.
+    missing: HashSet<ChangeHash>,
 }
 
 impl DocView {
@@ -105,6 +109,7 @@ impl DocView {
             frontier: initial.iter().copied().collect(),
             last_sync: initial.to_vec(),
             own_recent: VecDeque::new(),
+            missing: HashSet::new(),
         }
     }
 
@@ -112,8 +117,12 @@ impl DocView {
         if !self.known.insert(hash) {
             return false;
         }
+        self.missing.remove(&hash);
         for d in deps {
             self.frontier.remove(d);
+            if !self.known.contains(d) {
+                self.missing.insert(*d);
+            }
         }
         self.frontier.insert(hash);
         true
@@ -122,9 +131,11 @@ impl DocView {
     fn message(&self, changes: Vec<Vec<u8>>) -> Vec<u8> {
         let mut heads: Vec<_> = self.frontier.iter().copied().collect();
         heads.sort();
+        let mut need: Vec<_> = self.missing.iter().copied().collect();
+        need.sort();
         SyncMessage {
             heads,
-            need: Vec::new(),
+            need,
             have: vec![Have {
                 last_sync: self.last_sync.clone(),
                 bloom: BloomFilter::from_hashes(self.own_recent.iter()),
@@ -355,7 +366,7 @@ impl Client {
                     if sync.heads.iter().all(|h| view.known.contains(h)) && !sync.heads.is_empty() {
                         view.last_sync = sync.heads.clone();
                     }
-                    if fresh && role.reply {
+                    if (fresh || !view.missing.is_empty()) && role.reply {
                         let reply = view.message(Vec::new());
                         self.send_sync(&seed.id, reply).await?;
                     }
