@@ -5,12 +5,16 @@
 //! hundreds of µs on a busy document, and one hot document means every
 //! keystroke is received by every client). This client keeps only the
 //! change graph's frontier: it parses incoming changes for their hash and
-//! dependencies (about a microsecond each), answers with its heads and a
-//! Bloom filter of its own recent changes, exactly the messages a real
-//! client would send. Typists make real changes with their own Automerge
-//! document, which holds only their own edits.
+//! dependencies (about a microsecond each) and answers with its heads.
+//! Its `have` names its whole frontier as the last point of sync, with an
+//! empty Bloom filter: valid, because the server holds every change the
+//! client knows (received from it, or sent to it earlier on the same
+//! ordered stream), and exact, where a Bloom filter of recent changes
+//! would make the server skip about 1% of changes as false positives and
+//! cost a `need` round trip each. Typists make real changes with their own
+//! Automerge document, which holds only their own edits.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,10 +25,6 @@ use automerge::{ActorId, Automerge, Change, ChangeHash, ObjType, ReadDoc, ROOT};
 use converge_core::wire::{self, DocMessage, DocumentId, Message, PeerId, PeerMetadata};
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-
-/// Own changes kept in the Bloom filter we send (covers a few seconds of
-/// typing; older ones are acknowledged by then).
-const OWN_WINDOW: usize = 64;
 
 /// What every client of a run shares: when each change was sent, and the
 /// delays observed.
@@ -56,10 +56,18 @@ impl Shared {
         }
     }
 
-    fn delivered(&self, hash: &ChangeHash, now: Instant) {
+    fn delivered(&self, hash: &ChangeHash, now: Instant, receiver: u64) {
         let Some(at) = self.sent.lock().expect("lock").get(hash).copied() else {
             return;
         };
+        if std::env::var_os("CONVERGE_BENCH_TRACE").is_some()
+            && now - at > Duration::from_millis(50)
+        {
+            eprintln!(
+                "slow delivery to client {receiver}: {hash} took {:?}",
+                now - at
+            );
+        }
         if self
             .measure_from
             .lock()
@@ -93,9 +101,6 @@ impl Shared {
 struct DocView {
     known: HashSet<ChangeHash>,
     frontier: HashSet<ChangeHash>,
-    /// Heads the server told us that we have: our `have.lastSync`.
-    last_sync: Vec<ChangeHash>,
-    own_recent: VecDeque<ChangeHash>,
     /// Dependencies of received changes that never arrived: the server
     /// skipped them (a Bloom filter false positive says we have them), so
     /// ask for them by hash, as a real client does.
@@ -107,8 +112,6 @@ impl DocView {
         DocView {
             known: initial.iter().copied().collect(),
             frontier: initial.iter().copied().collect(),
-            last_sync: initial.to_vec(),
-            own_recent: VecDeque::new(),
             missing: HashSet::new(),
         }
     }
@@ -134,11 +137,11 @@ impl DocView {
         let mut need: Vec<_> = self.missing.iter().copied().collect();
         need.sort();
         SyncMessage {
-            heads,
+            heads: heads.clone(),
             need,
             have: vec![Have {
-                last_sync: self.last_sync.clone(),
-                bloom: BloomFilter::from_hashes(self.own_recent.iter()),
+                last_sync: heads,
+                bloom: BloomFilter::default(),
             }],
             changes: changes.into(),
             flags: None,
@@ -275,8 +278,7 @@ impl Client {
 
     /// Uploads the seed and waits until the server has it.
     pub async fn upload(&mut self, seed: &Seed) -> anyhow::Result<()> {
-        let mut view = DocView::new(&[]);
-        view.last_sync.clear();
+        let view = DocView::new(&[]);
         self.send_sync(&seed.id, view.message(vec![seed.change.clone()]))
             .await?;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -360,11 +362,8 @@ impl Client {
                             .context("the server sent a malformed change")?;
                         if view.learn(change.hash(), change.deps()) {
                             fresh = true;
-                            shared.delivered(&change.hash(), now);
+                            shared.delivered(&change.hash(), now, n);
                         }
-                    }
-                    if sync.heads.iter().all(|h| view.known.contains(h)) && !sync.heads.is_empty() {
-                        view.last_sync = sync.heads.clone();
                     }
                     if (fresh || !view.missing.is_empty()) && role.reply {
                         let reply = view.message(Vec::new());
@@ -378,7 +377,6 @@ impl Client {
                             let mut changes = Vec::new();
                             if let Some(first) = first.take() {
                                 view.learn(first.hash(), first.deps());
-                                view.own_recent.push_back(first.hash());
                                 changes.push(first.raw_bytes().to_vec());
                             }
                             let len = doc.length(&*text);
@@ -389,11 +387,10 @@ impl Client {
                             let (hash, deps) = (change.hash(), change.deps().to_vec());
                             changes.push(change.raw_bytes().to_vec());
                             view.learn(hash, &deps);
-                            view.own_recent.push_back(hash);
-                            while view.own_recent.len() > OWN_WINDOW {
-                                view.own_recent.pop_front();
-                            }
                             shared.sent(hash, Instant::now(), role.receivers);
+                            if std::env::var_os("CONVERGE_BENCH_TRACE").is_some() {
+                                eprintln!("client {n} sent {hash} (deps {})", deps.len());
+                            }
                             let msg = view.message(changes);
                             self.send_sync(&seed.id, msg).await?;
                         }
