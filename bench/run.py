@@ -155,13 +155,15 @@ def main():
     results = {}
     for name, start in servers():
         print(f"[{name}]", flush=True)
-        server = start()
-        try:
-            r = {}
-            r["hot"], r["hot_sat"], r["hot_curve"] = sweep(server, name, None, hot_points, secs)
-            r["many"], r["many_sat"], r["many_curve"] = sweep(server, name, 4, many_points, secs)
-        finally:
-            server.stop()
+        r = {}
+        # A fresh server per sweep: a sweep ends by overloading the server,
+        # and its backlog must not spill into the next one.
+        for key, per_doc, points in (("hot", None, hot_points), ("many", 4, many_points)):
+            server = start()
+            try:
+                r[key], r[key + "_sat"], r[key + "_curve"] = sweep(server, name, per_doc, points, secs)
+            finally:
+                server.stop()
         # Idle density on a fresh process each time: RSS grown by the
         # typing runs would hide what connections cost.
         samples = []
