@@ -121,6 +121,9 @@ impl Replica for FullDocument {
     }
 
     fn generate_sync_message(&self, state: &mut sync::State) -> Option<sync::Message> {
+        if settled(&self.doc.get_heads(), state) {
+            return None;
+        }
         self.doc.generate_sync_message(state)
     }
 
@@ -189,6 +192,28 @@ impl Replica for FullDocument {
 
     fn document_mut(&mut self) -> Option<&mut Automerge> {
         Some(&mut self.doc)
+    }
+}
+
+/// Whether a sync exchange is at rest: we already told the peer our current
+/// heads, it reports exactly those heads and asks for nothing. Automerge
+/// would answer `None` here too, but only after computing which changes the
+/// peer lacks, which walks the change graph (cost grows with history); on a
+/// relay that is one walk per reply from every reader of every change.
+fn settled(ours: &[ChangeHash], state: &sync::State) -> bool {
+    if !state.have_responded || state.needs_reset || state.last_sent_heads.as_slice() != ours {
+        return false;
+    }
+    if state.their_need.as_ref().is_some_and(|n| !n.is_empty()) {
+        return false;
+    }
+    match &state.their_heads {
+        Some(theirs) if theirs.len() == ours.len() => {
+            let mut theirs = theirs.clone();
+            theirs.sort();
+            theirs == ours
+        }
+        _ => false,
     }
 }
 
