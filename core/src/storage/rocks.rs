@@ -17,7 +17,7 @@
 
 use std::path::Path;
 
-use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
 use super::{BatchOp, DocKey, Storage, StorageError, StorageKey};
 
@@ -59,6 +59,36 @@ impl RocksStorage {
         Ok(Self { db, sync_writes })
     }
 
+    /// Visits every key at or under `prefix` in every column family, with
+    /// its value borrowed from the iterator (copied only by those who keep it).
+    fn scan(
+        &self,
+        prefix: &StorageKey,
+        mut visit: impl FnMut(StorageKey, &[u8]),
+    ) -> Result<(), StorageError> {
+        let exact = prefix.to_bytes();
+        let mut start = exact.clone();
+        start.push(b'/');
+        for name in FAMILIES {
+            let Some(cf) = self.db.cf_handle(name) else {
+                continue;
+            };
+            let mut iter = self.db.raw_iterator_cf(cf);
+            iter.seek(&exact);
+            while let Some(k) = iter.key() {
+                if k != exact.as_slice() && !k.starts_with(&start) {
+                    break;
+                }
+                if let Some(key) = StorageKey::from_bytes(k) {
+                    visit(key, iter.value().unwrap_or_default());
+                }
+                iter.next();
+            }
+            iter.status().map_err(backend)?;
+        }
+        Ok(())
+    }
+
     fn family(&self, key: &StorageKey) -> Result<&rocksdb::ColumnFamily, StorageError> {
         let name = match key.classify() {
             Some(DocKey::Chunk(..)) => CF_CHUNKS,
@@ -91,54 +121,15 @@ impl Storage for RocksStorage {
     }
 
     fn range(&self, prefix: &StorageKey) -> Result<Vec<(StorageKey, Vec<u8>)>, StorageError> {
-        let exact = prefix.to_bytes();
-        let mut start = exact.clone();
-        start.push(b'/');
         let mut out = Vec::new();
-        for name in FAMILIES {
-            let Some(cf) = self.db.cf_handle(name) else {
-                continue;
-            };
-            let iter = self
-                .db
-                .iterator_cf(cf, IteratorMode::From(&exact, rocksdb::Direction::Forward));
-            for item in iter {
-                let (k, v) = item.map_err(backend)?;
-                if *k != *exact && !k.starts_with(&start) {
-                    break;
-                }
-                if let Some(key) = StorageKey::from_bytes(&k) {
-                    out.push((key, v.into_vec()));
-                }
-            }
-        }
+        self.scan(prefix, |key, value| out.push((key, value.to_vec())))?;
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 
     fn keys(&self, prefix: &StorageKey) -> Result<Vec<StorageKey>, StorageError> {
-        let exact = prefix.to_bytes();
-        let mut start = exact.clone();
-        start.push(b'/');
         let mut out = Vec::new();
-        for name in FAMILIES {
-            let Some(cf) = self.db.cf_handle(name) else {
-                continue;
-            };
-            // A raw iterator reads keys without copying the values out.
-            let mut iter = self.db.raw_iterator_cf(cf);
-            iter.seek(&exact);
-            while let Some(k) = iter.key() {
-                if k != exact.as_slice() && !k.starts_with(&start) {
-                    break;
-                }
-                if let Some(key) = StorageKey::from_bytes(k) {
-                    out.push(key);
-                }
-                iter.next();
-            }
-            iter.status().map_err(backend)?;
-        }
+        self.scan(prefix, |key, _| out.push(key))?;
         out.sort();
         Ok(out)
     }
@@ -188,6 +179,13 @@ mod tests {
         let got = s.range(&StorageKey::new(["doc", "a"])).expect("range");
         let keys: Vec<String> = got.iter().map(|(k, _)| k.to_string()).collect();
         assert_eq!(keys, ["doc/a/snapshot/1", "doc/a/sync-state/peer"]);
+        let only_keys: Vec<String> = s
+            .keys(&StorageKey::new(["doc", "a"]))
+            .expect("keys")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(only_keys, keys);
         assert_eq!(
             s.get(&StorageKey::new(["storage-adapter-id"]))
                 .expect("get"),
