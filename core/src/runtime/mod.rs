@@ -201,7 +201,10 @@ impl Repo {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
         let peer_id = config.engine.peer_id.clone();
-        let (storage_tx, storage_thread) = spawn_storage_thread(storage.clone(), tx.clone());
+        // The storage thread holds only a weak sender: when every handle is
+        // dropped the channel closes, the actor ends, and the thread drains
+        // its queue and releases the store, with or without `shutdown`.
+        let (storage_tx, storage_thread) = spawn_storage_thread(storage.clone(), tx.downgrade());
         let actor = Actor {
             engine: Engine::new(config.engine),
             remotes: BTreeMap::new(),
@@ -491,7 +494,7 @@ impl Clock {
 
 fn spawn_storage_thread(
     storage: Arc<dyn Storage>,
-    results: mpsc::UnboundedSender<MsgBox>,
+    results: mpsc::WeakUnboundedSender<MsgBox>,
 ) -> (
     std::sync::mpsc::Sender<(TaskId, StorageOp)>,
     std::thread::JoinHandle<()>,
@@ -508,8 +511,10 @@ fn spawn_storage_thread(
                 let result =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| storage.perform(op)))
                         .unwrap_or_else(|_| StorageResult::Failed("storage task panicked".into()));
-                if results.send(MsgBox(Msg::Storage(task, result))).is_err() {
-                    break;
+                // Once the actor is gone nobody wants the result, but the
+                // remaining writes still go to the store.
+                if let Some(results) = results.upgrade() {
+                    let _ = results.send(MsgBox(Msg::Storage(task, result)));
                 }
             }
         })

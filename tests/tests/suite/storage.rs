@@ -252,3 +252,38 @@ async fn two_repos_sync_over_the_in_memory_transport() {
     .expect("bob gets the ephemeral message");
     assert_eq!(got, (b"hi".to_vec(), alice.peer_id().clone()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_repo_without_shutdown_releases_the_store_and_keeps_its_writes() {
+    // Mobile apps drop a repo without ceremony (an Android activity goes
+    // away); the store must be released for the next repo on the same
+    // directory, with every change written.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = {
+        let repo = Repo::start(RepoConfig::new(None), open(dir.path()));
+        write(&repo, "kept").await
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let storage = loop {
+        match RocksStorage::open(dir.path(), false) {
+            Ok(s) => break Arc::new(s),
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the dropped repo never released the store: {e}"),
+        }
+    };
+    let repo = Repo::start(RepoConfig::new(None), storage);
+    let handle = repo.find(&id).await.expect("the change was written");
+    let value = handle
+        .with_doc(|d| {
+            d.get(ROOT, "value")
+                .ok()
+                .flatten()
+                .map(|(v, _)| v.to_string())
+        })
+        .await
+        .expect("read");
+    assert_eq!(value.flatten().as_deref(), Some("\"kept\""));
+    repo.shutdown().await;
+}
