@@ -492,6 +492,9 @@ impl Clock {
     }
 }
 
+/// Most storage tasks taken from the queue and performed as one group.
+const MAX_STORAGE_GROUP: usize = 256;
+
 fn spawn_storage_thread(
     storage: Arc<dyn Storage>,
     results: mpsc::WeakUnboundedSender<MsgBox>,
@@ -504,17 +507,33 @@ fn spawn_storage_thread(
         .name("converge-storage".into())
         .spawn(move || {
             // One thread, tasks in order: a later write never overtakes an
-            // earlier one, which compaction relies on.
-            for (task, op) in rx {
+            // earlier one, which compaction relies on. Whatever queued up
+            // while the last tasks ran is taken at once, so writes that
+            // arrive together are committed together (group commit).
+            while let Ok(first) = rx.recv() {
+                let mut tasks = vec![first];
+                while tasks.len() < MAX_STORAGE_GROUP {
+                    match rx.try_recv() {
+                        Ok(next) => tasks.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let (ids, ops): (Vec<TaskId>, Vec<StorageOp>) = tasks.into_iter().unzip();
+                let count = ids.len();
                 // A panic in the store (or in Automerge during compaction)
-                // fails this task instead of silently killing the thread.
-                let result =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| storage.perform(op)))
-                        .unwrap_or_else(|_| StorageResult::Failed("storage task panicked".into()));
-                // Once the actor is gone nobody wants the result, but the
+                // fails these tasks instead of silently killing the thread.
+                let outcomes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    storage.perform_many(ops)
+                }))
+                .unwrap_or_else(|_| {
+                    vec![StorageResult::Failed("storage task panicked".into()); count]
+                });
+                // Once the actor is gone nobody wants the results, but the
                 // remaining writes still go to the store.
                 if let Some(results) = results.upgrade() {
-                    let _ = results.send(MsgBox(Msg::Storage(task, result)));
+                    for (task, result) in ids.into_iter().zip(outcomes) {
+                        let _ = results.send(MsgBox(Msg::Storage(task, result)));
+                    }
                 }
             }
         })

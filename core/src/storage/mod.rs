@@ -253,6 +253,43 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
         };
         outcome.unwrap_or_else(|e| StorageResult::Failed(e.to_string()))
     }
+
+    /// Performs ops in order, as [`Storage::perform`] would one by one, but
+    /// commits each run of consecutive writes as one atomic batch: one write
+    /// (and, with synced writes, one fsync) for the whole run. Every op of a
+    /// run gets the run's outcome.
+    fn perform_many(&self, ops: Vec<StorageOp>) -> Vec<StorageResult> {
+        let mut results = Vec::with_capacity(ops.len());
+        let mut run: Vec<BatchOp> = Vec::new();
+        let mut run_len = 0;
+        let flush =
+            |run: &mut Vec<BatchOp>, run_len: &mut usize, results: &mut Vec<StorageResult>| {
+                if *run_len == 0 {
+                    return;
+                }
+                let result = match self.batch(std::mem::take(run)) {
+                    Ok(()) => StorageResult::Written,
+                    Err(e) => StorageResult::Failed(e.to_string()),
+                };
+                results.extend(std::iter::repeat_n(result, *run_len));
+                *run_len = 0;
+            };
+        for op in ops {
+            match op {
+                StorageOp::Put(key, value) => run.push(BatchOp::Put(key, value)),
+                StorageOp::Delete(key) => run.push(BatchOp::Delete(key)),
+                StorageOp::Batch(ops) => run.extend(ops),
+                other => {
+                    flush(&mut run, &mut run_len, &mut results);
+                    results.push(self.perform(other));
+                    continue;
+                }
+            }
+            run_len += 1;
+        }
+        flush(&mut run, &mut run_len, &mut results);
+        results
+    }
 }
 
 /// Every document that has at least one chunk in `storage`.
