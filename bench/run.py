@@ -101,7 +101,10 @@ def p1(server, name, typists, docs, secs):
             "--secs", str(secs), "--warmup", "0.5", "--rate", str(RATE)]
     if name == "floor":
         args.append("--floor")
-    out = subprocess.run(pinned(LOADGEN_CPU, args), capture_output=True, text=True, timeout=120)
+    try:
+        out = subprocess.run(pinned(LOADGEN_CPU, args), capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return {"p99_ms": "inf", "error": "the load generator timed out"}
     if out.returncode != 0:
         return {"p99_ms": "inf", "error": out.stderr.strip()[-300:]}
     return json.loads(out.stdout.strip().splitlines()[-1])

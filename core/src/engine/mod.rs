@@ -236,7 +236,6 @@ enum Task {
     LoadDoc(DocumentId),
     SaveDoc {
         doc: DocumentId,
-        fallback_heads: Vec<ChangeHash>,
     },
     Compact {
         doc: DocumentId,
@@ -333,8 +332,8 @@ impl Engine {
             })
             .collect();
         Some(SyncStatus {
+            saved: doc.unconfirmed_saves == 0 && doc.store.saved_heads == ours,
             heads: ours,
-            saved: doc.unconfirmed_saves == 0,
             peers,
         })
     }
@@ -1504,19 +1503,16 @@ impl Engine {
                     }
                 }
             }
-            (
-                Task::SaveDoc {
-                    doc,
-                    fallback_heads,
-                },
-                result,
-            ) => {
+            (Task::SaveDoc { doc }, result) => {
                 if let Some(d) = self.docs.get_mut(&doc) {
                     d.unconfirmed_saves = d.unconfirmed_saves.saturating_sub(1);
                     if matches!(result, StorageResult::Failed(_)) {
-                        // Write it again with the next change, from what we
-                        // know is on disk.
-                        d.store.saved_heads = fallback_heads;
+                        // Write it again with the next change. Only ever
+                        // move back: an earlier save may have failed too
+                        // (writes fail together when committed as a group),
+                        // and then not even the heads it started from are on
+                        // disk. Everything is rewritten.
+                        d.store.saved_heads = Vec::new();
                     }
                 }
             }
@@ -1638,7 +1634,6 @@ impl Engine {
         if heads == doc.store.saved_heads {
             return;
         }
-        let fallback_heads = doc.store.saved_heads.clone();
         let incremental = doc.replica.save_after(&doc.store.saved_heads);
         doc.store.saved_heads = heads;
         if incremental.is_empty() {
@@ -1667,10 +1662,7 @@ impl Engine {
         };
         self.storage(
             StorageOp::Put(key, incremental),
-            Task::SaveDoc {
-                doc: id.clone(),
-                fallback_heads,
-            },
+            Task::SaveDoc { doc: id.clone() },
         );
         if let Some(replace) = replace {
             self.storage(

@@ -183,7 +183,9 @@ struct Inner {
     events: broadcast::Sender<Event>,
     peer_id: PeerId,
     next_conn: AtomicU64,
-    storage: Arc<dyn Storage>,
+    /// For reads outside the engine (listing documents); released on
+    /// shutdown so the store can be reopened at once.
+    storage: std::sync::Mutex<Option<Arc<dyn Storage>>>,
 }
 
 /// `Msg` holds closures, which are not `Debug`; this wrapper is.
@@ -226,7 +228,7 @@ impl Repo {
                 events,
                 peer_id,
                 next_conn: AtomicU64::new(1),
-                storage,
+                storage: std::sync::Mutex::new(Some(storage)),
             }),
         }
     }
@@ -306,7 +308,13 @@ impl Repo {
                     .collect::<Vec<_>>()
             })
             .await?;
-        let storage = self.inner.storage.clone();
+        let storage = self
+            .inner
+            .storage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(RepoError::Stopped)?;
         let mut ids = tokio::task::spawn_blocking(move || crate::storage::document_ids(&*storage))
             .await
             .map_err(|e| RepoError::Failed(format!("listing documents failed: {e}")))?
@@ -357,6 +365,11 @@ impl Repo {
         if self.send(Msg::Shutdown(tx)).is_ok() {
             let _ = rx.await;
         }
+        self.inner
+            .storage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 }
 

@@ -267,9 +267,11 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
                 if *run_len == 0 {
                     return;
                 }
-                let result = match self.batch(std::mem::take(run)) {
-                    Ok(()) => StorageResult::Written,
-                    Err(e) => StorageResult::Failed(e.to_string()),
+                let ops = std::mem::take(run);
+                let result = match contained(|| self.batch(ops)) {
+                    Ok(Ok(())) => StorageResult::Written,
+                    Ok(Err(e)) => StorageResult::Failed(e.to_string()),
+                    Err(reason) => StorageResult::Failed(reason),
                 };
                 results.extend(std::iter::repeat_n(result, *run_len));
                 *run_len = 0;
@@ -281,7 +283,11 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
                 StorageOp::Batch(ops) => run.extend(ops),
                 other => {
                     flush(&mut run, &mut run_len, &mut results);
-                    results.push(self.perform(other));
+                    // A panic (Automerge during a compaction) fails this op
+                    // only, not the others taken with it.
+                    results.push(
+                        contained(|| self.perform(other)).unwrap_or_else(StorageResult::Failed),
+                    );
                     continue;
                 }
             }
@@ -290,6 +296,12 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
         flush(&mut run, &mut run_len, &mut results);
         results
     }
+}
+
+/// Runs `f`, turning a panic into an error message.
+fn contained<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|_| "storage task panicked".to_owned())
 }
 
 /// Every document that has at least one chunk in `storage`.

@@ -76,12 +76,15 @@ impl RocksStorage {
             let mut iter = self.db.raw_iterator_cf(cf);
             iter.seek(&exact);
             while let Some(k) = iter.key() {
-                if k != exact.as_slice() && !k.starts_with(&start) {
+                if k == exact.as_slice() || k.starts_with(&start) {
+                    if let Some(key) = StorageKey::from_bytes(k) {
+                        visit(key, iter.value().unwrap_or_default());
+                    }
+                } else if k > start.as_slice() {
                     break;
                 }
-                if let Some(key) = StorageKey::from_bytes(k) {
-                    visit(key, iter.value().unwrap_or_default());
-                }
+                // Keys such as `doc/a-x` sort between `doc/a` and `doc/a/`:
+                // not ours, but the matches may still follow.
                 iter.next();
             }
             iter.status().map_err(backend)?;
@@ -169,6 +172,11 @@ mod tests {
                 ),
                 BatchOp::Put(
                     StorageKey::new(["doc", "ab", "snapshot", "1"]),
+                    b"other".to_vec(),
+                ),
+                // Sorts between `doc/a` and `doc/a/`: must not end the scan.
+                BatchOp::Put(
+                    StorageKey::new(["doc", "a-x", "snapshot", "1"]),
                     b"other".to_vec(),
                 ),
                 BatchOp::Put(StorageKey::new(["storage-adapter-id"]), b"id".to_vec()),

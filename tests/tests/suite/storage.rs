@@ -287,3 +287,18 @@ async fn dropping_a_repo_without_shutdown_releases_the_store_and_keeps_its_write
     assert_eq!(value.flatten().as_deref(), Some("\"kept\""));
     repo.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_the_store_even_while_handles_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = Repo::start(RepoConfig::new(None), open(dir.path()));
+    let id = write(&repo, "kept").await;
+    let handle = repo.handle(id.clone());
+    repo.shutdown().await;
+    // `repo` and `handle` are still alive: the store must be free anyway.
+    let again = Repo::start(RepoConfig::new(None), open(dir.path()));
+    assert!(again.find(&id).await.is_ok());
+    assert!(matches!(repo.documents().await, Err(RepoError::Stopped)));
+    drop(handle);
+    again.shutdown().await;
+}
