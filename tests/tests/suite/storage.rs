@@ -24,6 +24,20 @@ async fn write(repo: &Repo, value: &'static str) -> converge_core::wire::Documen
     handle.id().clone()
 }
 
+/// The string at `key` in the document's root map, if there is one.
+async fn read_str(handle: &converge_core::runtime::DocHandle, key: &'static str) -> Option<String> {
+    handle
+        .with_doc(move |d| {
+            d.get(ROOT, key)
+                .ok()
+                .flatten()
+                .and_then(|(v, _)| v.into_string().ok())
+        })
+        .await
+        .expect("alive")
+        .flatten()
+}
+
 fn open(dir: &std::path::Path) -> Arc<RocksStorage> {
     Arc::new(RocksStorage::open(dir, false).expect("open rocksdb"))
 }
@@ -63,17 +77,7 @@ async fn history_survives_restarts_and_corruption_is_contained() {
     let repo = Repo::start(RepoConfig::new(None), storage.clone());
     let mut events = repo.events();
     let found = repo.find(&good).await.expect("the intact document loads");
-    let value = found
-        .with_doc(|d| {
-            d.get(ROOT, "value")
-                .ok()
-                .flatten()
-                .and_then(|(v, _)| v.into_string().ok())
-        })
-        .await
-        .expect("alive")
-        .flatten();
-    assert_eq!(value.as_deref(), Some("intact"));
+    assert_eq!(read_str(&found, "value").await.as_deref(), Some("intact"));
 
     match repo.find(&bad).await {
         Err(RepoError::Unavailable(id)) => assert_eq!(id, bad),
@@ -224,17 +228,7 @@ async fn two_repos_sync_over_the_in_memory_transport() {
     .await
     .expect("bob hears of the change");
     assert_eq!(origin, Origin::Remote(alice.peer_id().clone()));
-    let value = on_bob
-        .with_doc(|d| {
-            d.get(ROOT, "from")
-                .ok()
-                .flatten()
-                .and_then(|(v, _)| v.into_string().ok())
-        })
-        .await
-        .expect("alive")
-        .flatten();
-    assert_eq!(value.as_deref(), Some("alice"));
+    assert_eq!(read_str(&on_bob, "from").await.as_deref(), Some("alice"));
 
     let sent = doc.broadcast(b"hi".to_vec()).await.expect("broadcast");
     assert_eq!(sent, 1);
@@ -275,16 +269,7 @@ async fn dropping_a_repo_without_shutdown_releases_the_store_and_keeps_its_write
     };
     let repo = Repo::start(RepoConfig::new(None), storage);
     let handle = repo.find(&id).await.expect("the change was written");
-    let value = handle
-        .with_doc(|d| {
-            d.get(ROOT, "value")
-                .ok()
-                .flatten()
-                .map(|(v, _)| v.to_string())
-        })
-        .await
-        .expect("read");
-    assert_eq!(value.flatten().as_deref(), Some("\"kept\""));
+    assert_eq!(read_str(&handle, "value").await.as_deref(), Some("kept"));
     repo.shutdown().await;
 }
 
