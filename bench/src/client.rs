@@ -33,24 +33,36 @@ pub struct Shared {
     sent: Mutex<HashMap<ChangeHash, Instant>>,
     delays: Mutex<Vec<Duration>>,
     /// Only deliveries of changes sent after this count.
-    measure_from: Mutex<Option<Instant>>,
+    measure_from: std::sync::OnceLock<Instant>,
     deliveries_expected: std::sync::atomic::AtomicU64,
+    /// Print every send and every slow delivery (`CONVERGE_BENCH_TRACE`).
+    trace: bool,
 }
 
 impl Shared {
-    /// Starts measuring (after warm-up).
-    pub fn start_measuring(&self) {
-        *self.measure_from.lock().expect("lock") = Some(Instant::now());
+    /// Shared state for one run; tracing follows `CONVERGE_BENCH_TRACE`.
+    pub fn new() -> Shared {
+        Shared {
+            trace: std::env::var_os("CONVERGE_BENCH_TRACE").is_some(),
+            ..Shared::default()
+        }
     }
 
-    fn sent(&self, hash: ChangeHash, at: Instant, receivers: u64) {
+    /// Starts measuring (after warm-up).
+    pub fn start_measuring(&self) {
+        let _ = self.measure_from.set(Instant::now());
+    }
+
+    fn measured(&self, sent_at: Instant) -> bool {
+        self.measure_from.get().is_some_and(|m| sent_at >= *m)
+    }
+
+    fn sent(&self, hash: ChangeHash, at: Instant, receivers: u64, sender: u64) {
         self.sent.lock().expect("lock").insert(hash, at);
-        if self
-            .measure_from
-            .lock()
-            .expect("lock")
-            .is_some_and(|m| at >= m)
-        {
+        if self.trace {
+            eprintln!("client {sender} sent {hash}");
+        }
+        if self.measured(at) {
             self.deliveries_expected
                 .fetch_add(receivers, std::sync::atomic::Ordering::Relaxed);
         }
@@ -60,20 +72,13 @@ impl Shared {
         let Some(at) = self.sent.lock().expect("lock").get(hash).copied() else {
             return;
         };
-        if std::env::var_os("CONVERGE_BENCH_TRACE").is_some()
-            && now - at > Duration::from_millis(50)
-        {
+        if self.trace && now - at > Duration::from_millis(50) {
             eprintln!(
                 "slow delivery to client {receiver}: {hash} took {:?}",
                 now - at
             );
         }
-        if self
-            .measure_from
-            .lock()
-            .expect("lock")
-            .is_some_and(|m| at >= m)
-        {
+        if self.measured(at) {
             self.delays.lock().expect("lock").push(now - at);
         }
     }
@@ -387,10 +392,7 @@ impl Client {
                             let (hash, deps) = (change.hash(), change.deps().to_vec());
                             changes.push(change.raw_bytes().to_vec());
                             view.learn(hash, &deps);
-                            shared.sent(hash, Instant::now(), role.receivers);
-                            if std::env::var_os("CONVERGE_BENCH_TRACE").is_some() {
-                                eprintln!("client {n} sent {hash} (deps {})", deps.len());
-                            }
+                            shared.sent(hash, Instant::now(), role.receivers, n);
                             let msg = view.message(changes);
                             self.send_sync(&seed.id, msg).await?;
                         }

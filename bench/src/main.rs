@@ -154,7 +154,7 @@ struct P1 {
 }
 
 async fn p1(cfg: P1) -> anyhow::Result<serde_json::Value> {
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared::new());
     let mut seeds = Vec::new();
     for d in 0..cfg.docs {
         let seed = Seed::new(d)?;

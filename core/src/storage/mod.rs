@@ -178,6 +178,26 @@ pub enum StorageOp {
     },
 }
 
+impl StorageOp {
+    /// Whether this op only writes.
+    fn is_write(&self) -> bool {
+        matches!(
+            self,
+            StorageOp::Put(..) | StorageOp::Delete(_) | StorageOp::Batch(_)
+        )
+    }
+
+    /// The writes this op consists of, or the op back if it reads.
+    fn into_writes(self) -> Result<Vec<BatchOp>, StorageOp> {
+        match self {
+            StorageOp::Put(key, value) => Ok(vec![BatchOp::Put(key, value)]),
+            StorageOp::Delete(key) => Ok(vec![BatchOp::Delete(key)]),
+            StorageOp::Batch(ops) => Ok(ops),
+            other => Err(other),
+        }
+    }
+}
+
 /// A storage op with the id its result will carry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StorageTask {
@@ -260,29 +280,11 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     /// run gets the run's outcome.
     fn perform_many(&self, ops: Vec<StorageOp>) -> Vec<StorageResult> {
         let mut results = Vec::with_capacity(ops.len());
-        let mut run: Vec<BatchOp> = Vec::new();
-        let mut run_len = 0;
-        let flush =
-            |run: &mut Vec<BatchOp>, run_len: &mut usize, results: &mut Vec<StorageResult>| {
-                if *run_len == 0 {
-                    return;
-                }
-                let ops = std::mem::take(run);
-                let result = match contained(|| self.batch(ops)) {
-                    Ok(Ok(())) => StorageResult::Written,
-                    Ok(Err(e)) => StorageResult::Failed(e.to_string()),
-                    Err(reason) => StorageResult::Failed(reason),
-                };
-                results.extend(std::iter::repeat_n(result, *run_len));
-                *run_len = 0;
-            };
-        for op in ops {
-            match op {
-                StorageOp::Put(key, value) => run.push(BatchOp::Put(key, value)),
-                StorageOp::Delete(key) => run.push(BatchOp::Delete(key)),
-                StorageOp::Batch(ops) => run.extend(ops),
-                other => {
-                    flush(&mut run, &mut run_len, &mut results);
+        let mut ops = ops.into_iter().peekable();
+        while let Some(op) = ops.next() {
+            let mut run = match op.into_writes() {
+                Ok(writes) => writes,
+                Err(other) => {
                     // A panic (Automerge during a compaction) fails this op
                     // only, not the others taken with it.
                     results.push(
@@ -290,10 +292,19 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
                     );
                     continue;
                 }
+            };
+            let mut run_len = 1;
+            while let Some(next) = ops.next_if(StorageOp::is_write) {
+                run.extend(next.into_writes().unwrap_or_default());
+                run_len += 1;
             }
-            run_len += 1;
+            let result = match contained(|| self.batch(run)) {
+                Ok(Ok(())) => StorageResult::Written,
+                Ok(Err(e)) => StorageResult::Failed(e.to_string()),
+                Err(reason) => StorageResult::Failed(reason),
+            };
+            results.extend(std::iter::repeat_n(result, run_len));
         }
-        flush(&mut run, &mut run_len, &mut results);
         results
     }
 }
