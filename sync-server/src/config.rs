@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use converge_core::engine::ReplicaKind;
 use serde::Deserialize;
 
 /// The relay's settings.
@@ -40,6 +41,12 @@ pub struct Config {
     /// fsync every write (slower; survives power loss, not just crashes).
     #[arg(long, env = "CONVERGE_SYNC_WRITES", default_value_t = false)]
     pub sync_writes: bool,
+    /// How documents are held in memory: `change-log` (the change graph
+    /// and raw changes; documents are materialized only when their contents
+    /// are read, e.g. through the HTTP API) or `full-document` (a full
+    /// Automerge document each, as automerge-repo does).
+    #[arg(long, env = "CONVERGE_REPLICA", default_value = "change-log")]
+    pub replica: ReplicaKind,
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "CONVERGE_LOG", default_value = "info")]
     pub log: String,
@@ -55,6 +62,7 @@ struct FileConfig {
     ping_interval_secs: Option<u64>,
     max_docs_in_memory: Option<usize>,
     sync_writes: Option<bool>,
+    replica: Option<String>,
     log: Option<String>,
 }
 
@@ -108,13 +116,13 @@ impl Config {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-            config.apply_file(&matches, file);
+            config.apply_file(&matches, file)?;
         }
         config.validate()?;
         Ok(config)
     }
 
-    fn apply_file(&mut self, matches: &ArgMatches, file: FileConfig) {
+    fn apply_file(&mut self, matches: &ArgMatches, file: FileConfig) -> Result<(), ConfigError> {
         let defaulted = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
         if let (true, Some(v)) = (defaulted("listen"), file.listen) {
             self.listen = v;
@@ -137,6 +145,10 @@ impl Config {
         if let (true, Some(v)) = (defaulted("log"), file.log) {
             self.log = v;
         }
+        if let (true, Some(v)) = (defaulted("replica"), file.replica) {
+            self.replica = v.parse().map_err(ConfigError::Invalid)?;
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

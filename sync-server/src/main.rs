@@ -42,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
     repo_config.engine.policy = Arc::new(RelayPolicy);
     repo_config.engine.max_message_bytes = config.max_message_bytes;
     repo_config.engine.max_docs_in_memory = config.max_docs_in_memory;
+    repo_config.engine.replica = config.replica.factory();
     let repo = Repo::start(repo_config, storage.clone());
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -52,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir = %config.data_dir.display(),
         peer_id = %repo.peer_id(),
         %storage_id,
+        replica = config.replica.name(),
         "converge relay listening (automerge-repo clients: ws://{})",
         listener.local_addr()?
     );

@@ -31,6 +31,7 @@
 //!   frames, invalid sync messages (see [`validate`]) and any panic inside
 //!   Automerge, which is caught and contained.
 
+mod changelog;
 mod policy;
 mod replica;
 mod rng;
@@ -45,6 +46,7 @@ use automerge::transaction::CommitOptions;
 use automerge::{ActorId, Automerge, ChangeHash};
 use sha2::{Digest, Sha256};
 
+pub use changelog::ChangeLog;
 pub use policy::{AnnounceAll, RelayPolicy, SharePolicy};
 pub use replica::{
     full_document_factory, FullDocument, Replica, ReplicaError, ReplicaFactory, ReplicaKind,
@@ -362,6 +364,11 @@ impl Engine {
         let before = doc.replica.heads();
         let am = doc.replica.document_mut().ok_or(ChangeError::NotEditable)?;
         let result = f(am);
+        if let Err(e) = doc.replica.absorb_local_edits() {
+            // Only a replica that keeps its own log can fail here, and only
+            // on a change Automerge itself just made: a bug, not input.
+            tracing::error!(document = %id, error = %e, "a local change could not be recorded");
+        }
         if doc.replica.heads() != before {
             self.doc_changed(id, Origin::Local);
         }
@@ -557,6 +564,13 @@ impl Engine {
                 match replica.document_mut() {
                     Some(am) => {
                         am.empty_commit(CommitOptions::default().with_time(time));
+                        if let Err(e) = replica.absorb_local_edits() {
+                            self.out.completed.push((
+                                cmd,
+                                CommandResult::Failed(format!("initial change: {e}")),
+                            ));
+                            return;
+                        }
                     }
                     None => {
                         self.out.completed.push((

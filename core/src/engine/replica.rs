@@ -5,10 +5,10 @@
 //!
 //! - [`FullDocument`]: a materialized `automerge::Automerge`, needed
 //!   wherever contents are read or written (clients, the HTTP API).
-//! - a change log (hashes, dependencies and raw change bytes) for relays
-//!   that only pass changes on; it answers the sync protocol from the change
-//!   graph without materializing the document on every keystroke. It plugs
-//!   in behind this same trait.
+//! - [`ChangeLog`](super::ChangeLog): hashes, dependencies and raw change
+//!   bytes, for relays that mostly pass changes on; it answers the sync
+//!   protocol from the change graph and materializes the document only
+//!   when its contents are read or edited.
 //!
 //! Everything here may be handed hostile input, so every method that takes
 //! bytes from outside returns an error instead of panicking where it can;
@@ -31,6 +31,40 @@ pub enum ReplicaKind {
     /// A materialized Automerge document.
     #[default]
     FullDocument,
+    /// A change log, materialized on demand.
+    ChangeLog,
+}
+
+impl ReplicaKind {
+    /// Its name in configuration (`full-document`, `change-log`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::FullDocument => "full-document",
+            Self::ChangeLog => "change-log",
+        }
+    }
+
+    /// The factory building replicas of this kind.
+    pub fn factory(self) -> ReplicaFactory {
+        match self {
+            Self::FullDocument => full_document_factory(),
+            Self::ChangeLog => Arc::new(|actor| Box::new(super::ChangeLog::new(actor))),
+        }
+    }
+}
+
+impl std::str::FromStr for ReplicaKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "full-document" => Ok(Self::FullDocument),
+            "change-log" => Ok(Self::ChangeLog),
+            other => Err(format!(
+                "unknown replica kind '{other}' (expected full-document or change-log)"
+            )),
+        }
+    }
 }
 
 /// Why a replica refused an operation.
@@ -76,7 +110,13 @@ pub trait Replica: Send + fmt::Debug {
     /// The materialized document, when this replica holds one.
     fn document(&self) -> Option<&Automerge>;
     /// The materialized document for editing, when this replica holds one.
+    /// After editing it the engine calls [`Replica::absorb_local_edits`].
     fn document_mut(&mut self) -> Option<&mut Automerge>;
+    /// Takes in whatever changes were made through [`Replica::document_mut`]
+    /// (a replica whose document *is* its state has nothing to do).
+    fn absorb_local_edits(&mut self) -> Result<(), ReplicaError> {
+        Ok(())
+    }
 }
 
 /// Builds an empty replica whose local changes (if it can make any) are
@@ -200,7 +240,7 @@ impl Replica for FullDocument {
 /// would answer `None` here too, but only after computing which changes the
 /// peer lacks, which walks the change graph (cost grows with history); on a
 /// relay that is one walk per reply from every reader of every change.
-fn settled(ours: &[ChangeHash], state: &sync::State) -> bool {
+pub(super) fn settled(ours: &[ChangeHash], state: &sync::State) -> bool {
     if !state.have_responded || state.needs_reset || state.last_sent_heads.as_slice() != ours {
         return false;
     }
@@ -219,9 +259,9 @@ fn settled(ours: &[ChangeHash], state: &sync::State) -> bool {
 
 /// Every Automerge chunk starts with these four bytes.
 const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
-const CHUNK_DOCUMENT: u8 = 0;
-const CHUNK_CHANGE: u8 = 1;
-const CHUNK_COMPRESSED_CHANGE: u8 = 2;
+pub(super) const CHUNK_DOCUMENT: u8 = 0;
+pub(super) const CHUNK_CHANGE: u8 = 1;
+pub(super) const CHUNK_COMPRESSED_CHANGE: u8 = 2;
 
 /// One chunk of stored Automerge data, header included.
 #[derive(Debug, Clone, Copy)]

@@ -440,7 +440,12 @@ impl DocHandle {
 
     /// The document's heads.
     pub async fn heads(&self) -> Result<Vec<ChangeHash>, RepoError> {
-        Ok(self.with_doc(|d| d.get_heads()).await?.unwrap_or_default())
+        let id = self.id.clone();
+        Ok(self
+            .repo
+            .inspect(move |engine| engine.heads(&id))
+            .await?
+            .unwrap_or_default())
     }
 
     /// Sends ephemeral data to the document's peers; returns how many.
