@@ -5,7 +5,7 @@
 //! The same runner serves the seeded scenarios (actions drawn from a seed)
 //! and the proptest property (actions drawn and shrunk by proptest).
 
-use converge_core::engine::Command;
+use converge_core::engine::{Command, ReplicaKind};
 use converge_core::wire::DocumentId;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -102,7 +102,12 @@ pub const MAX_SETTLE_STEPS: u64 = 200_000;
 /// Builds the world: node 0 is the relay, nodes 1..=clients dial it, and
 /// clients 1–2, 3–4, … are also linked directly. Each document starts on
 /// one client and is allowed to reach the relay before actions begin.
-pub fn build_world(seed: u64, clients: usize, docs: usize) -> (Sim, Vec<DocumentId>) {
+pub fn build_world(
+    seed: u64,
+    clients: usize,
+    docs: usize,
+    relay_replica: ReplicaKind,
+) -> (Sim, Vec<DocumentId>) {
     let mut sim = Sim::new(seed, NetConfig::default());
     // One world in three gives the relay a hot set of one document, so
     // eviction and reloading are exercised under every kind of fault.
@@ -110,6 +115,7 @@ pub fn build_world(seed: u64, clients: usize, docs: usize) -> (Sim, Vec<Document
         if seed.is_multiple_of(3) {
             cfg.max_docs_in_memory = 1;
         }
+        cfg.replica = relay_replica.factory();
     });
     for c in 1..=clients {
         let client = sim.add_node(&format!("client{c}"), Role::Client);
@@ -127,10 +133,21 @@ pub fn build_world(seed: u64, clients: usize, docs: usize) -> (Sim, Vec<Document
     (sim, ids)
 }
 
-/// Plays a scenario and checks convergence. On failure the error names
-/// the seed.
+/// Plays a scenario with a full-document relay and checks convergence.
+/// On failure the error names the seed.
 pub fn run(scenario: &Scenario) -> Result<Sim, String> {
-    let (mut sim, docs) = build_world(scenario.seed, scenario.clients, scenario.docs);
+    run_with(scenario, ReplicaKind::FullDocument)
+}
+
+/// Plays a scenario with the relay holding documents as `relay_replica`
+/// and checks convergence.
+pub fn run_with(scenario: &Scenario, relay_replica: ReplicaKind) -> Result<Sim, String> {
+    let (mut sim, docs) = build_world(
+        scenario.seed,
+        scenario.clients,
+        scenario.docs,
+        relay_replica,
+    );
     let nodes = sim.nodes.len();
     let mut edits = 0u64;
     for action in &scenario.actions {
@@ -141,10 +158,21 @@ pub fn run(scenario: &Scenario) -> Result<Sim, String> {
     settle(&mut sim, &docs);
     let all: Vec<NodeId> = (0..nodes).collect();
     for doc in &docs {
-        check_converged(&sim, doc, &all)
-            .map_err(|e| format!("seed {}: document {doc}: {e}", scenario.seed))?;
+        check_converged(&sim, doc, &all).map_err(|e| {
+            format!(
+                "seed {} ({} relay): document {doc}: {e}",
+                scenario.seed,
+                relay_replica.name()
+            )
+        })?;
     }
-    check_storage_loads(&sim).map_err(|e| format!("seed {}: {e}", scenario.seed))?;
+    check_storage_loads(&sim).map_err(|e| {
+        format!(
+            "seed {} ({} relay): {e}",
+            scenario.seed,
+            relay_replica.name()
+        )
+    })?;
     Ok(sim)
 }
 

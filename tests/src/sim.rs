@@ -27,7 +27,7 @@ use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{Automerge, ObjType, ReadDoc, ScalarValue, ROOT};
 use converge_core::engine::{
     Command, CommandId, CommandResult, ConnectionId, Direction, DocStatus, Engine, EngineConfig,
-    Event, FullDocument, Input, Output, RelayPolicy, Replica, Timestamp,
+    Event, Input, Output, RelayPolicy, ReplicaKind, Timestamp,
 };
 use converge_core::storage::{BatchOp, DocKey, StorageKey, StorageOp, StorageResult, TaskId};
 use converge_core::wire::{self, DocumentId, PeerId, StorageId};
@@ -990,11 +990,18 @@ pub fn check_storage_loads(sim: &Sim) -> Result<(), String> {
             }
         }
         for chunks in by_doc.values() {
-            let mut replica = FullDocument::new(automerge::ActorId::from(vec![1u8; 16]));
-            for (k, v) in chunks {
-                replica
-                    .load_chunk(v)
-                    .map_err(|e| format!("{}: chunk {k} does not load: {e}", node.name))?;
+            // What one kind of replica wrote, both kinds must read.
+            for kind in [ReplicaKind::FullDocument, ReplicaKind::ChangeLog] {
+                let mut replica = kind.factory()(automerge::ActorId::from(vec![1u8; 16]));
+                for (k, v) in chunks {
+                    replica.load_chunk(v).map_err(|e| {
+                        format!(
+                            "{}: chunk {k} does not load as {}: {e}",
+                            node.name,
+                            kind.name()
+                        )
+                    })?;
+                }
             }
         }
     }

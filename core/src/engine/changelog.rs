@@ -457,8 +457,10 @@ impl ChangeLog {
         if have.is_empty() {
             return need;
         }
-        let mut last_sync: Vec<ChangeHash> =
-            have.iter().flat_map(|h| h.last_sync.iter().copied()).collect();
+        let mut last_sync: Vec<ChangeHash> = have
+            .iter()
+            .flat_map(|h| h.last_sync.iter().copied())
+            .collect();
         last_sync.sort();
         last_sync.dedup();
         let candidates = self.indexes_after(&last_sync);
@@ -472,10 +474,7 @@ impl ChangeLog {
                 sending.insert(idx);
             }
         }
-        let mut out: Vec<u32> = need
-            .into_iter()
-            .filter(|i| !sending.contains(i))
-            .collect();
+        let mut out: Vec<u32> = need.into_iter().filter(|i| !sending.contains(i)).collect();
         out.extend(candidates.into_iter().filter(|i| sending.contains(i)));
         out
     }
@@ -494,7 +493,11 @@ impl ChangeLog {
 
     /// Removes from `sent` every change that is an ancestor of `heads`
     /// (those the peer now has).
-    fn forget_acknowledged(&self, heads: &[ChangeHash], sent: &mut std::collections::BTreeSet<ChangeHash>) {
+    fn forget_acknowledged(
+        &self,
+        heads: &[ChangeHash],
+        sent: &mut std::collections::BTreeSet<ChangeHash>,
+    ) {
         if sent.is_empty() {
             return;
         }
@@ -779,7 +782,9 @@ impl Replica for ChangeLog {
     }
 
     fn document(&self) -> Option<&Automerge> {
-        self.materialized.get_or_init(|| self.materialize()).as_ref()
+        self.materialized
+            .get_or_init(|| self.materialize())
+            .as_ref()
     }
 
     fn document_mut(&mut self) -> Option<&mut Automerge> {
@@ -815,11 +820,7 @@ impl Replica for ChangeLog {
 /// Automerge's rule for moving the shared heads forward after applying a
 /// peer's changes: our new heads that were not heads before, plus the old
 /// shared heads that are still heads.
-fn advance_heads(
-    old: &[ChangeHash],
-    new: &[ChangeHash],
-    shared: &[ChangeHash],
-) -> Vec<ChangeHash> {
+fn advance_heads(old: &[ChangeHash], new: &[ChangeHash], shared: &[ChangeHash]) -> Vec<ChangeHash> {
     let mut out: Vec<ChangeHash> = new
         .iter()
         .filter(|h| !old.contains(h))
@@ -984,7 +985,9 @@ mod tests {
             edit(source.as_mut(), &format!("k{}", i % 5), i);
         }
         let mut relay = log(9);
-        relay.load_chunk(&source.save()).expect("load a document chunk");
+        relay
+            .load_chunk(&source.save())
+            .expect("load a document chunk");
         assert_eq!(relay.heads(), source.heads());
         let middle = relay.heads();
         edit(source.as_mut(), "late", 1);

@@ -565,10 +565,9 @@ impl Engine {
                     Some(am) => {
                         am.empty_commit(CommitOptions::default().with_time(time));
                         if let Err(e) = replica.absorb_local_edits() {
-                            self.out.completed.push((
-                                cmd,
-                                CommandResult::Failed(format!("initial change: {e}")),
-                            ));
+                            self.out
+                                .completed
+                                .push((cmd, CommandResult::Failed(format!("initial change: {e}"))));
                             return;
                         }
                     }

@@ -2,7 +2,8 @@
 //! proptest: whatever happens, once the network heals and goes quiet,
 //! every replica equals the reference merge of every surviving change.
 
-use converge_tests::scenario::{run, Action, Scenario};
+use converge_core::engine::ReplicaKind;
+use converge_tests::scenario::{run_with, Action, Scenario};
 use proptest::prelude::*;
 
 fn action() -> impl Strategy<Value = Action> {
@@ -31,7 +32,9 @@ proptest! {
         actions in prop::collection::vec(action(), 1..60),
     ) {
         let scenario = Scenario { seed, clients, docs, actions };
-        if let Err(e) = run(&scenario) {
+        // Half the histories run with a change-log relay.
+        let relay = if seed % 2 == 0 { ReplicaKind::FullDocument } else { ReplicaKind::ChangeLog };
+        if let Err(e) = run_with(&scenario, relay) {
             return Err(TestCaseError::fail(e));
         }
     }

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use automerge::transaction::Transactable;
 use automerge::ROOT;
-use converge_core::engine::{Event, RelayPolicy};
+use converge_core::engine::{Event, RelayPolicy, ReplicaKind};
+
+/// Both ways a relay can hold documents; the interop scenarios run on each.
+const BOTH: [ReplicaKind; 2] = [ReplicaKind::FullDocument, ReplicaKind::ChangeLog];
 use converge_core::runtime::{load_or_create_storage_id, Repo, RepoConfig};
 use converge_core::storage::{MemoryStorage, RocksStorage};
 use converge_core::transport::ws;
@@ -28,11 +31,17 @@ pub(crate) struct Relay {
 }
 
 impl Relay {
+    /// A relay as `converge-server` runs by default (change-log replicas).
     pub(crate) async fn start(dir: &Path) -> Relay {
-        Self::start_with(dir, 64 << 20).await
+        Self::start_with(dir, 64 << 20, ReplicaKind::ChangeLog).await
     }
 
-    async fn start_with(dir: &Path, max_message_bytes: usize) -> Relay {
+    /// A relay holding documents as `replica`.
+    pub(crate) async fn start_kind(dir: &Path, replica: ReplicaKind) -> Relay {
+        Self::start_with(dir, 64 << 20, replica).await
+    }
+
+    async fn start_with(dir: &Path, max_message_bytes: usize, replica: ReplicaKind) -> Relay {
         // A previous relay on this directory may still be letting go of it
         // (its connection tasks end asynchronously); wait for the lock.
         let mut attempts = 0;
@@ -50,6 +59,7 @@ impl Relay {
         let mut config = RepoConfig::new(Some(storage_id));
         config.engine.policy = Arc::new(RelayPolicy);
         config.engine.max_message_bytes = max_message_bytes;
+        config.engine.replica = replica.factory();
         let repo = Repo::start(config, storage.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -181,11 +191,13 @@ async fn wait_until(
 /// Converge relay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_js_clients_sync_through_the_relay() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let relay = Relay::start(dir.path()).await;
-    let result = node("interop-two-clients.mjs", &[&relay.url]).await;
-    assert_eq!(result["doc"]["n"], 2);
-    relay.stop().await;
+    for kind in BOTH {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let relay = Relay::start_kind(dir.path(), kind).await;
+        let result = node("interop-two-clients.mjs", &[&relay.url]).await;
+        assert_eq!(result["doc"]["n"], 2, "{} relay", kind.name());
+        relay.stop().await;
+    }
 }
 
 /// (b) A document created by JS survives a relay restart and a new JS
@@ -193,13 +205,19 @@ async fn two_js_clients_sync_through_the_relay() {
 /// one that arrives later reaches the client that asked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documents_survive_restarts_and_unknown_ones_arrive_later() {
+    for kind in BOTH {
+        documents_survive_restarts_with(kind).await;
+    }
+}
+
+async fn documents_survive_restarts_with(kind: ReplicaKind) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let relay = Relay::start(dir.path()).await;
+    let relay = Relay::start_kind(dir.path(), kind).await;
     let created = node("interop-create.mjs", &[&relay.url]).await;
     let url = created["url"].as_str().expect("url").to_owned();
     relay.stop().await;
 
-    let relay = Relay::start(dir.path()).await;
+    let relay = Relay::start_kind(dir.path(), kind).await;
     let expected = dir.path().join("expected.json");
     std::fs::write(&expected, created["doc"].to_string()).expect("write expected");
     let found = node(
@@ -232,8 +250,14 @@ async fn documents_survive_restarts_and_unknown_ones_arrive_later() {
 /// same time through the relay and end up with both edits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn js_and_rust_clients_edit_concurrently() {
+    for kind in BOTH {
+        js_and_rust_clients_edit_concurrently_with(kind).await;
+    }
+}
+
+async fn js_and_rust_clients_edit_concurrently_with(kind: ReplicaKind) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let relay = Relay::start(dir.path()).await;
+    let relay = Relay::start_kind(dir.path(), kind).await;
     let created = node("interop-create.mjs", &[&relay.url]).await;
     let url = created["url"].as_str().expect("url").to_owned();
 
@@ -372,7 +396,7 @@ async fn ephemeral_messages_pass_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_close_only_their_connection() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let relay = Relay::start_with(dir.path(), 64 * 1024).await;
+    let relay = Relay::start_with(dir.path(), 64 * 1024, ReplicaKind::ChangeLog).await;
 
     let good = rust_client();
     let _good_conn = ws::connect(good.clone(), relay.url.clone());
