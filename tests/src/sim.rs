@@ -740,11 +740,19 @@ impl Sim {
             let out = engine.handle(now, input);
             if trace {
                 eprintln!(
-                    "  {} <- {what}\n     => sends {} closes {:?} storage {} events {:?}",
+                    "  {} <- {what}\n     => sends {} closes {:?} storage {:?} events {:?}",
                     self.nodes[n].name,
                     out.sends.len(),
                     out.closes,
-                    out.storage.len(),
+                    out.storage
+                        .iter()
+                        .map(|t| match &t.op {
+                            StorageOp::Put(k, v) if k.to_string().contains("incremental") => {
+                                format!("Put(incremental len {})", v.len())
+                            }
+                            op => format!("{op:?}").chars().take(90).collect::<String>(),
+                        })
+                        .collect::<Vec<_>>(),
                     out.events
                         .iter()
                         .map(|e| format!("{e:?}").chars().take(80).collect::<String>())

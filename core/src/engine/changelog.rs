@@ -33,6 +33,7 @@
 
 use std::cell::{OnceCell, RefCell};
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
 
 use automerge::sync::{self, BloomFilter, Capability, Have, MessageFlags, MessageVersion};
 use automerge::{
@@ -46,6 +47,81 @@ use super::replica::{
 
 /// A vector clock: (actor index, highest sequence number), sorted by actor.
 type Clock = Vec<(u32, u32)>;
+
+/// Hash maps keyed by change hashes (already uniform SHA-256 output) or
+/// small integers need no SipHash; a keyed multiply-fold is several times
+/// faster and, with a per-process random key, still gives a peer no way to
+/// aim its hashes at one bucket.
+#[derive(Clone, Copy, Debug)]
+struct FoldState(u64);
+
+impl Default for FoldState {
+    fn default() -> Self {
+        use std::sync::OnceLock;
+        static KEY: OnceLock<u64> = OnceLock::new();
+        Self(
+            *KEY.get_or_init(|| {
+                std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
+            }),
+        )
+    }
+}
+
+impl BuildHasher for FoldState {
+    type Hasher = FoldHasher;
+    fn build_hasher(&self) -> FoldHasher {
+        FoldHasher(self.0)
+    }
+}
+
+#[derive(Debug)]
+struct FoldHasher(u64);
+
+impl FoldHasher {
+    #[inline]
+    fn mix(&mut self, v: u64) {
+        let m = u128::from(self.0 ^ v) * 0x9e37_79b9_7f4a_7c15_u128;
+        self.0 = (m as u64) ^ ((m >> 64) as u64);
+    }
+}
+
+impl Hasher for FoldHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.mix(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut buf = [0u8; 8];
+            buf[..rest.len()].copy_from_slice(rest);
+            self.mix(u64::from_le_bytes(buf));
+        }
+    }
+    #[inline]
+    fn write_u32(&mut self, v: u32) {
+        self.mix(u64::from(v));
+    }
+    #[inline]
+    fn write_u64(&mut self, v: u64) {
+        self.mix(v);
+    }
+    #[inline]
+    fn write_usize(&mut self, v: usize) {
+        self.mix(v as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, FoldState>;
+type FastSet<K> = HashSet<K, FoldState>;
+
+/// How many clocks of whole head sets are remembered.
+const SET_CLOCKS: usize = 16;
 
 /// Most clocks kept in the cache before it is trimmed to recent changes.
 const CLOCK_CACHE_MAX: usize = 8192;
@@ -77,13 +153,16 @@ struct Incoming {
 }
 
 impl Incoming {
-    fn from_change(change: &Change, bytes: Vec<u8>) -> Self {
+    /// Keeps the change uncompressed, as automerge's own `save_after` and
+    /// sync messages carry it (so both kinds of replica write and send the
+    /// same bytes).
+    fn from_change(change: Change) -> Self {
         Self {
             hash: change.hash(),
             deps: change.deps().to_vec(),
             actor: change.actor_id().clone(),
             seq: change.seq(),
-            bytes,
+            bytes: change.raw_bytes().to_vec(),
         }
     }
 }
@@ -96,7 +175,7 @@ pub struct ChangeLog {
     entries: Vec<Entry>,
     bytes: Vec<u8>,
     deps: Vec<u32>,
-    index: HashMap<ChangeHash, u32>,
+    index: FastMap<ChangeHash, u32>,
     actor_index: HashMap<ActorId, u32>,
     /// Per actor index: its changes' log indexes, by sequence number
     /// (`seq` n at position n - 1).
@@ -105,7 +184,14 @@ pub struct ChangeLog {
     heads: Vec<ChangeHash>,
     /// Changes waiting for dependencies we do not have yet.
     queue: Vec<Incoming>,
-    clocks: RefCell<HashMap<u32, Clock>>,
+    clocks: RefCell<FastMap<u32, Clock>>,
+    /// Clocks of recently asked-about head sets, newest first. The clock
+    /// of a set of changes we hold never changes (history is immutable), so
+    /// these stay valid until a rollback removes changes.
+    set_clocks: RefCell<Vec<(Vec<ChangeHash>, Clock)>>,
+    /// The Bloom filter last built (with the log length it was built at):
+    /// peers acknowledging the same heads get the same summary.
+    blooms: RefCell<Vec<(usize, Have)>>,
     /// The document, built on demand from the log.
     materialized: OnceCell<Option<Automerge>>,
 }
@@ -118,12 +204,14 @@ impl ChangeLog {
             entries: Vec::new(),
             bytes: Vec::new(),
             deps: Vec::new(),
-            index: HashMap::new(),
+            index: FastMap::default(),
             actor_index: HashMap::new(),
             by_actor: Vec::new(),
             heads: Vec::new(),
             queue: Vec::new(),
-            clocks: RefCell::new(HashMap::new()),
+            clocks: RefCell::new(FastMap::default()),
+            set_clocks: RefCell::new(Vec::new()),
+            blooms: RefCell::new(Vec::new()),
             materialized: OnceCell::new(),
         }
     }
@@ -161,7 +249,7 @@ impl ChangeLog {
         if let Some(c) = self.clocks.borrow().get(&idx) {
             return c.clone();
         }
-        let mut local: HashMap<u32, Clock> = HashMap::new();
+        let mut local: FastMap<u32, Clock> = FastMap::default();
         let mut stack = vec![idx];
         while let Some(&top) = stack.last() {
             if local.contains_key(&top) {
@@ -200,7 +288,7 @@ impl ChangeLog {
         let mut cache = self.clocks.borrow_mut();
         if cache.len() >= CLOCK_CACHE_MAX {
             let keep_from = (self.entries.len().saturating_sub(CLOCK_CACHE_RECENT)) as u32;
-            let heads: HashSet<u32> = self
+            let heads: FastSet<u32> = self
                 .heads
                 .iter()
                 .filter_map(|h| self.index.get(h).copied())
@@ -212,12 +300,37 @@ impl ChangeLog {
 
     /// The clock of a set of changes (unknown hashes are ignored).
     fn clock_of_set(&self, hashes: &[ChangeHash]) -> Clock {
-        let mut clock = Clock::new();
-        for h in hashes {
-            if let Some(&idx) = self.index.get(h) {
-                merge_into(&mut clock, &self.clock_of(idx));
+        if let [one] = hashes {
+            return self
+                .index
+                .get(one)
+                .map_or_else(Clock::new, |&i| self.clock_of(i));
+        }
+        {
+            let mut memo = self.set_clocks.borrow_mut();
+            if let Some(at) = memo.iter().position(|(k, _)| k.as_slice() == hashes) {
+                let hit = memo.remove(at);
+                let clock = hit.1.clone();
+                memo.insert(0, hit);
+                return clock;
             }
         }
+        let mut clock = Clock::new();
+        let mut all_known = true;
+        for h in hashes {
+            match self.index.get(h) {
+                Some(&idx) => merge_into(&mut clock, &self.clock_of(idx)),
+                None => all_known = false,
+            }
+        }
+        // A set naming changes we do not hold yet would get a different
+        // clock once they arrive: only complete sets are remembered.
+        if !all_known {
+            return clock;
+        }
+        let mut memo = self.set_clocks.borrow_mut();
+        memo.truncate(SET_CLOCKS - 1);
+        memo.insert(0, (hashes.to_vec(), clock.clone()));
         clock
     }
 
@@ -266,7 +379,7 @@ impl ChangeLog {
                     )
                     .map_err(|e| ReplicaError::Corrupt(e.to_string()))?;
                     for change in doc.get_changes(&[]) {
-                        out.push(Incoming::from_change(&change, change.raw_bytes().to_vec()));
+                        out.push(Incoming::from_change(change));
                     }
                 }
                 CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => {
@@ -274,7 +387,7 @@ impl ChangeLog {
                     // broken changes never enter the log.
                     let change = Change::try_from(piece.bytes)
                         .map_err(|e| ReplicaError::Corrupt(e.to_string()))?;
-                    out.push(Incoming::from_change(&change, piece.bytes.to_vec()));
+                    out.push(Incoming::from_change(change));
                 }
                 other => {
                     return Err(ReplicaError::Corrupt(format!(
@@ -419,11 +532,23 @@ impl ChangeLog {
         self.heads = mark.heads;
         let len = mark.entries as u32;
         self.clocks.borrow_mut().retain(|i, _| *i < len);
+        self.set_clocks.borrow_mut().clear();
+        self.blooms.borrow_mut().clear();
     }
 
     /// Dependencies of the peer's heads we lack (following queued changes
     /// back to what they wait for).
     fn missing_deps_from(&self, start: &[ChangeHash]) -> Vec<ChangeHash> {
+        if self.queue.is_empty() {
+            let mut missing: Vec<ChangeHash> = start
+                .iter()
+                .filter(|h| !self.index.contains_key(*h))
+                .copied()
+                .collect();
+            missing.sort();
+            missing.dedup();
+            return missing;
+        }
         let queued: HashMap<ChangeHash, &Incoming> =
             self.queue.iter().map(|c| (c.hash, c)).collect();
         let mut missing = HashSet::new();
@@ -466,7 +591,7 @@ impl ChangeLog {
         let candidates = self.indexes_after(&last_sync);
         // Candidates are in causal order, so one forward pass closes the
         // set under "depends on something we send".
-        let mut sending: HashSet<u32> = HashSet::new();
+        let mut sending: FastSet<u32> = FastSet::default();
         for &idx in &candidates {
             let entry = &self.entries[idx as usize];
             let unclaimed = have.iter().all(|h| !h.bloom.contains_hash(&entry.hash));
@@ -480,6 +605,22 @@ impl ChangeLog {
     }
 
     fn bloom_since(&self, last_sync: Vec<ChangeHash>) -> Have {
+        let len = self.entries.len();
+        {
+            let mut memo = self.blooms.borrow_mut();
+            memo.retain(|(at, _)| *at == len);
+            if let Some((_, have)) = memo.iter().find(|(_, h)| h.last_sync == last_sync) {
+                return have.clone();
+            }
+        }
+        let have = self.build_bloom(last_sync);
+        let mut memo = self.blooms.borrow_mut();
+        memo.truncate(SET_CLOCKS - 1);
+        memo.push((len, have.clone()));
+        have
+    }
+
+    fn build_bloom(&self, last_sync: Vec<ChangeHash>) -> Have {
         let hashes: Vec<ChangeHash> = self
             .indexes_after(&last_sync)
             .into_iter()
@@ -632,12 +773,16 @@ impl Replica for ChangeLog {
                         // The peer has nothing: send everything.
                         (0..self.entries.len() as u32).collect()
                     } else {
-                        self.indexes_to_send(have, need)
-                            .into_iter()
-                            .filter(|&i| {
-                                !state.sent_hashes.contains(&self.entries[i as usize].hash)
-                            })
-                            .collect()
+                        let mut out = self.indexes_to_send(have, need);
+                        if !state.sent_hashes.is_empty() {
+                            let sent: FastSet<u32> = state
+                                .sent_hashes
+                                .iter()
+                                .filter_map(|h| self.index.get(h).copied())
+                                .collect();
+                            out.retain(|i| !sent.contains(i));
+                        }
+                        out
                     }
                 }
                 _ => Vec::new(),
@@ -805,7 +950,7 @@ impl Replica for ChangeLog {
         let incoming: Vec<Incoming> = doc
             .get_changes(&self.heads)
             .into_iter()
-            .map(|c| Incoming::from_change(&c, c.raw_bytes().to_vec()))
+            .map(Incoming::from_change)
             .collect();
         // The materialized copy already holds these; keep it.
         let kept = self.materialized.take();
@@ -1104,5 +1249,106 @@ mod tests {
         let early = doc.get_changes(&[])[10].hash();
         let after = relay.indexes_after(&[early]);
         assert_eq!(after.len(), relay.len() - 11);
+    }
+
+    /// Ancestry by clocks against automerge's own answer, on random
+    /// histories of several actors fed to the log in a shuffled order,
+    /// asking about random sets of changes (including ones that arrive
+    /// only later: a set's clock must not be remembered while incomplete).
+    #[test]
+    fn changes_after_any_heads_match_automerge() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for round in 0..20 {
+            let mut peers: Vec<Box<dyn Replica>> = (1..=4).map(full).collect();
+            let mut all = Vec::new();
+            for step in 0..60 {
+                let p = next(4) as usize;
+                edit(peers[p].as_mut(), &format!("k{}", next(5)), step);
+                if next(3) == 0 {
+                    // Merge one peer into another so histories interleave.
+                    let q = next(4) as usize;
+                    if q != p {
+                        let bytes = peers[p].save();
+                        peers[q].load_chunk(&bytes).expect("merge");
+                    }
+                }
+            }
+            for p in &peers {
+                for c in p.document().expect("doc").get_changes(&[]) {
+                    all.push(c);
+                }
+            }
+            let mut reference = Automerge::new();
+            reference.apply_changes(all.clone()).expect("apply");
+            let hashes: Vec<ChangeHash> = reference
+                .get_changes(&[])
+                .iter()
+                .map(|c| c.hash())
+                .collect();
+            let mut log = ChangeLog::new(actor(9));
+            // Shuffle the arrival order; ask questions while it fills.
+            let mut order: Vec<usize> = (0..all.len()).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, next(i as u64 + 1) as usize);
+            }
+            for (n, &i) in order.iter().enumerate() {
+                log.load_chunk(all[i].raw_bytes()).expect("load");
+                if n % 7 == 0 || n + 1 == order.len() {
+                    let k = 1 + next(3) as usize;
+                    let mut set: Vec<ChangeHash> = (0..k)
+                        .map(|_| hashes[next(hashes.len() as u64) as usize])
+                        .collect();
+                    set.sort();
+                    set.dedup();
+                    // Ask now (maybe about changes not yet held)...
+                    let _ = log.indexes_after(&set);
+                    if n + 1 == order.len() {
+                        // ...and once everything is there, compare.
+                        let mut ours: Vec<ChangeHash> = log
+                            .indexes_after(&set)
+                            .into_iter()
+                            .map(|i| log.entries[i as usize].hash)
+                            .collect();
+                        let mut want: Vec<ChangeHash> = reference
+                            .get_changes(&set)
+                            .iter()
+                            .map(|c| c.hash())
+                            .collect();
+                        ours.sort();
+                        want.sort();
+                        assert_eq!(ours, want, "round {round}");
+                    }
+                }
+            }
+            assert_eq!(log.heads(), reference.get_heads(), "round {round}");
+            // Every remembered set is checked against automerge too.
+            let memo: Vec<Vec<ChangeHash>> = log
+                .set_clocks
+                .borrow()
+                .iter()
+                .map(|(k, _)| k.clone())
+                .collect();
+            for set in memo {
+                let mut ours: Vec<ChangeHash> = log
+                    .indexes_after(&set)
+                    .into_iter()
+                    .map(|i| log.entries[i as usize].hash)
+                    .collect();
+                let mut want: Vec<ChangeHash> = reference
+                    .get_changes(&set)
+                    .iter()
+                    .map(|c| c.hash())
+                    .collect();
+                ours.sort();
+                want.sort();
+                assert_eq!(ours, want, "round {round}, remembered set");
+            }
+        }
     }
 }

@@ -105,6 +105,9 @@ pub struct Engine {
     peer_docs: BTreeMap<PeerId, BTreeSet<DocumentId>>,
     tasks: BTreeMap<TaskId, Task>,
     timers: BTreeSet<(Timestamp, Timer)>,
+    /// (document, peer) pairs to generate a sync message for once the
+    /// current input or batch is handled.
+    deferred_sync: BTreeSet<(DocumentId, PeerId)>,
     /// Highest ephemeral `count` seen per (sender, session).
     ephemeral_seen: BTreeMap<(PeerId, SessionId), u64>,
     out: Output,
@@ -271,6 +274,7 @@ impl Engine {
             peer_docs: BTreeMap::new(),
             tasks: BTreeMap::new(),
             timers: BTreeSet::new(),
+            deferred_sync: BTreeSet::new(),
             ephemeral_seen: BTreeMap::new(),
             out: Output::default(),
         }
@@ -378,6 +382,29 @@ impl Engine {
     /// Feeds one input in at time `now`.
     pub fn handle(&mut self, now: Timestamp, input: Input) -> Output {
         self.advance(now);
+        self.step(input);
+        self.finish()
+    }
+
+    /// Feeds several inputs in at time `now` and answers them together.
+    /// The result is what feeding them one by one would give, except that
+    /// each peer gets one sync message per document for the whole batch
+    /// instead of one per input: under load the runtime hands over whatever
+    /// queued up, so the cost of answering a burst of changes does not grow
+    /// with the burst.
+    pub fn handle_batch(
+        &mut self,
+        now: Timestamp,
+        inputs: impl IntoIterator<Item = Input>,
+    ) -> Output {
+        self.advance(now);
+        for input in inputs {
+            self.step(input);
+        }
+        self.finish()
+    }
+
+    fn step(&mut self, input: Input) {
         match input {
             Input::Command(id, command) => self.on_command(id, command),
             Input::Connected { conn, direction } => self.on_connected(conn, direction),
@@ -386,7 +413,18 @@ impl Engine {
             Input::Storage { task, result } => self.on_storage(task, result),
             Input::Tick => {}
         }
-        self.finish()
+    }
+
+    fn flush_deferred_sync(&mut self) {
+        for (id, peer) in std::mem::take(&mut self.deferred_sync) {
+            self.sync_peer(&id, &peer);
+        }
+    }
+
+    /// Notes that `peer` may need a sync message for `id`; it is generated
+    /// when the current input (or batch) is done.
+    fn defer_sync(&mut self, id: &DocumentId, peer: &PeerId) {
+        self.deferred_sync.insert((id.clone(), peer.clone()));
     }
 
     fn advance(&mut self, now: Timestamp) {
@@ -394,7 +432,9 @@ impl Engine {
     }
 
     fn finish(&mut self) -> Output {
+        self.flush_deferred_sync();
         self.fire_timers();
+        self.flush_deferred_sync();
         if self.docs.len() > self.cfg.max_docs_in_memory {
             self.evict_cold();
         }
@@ -1051,7 +1091,7 @@ impl Engine {
         if changed {
             self.doc_changed(id, Origin::Remote(peer.clone()));
         } else {
-            self.sync_peer(id, peer);
+            self.defer_sync(id, peer);
         }
         let Some(doc) = self.docs.get(id) else { return };
         if is_request && doc.replica.is_empty() {
@@ -1306,7 +1346,7 @@ impl Engine {
             origin,
         });
         for peer in self.doc_audience(id, None) {
-            self.sync_peer(id, &peer);
+            self.defer_sync(id, &peer);
         }
     }
 

@@ -559,6 +559,9 @@ fn spawn_storage_thread(
     (tx, handle)
 }
 
+/// Most network messages handed to the engine as one batch.
+const MAX_BATCH: usize = 256;
+
 struct Actor {
     engine: Engine,
     remotes: BTreeMap<ConnectionId, String>,
@@ -577,6 +580,8 @@ struct Actor {
 impl Actor {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<MsgBox>) {
         let mut wake: Option<Timestamp> = None;
+        // A message taken from the queue while batching, to handle next.
+        let mut carried: Option<MsgBox> = None;
         loop {
             if self.shutdown.is_some() && self.in_flight_storage == 0 {
                 // Close the storage thread's queue and wait for it, so the
@@ -590,8 +595,9 @@ impl Actor {
                 }
                 return;
             }
-            let msg = match wake {
-                Some(at) => {
+            let msg = match (carried.take(), wake) {
+                (Some(m), _) => Some(m),
+                (None, Some(at)) => {
                     let deadline = tokio::time::Instant::from_std(self.clock.instant_of(at));
                     tokio::select! {
                         m = rx.recv() => m,
@@ -602,7 +608,7 @@ impl Actor {
                         }
                     }
                 }
-                None => rx.recv().await,
+                (None, None) => rx.recv().await,
             };
             let Some(MsgBox(msg)) = msg else { return };
             let now = self.clock.now();
@@ -653,7 +659,24 @@ impl Actor {
                     self.engine
                         .handle(now, Input::Connected { conn, direction })
                 }
-                Msg::Bytes(conn, bytes) => self.engine.handle(now, Input::Received { conn, bytes }),
+                Msg::Bytes(conn, bytes) => {
+                    // Take whatever else arrived meanwhile and answer it as
+                    // one batch (see `Engine::handle_batch`).
+                    let mut inputs = vec![Input::Received { conn, bytes }];
+                    while inputs.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(MsgBox(Msg::Bytes(conn, bytes))) => {
+                                inputs.push(Input::Received { conn, bytes });
+                            }
+                            Ok(other) => {
+                                carried = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.engine.handle_batch(now, inputs)
+                }
                 Msg::Sessions(reply) => {
                     let _ = reply.send(self.sessions.values().cloned().collect());
                     continue;
