@@ -182,8 +182,14 @@ pub struct Seed {
 }
 
 impl Seed {
-    /// A fresh document with an empty map.
+    /// A fresh document with an empty map, its id unique to this process.
     pub fn new(n: u64) -> anyhow::Result<Seed> {
+        Self::tagged(n, u64::from(std::process::id()))
+    }
+
+    /// Document `n` of a set named `tag`: another process asking for
+    /// `(n, tag)` gets the same id.
+    pub fn tagged(n: u64, tag: u64) -> anyhow::Result<Seed> {
         let mut doc = Automerge::new();
         let mut tx = doc.transaction();
         tx.put(ROOT, "seed", n as i64)?;
@@ -195,7 +201,7 @@ impl Seed {
             .to_vec();
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&n.to_le_bytes());
-        id[8..].copy_from_slice(&std::process::id().to_le_bytes().repeat(2));
+        id[8..].copy_from_slice(&tag.to_le_bytes());
         Ok(Seed {
             id: DocumentId::from_random(id),
             change,
@@ -279,6 +285,75 @@ impl Client {
     pub async fn subscribe(&mut self, seed: &Seed) -> anyhow::Result<()> {
         let view = DocView::new(&seed.heads);
         self.send_sync(&seed.id, view.message(Vec::new())).await
+    }
+
+    /// Uploads many seeds, `window` at a time (a server that throttles its
+    /// replies is not waited on one document at a time), and waits until
+    /// the server acknowledged each.
+    pub async fn upload_many(&mut self, seeds: &[Seed], window: usize) -> anyhow::Result<()> {
+        for batch in seeds.chunks(window.max(1)) {
+            let mut waiting: HashMap<DocumentId, Vec<ChangeHash>> = HashMap::new();
+            for seed in batch {
+                let view = DocView::new(&[]);
+                self.send_sync(&seed.id, view.message(vec![seed.change.clone()]))
+                    .await?;
+                waiting.insert(seed.id.clone(), seed.heads.clone());
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !waiting.is_empty() {
+                let frame = tokio::time::timeout_at(deadline.into(), self.ws.next())
+                    .await
+                    .context("the server did not acknowledge the uploads within 60 s")?;
+                let Some(frame) = frame else {
+                    bail!("the server closed the connection")
+                };
+                if let WsMessage::Binary(bytes) = frame? {
+                    if let Ok(Message::Sync(m)) = wire::decode(&bytes) {
+                        if let Ok(sync) = SyncMessage::decode(&m.data) {
+                            if waiting.get(&m.document_id) == Some(&sync.heads) {
+                                waiting.remove(&m.document_id);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks for a document we do not have and waits for its contents.
+    pub async fn fetch(&mut self, id: &DocumentId, timeout: Duration) -> anyhow::Result<()> {
+        let view = DocView::new(&[]);
+        let msg = Message::Request(DocMessage {
+            sender_id: self.me.clone(),
+            target_id: self.server.clone(),
+            document_id: id.clone(),
+            data: view.message(Vec::new()),
+        });
+        self.ws
+            .send(WsMessage::Binary(wire::encode(&msg).into()))
+            .await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let frame = tokio::time::timeout_at(deadline.into(), self.ws.next())
+                .await
+                .context("no reply with the document in time")?;
+            let Some(frame) = frame else {
+                bail!("the server closed the connection")
+            };
+            if let WsMessage::Binary(bytes) = frame? {
+                match wire::decode(&bytes) {
+                    Ok(Message::Sync(m))
+                        if &m.document_id == id
+                            && SyncMessage::decode(&m.data).is_ok_and(|s| !s.heads.is_empty()) =>
+                    {
+                        return Ok(());
+                    }
+                    Ok(Message::DocUnavailable { .. }) => bail!("the server does not have {id}"),
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// Uploads the seed and waits until the server has it.

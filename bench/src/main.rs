@@ -15,6 +15,7 @@
 
 mod client;
 mod floor;
+mod offline;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,6 +77,53 @@ enum Command {
         #[arg(long)]
         floor: bool,
     },
+    /// Core overhead on the editing trace (QUALITY.md P7): raw automerge
+    /// against a Converge repo, one change per keystroke.
+    Trace {
+        /// The trace as JSON `[[pos, del, text], ...]`.
+        #[arg(long)]
+        file: String,
+        /// How many keystrokes to apply (from the start).
+        #[arg(long, default_value_t = 20_000)]
+        edits: usize,
+    },
+    /// Reconnect cost after divergence (QUALITY.md P3), in process.
+    Reconnect {
+        /// The trace as JSON `[[pos, del, text], ...]`.
+        #[arg(long)]
+        file: String,
+        /// Keystroke changes in the shared document.
+        #[arg(long, default_value_t = 20_000)]
+        base: usize,
+        /// New changes on each side, comma separated.
+        #[arg(long, default_value = "1,10,100,1000")]
+        n: String,
+    },
+    /// Stores `--docs` small documents on a server (for QUALITY.md P5).
+    Populate {
+        /// The server's WebSocket URL.
+        #[arg(long)]
+        url: String,
+        /// How many documents.
+        #[arg(long, default_value_t = 10_000)]
+        docs: u64,
+        /// Names the set, so `first-reply` can ask for one of them.
+        #[arg(long, default_value_t = 5)]
+        tag: u64,
+    },
+    /// Connects as soon as the server accepts, asks for one populated
+    /// document and exits when its contents arrive (QUALITY.md P5).
+    FirstReply {
+        /// The server's WebSocket URL.
+        #[arg(long)]
+        url: String,
+        /// Which of the populated documents.
+        #[arg(long, default_value_t = 4242)]
+        doc: u64,
+        /// The populated set's tag.
+        #[arg(long, default_value_t = 5)]
+        tag: u64,
+    },
     /// The broadcast floor relay.
     Floor {
         /// Where to listen.
@@ -91,6 +139,48 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Floor { listen } => rt.block_on(floor::serve(&listen)),
+        Command::Populate { url, docs, tag } => rt.block_on(async move {
+            let seeds = (0..docs)
+                .map(|n| Seed::tagged(n, tag))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut client = Client::connect(&url, 4_000_000).await?;
+            client.upload_many(&seeds, 500).await?;
+            println!("{{\"populated\":{docs}}}");
+            Ok(())
+        }),
+        Command::FirstReply { url, doc, tag } => rt.block_on(async move {
+            let seed = Seed::tagged(doc, tag)?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut client = loop {
+                match Client::connect(&url, 5_000_000).await {
+                    Ok(c) => break c,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            client.fetch(&seed.id, Duration::from_secs(30)).await?;
+            println!("{{\"found\":true}}");
+            Ok(())
+        }),
+        Command::Trace { file, edits } => {
+            let trace = offline::read_trace(&file, edits)?;
+            println!("{}", rt.block_on(offline::trace(&trace))?);
+            Ok(())
+        }
+        Command::Reconnect { file, base, n } => {
+            let ns: Vec<usize> = n
+                .split(',')
+                .map(|x| x.trim().parse())
+                .collect::<Result<_, _>>()
+                .context("--n is a comma-separated list of counts")?;
+            let largest = ns.iter().max().copied().unwrap_or(0);
+            let trace = offline::read_trace(&file, base + 2 * largest + 1)?;
+            println!("{}", offline::reconnect(&trace, base, &ns)?);
+            Ok(())
+        }
         Command::Idle {
             url,
             conns,

@@ -212,5 +212,24 @@ mod tests {
         ));
         let err = load(&["--config", "/nonexistent/converge.toml"]).expect_err("missing file");
         assert!(err.to_string().contains("cannot read config file"));
+        let err = load(&["--replica", "half-document"]).expect_err("unknown replica");
+        assert!(err.to_string().contains("change-log"), "{err}");
+    }
+
+    #[test]
+    fn replica_kind_comes_from_flag_or_file() {
+        assert_eq!(load(&[]).expect("defaults").replica, ReplicaKind::ChangeLog);
+        let c = load(&["--replica", "full-document"]).expect("flag");
+        assert_eq!(c.replica, ReplicaKind::FullDocument);
+        let dir = std::env::temp_dir().join(format!("converge-replica-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("relay.toml");
+        std::fs::write(&file, "replica = \"full-document\"\n").expect("write");
+        let c = load(&["--config", file.to_str().expect("utf8")]).expect("file");
+        assert_eq!(c.replica, ReplicaKind::FullDocument);
+        std::fs::write(&file, "replica = \"nope\"\n").expect("write");
+        let err = load(&["--config", file.to_str().expect("utf8")]).expect_err("bad file value");
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

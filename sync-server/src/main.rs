@@ -17,6 +17,11 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("bench-storage") {
+        let settings = converge_server::storage_bench::Settings::parse(&args[2..])?;
+        return converge_server::storage_bench::run(settings).await;
+    }
     let config = match Config::load(std::env::args_os()) {
         Ok(c) => c,
         Err(converge_server::config::ConfigError::Args(e)) => e.exit(),

@@ -226,6 +226,9 @@ impl Sim {
         config.resync_interval = Duration::from_secs(3);
         config.request_timeout = Duration::from_secs(10);
         config.handshake_timeout = Duration::from_secs(5);
+        // Compact as soon as the chunks outweigh the snapshot, so small
+        // simulated documents exercise compaction.
+        config.compact_after_bytes = 0;
         if role == Role::Relay {
             config.policy = Arc::new(RelayPolicy);
         }

@@ -1566,6 +1566,11 @@ impl Engine {
                         // and then not even the heads it started from are on
                         // disk. Everything is rewritten.
                         d.store.saved_heads = Vec::new();
+                    } else if d.unconfirmed_saves == 0 && d.store.saved_heads == d.replica.heads() {
+                        self.out.events.push(Event::Saved {
+                            document_id: doc,
+                            heads: d.store.saved_heads.clone(),
+                        });
                     }
                 }
             }
@@ -1703,7 +1708,8 @@ impl Engine {
         // lost in a crash without losing anything.
         let compact = !doc.store.compacting
             && doc.store.incremental_keys.len() > 1
-            && doc.store.incremental_bytes >= doc.store.snapshot_bytes;
+            && doc.store.incremental_bytes >= doc.store.snapshot_bytes
+            && doc.store.incremental_bytes >= self.cfg.compact_after_bytes;
         let replace = if compact {
             doc.store.compacting = true;
             doc.store.incremental_bytes = 0;

@@ -91,6 +91,11 @@ pub struct EngineConfig {
     /// the least recently used cold documents are dropped from memory and
     /// read back from storage when next needed.
     pub max_docs_in_memory: usize,
+    /// Incremental chunks are merged into one snapshot once they add up
+    /// to the snapshot's size *and* to at least this many bytes. Merging
+    /// reads the whole document, so a floor keeps small, busy documents
+    /// from being re-read every few changes.
+    pub compact_after_bytes: usize,
 }
 
 impl EngineConfig {
@@ -108,6 +113,7 @@ impl EngineConfig {
             request_timeout: Duration::from_secs(30),
             unavailable_grace: Duration::from_millis(250),
             resync_interval: Duration::from_secs(15),
+            compact_after_bytes: 64 << 10,
             max_docs_in_memory: 10_000,
         }
     }
@@ -251,6 +257,14 @@ pub enum Event {
         heads: Vec<ChangeHash>,
         /// Why.
         origin: Origin,
+    },
+    /// Every change of a document up to `heads` is on disk (with
+    /// `--sync-writes`, fsynced): no write for it is outstanding.
+    Saved {
+        /// Which document.
+        document_id: DocumentId,
+        /// The heads that are saved.
+        heads: Vec<ChangeHash>,
     },
     /// Nobody had a requested document.
     DocUnavailable {

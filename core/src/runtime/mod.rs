@@ -438,6 +438,26 @@ impl DocHandle {
             .await
     }
 
+    /// Waits until every change made to the document so far is on disk
+    /// (fsynced, if the storage syncs writes).
+    pub async fn saved(&self) -> Result<(), RepoError> {
+        let mut events = self.repo.events();
+        loop {
+            if self.sync_status().await?.is_none_or(|s| s.saved) {
+                return Ok(());
+            }
+            loop {
+                match events.recv().await {
+                    Ok(Event::Saved { document_id, .. }) if document_id == self.id => break,
+                    Ok(_) => {}
+                    // Missed events: look at the status again.
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return Err(RepoError::Stopped),
+                }
+            }
+        }
+    }
+
     /// The document's heads.
     pub async fn heads(&self) -> Result<Vec<ChangeHash>, RepoError> {
         let id = self.id.clone();

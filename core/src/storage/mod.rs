@@ -21,6 +21,9 @@ mod rocks;
 pub use memory::MemoryStorage;
 #[cfg(feature = "rocksdb")]
 pub use rocks::RocksStorage;
+/// The RocksDB bindings this crate stores with (for measuring tools).
+#[cfg(feature = "rocksdb")]
+pub use rocksdb;
 
 use std::fmt;
 

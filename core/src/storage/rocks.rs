@@ -46,6 +46,13 @@ fn backend(e: rocksdb::Error) -> StorageError {
 }
 
 impl RocksStorage {
+    /// The underlying database, for tools that measure RocksDB itself
+    /// (`converge-server bench-storage`). Writing to it directly bypasses
+    /// the key layout above.
+    pub fn raw(&self) -> &DB {
+        &self.db
+    }
+
     /// Opens (creating if needed) the database in `dir`.
     pub fn open(dir: &Path, sync_writes: bool) -> Result<Self, StorageError> {
         let mut opts = Options::default();

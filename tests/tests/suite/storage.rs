@@ -125,7 +125,9 @@ async fn every_version_stays_reachable_after_compaction_and_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (id, versions) = {
         let storage = open(dir.path());
-        let repo = Repo::start(RepoConfig::new(None), storage.clone());
+        let mut config = RepoConfig::new(None);
+        config.engine.compact_after_bytes = 0;
+        let repo = Repo::start(config, storage.clone());
         let handle = repo.create(None).await.expect("create");
         let mut versions = Vec::new();
         for i in 0..60i64 {
@@ -286,4 +288,62 @@ async fn shutdown_releases_the_store_even_while_handles_live() {
     assert!(matches!(repo.documents().await, Err(RepoError::Stopped)));
     drop(handle);
     again.shutdown().await;
+}
+
+/// `DocHandle::saved` returns once the document's changes are on disk, and
+/// the store then holds them (a restart finds the last change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saved_waits_until_the_changes_are_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = {
+        let storage = open(dir.path());
+        let repo = Repo::start(RepoConfig::new(None), storage.clone());
+        let handle = repo.create(None).await.expect("create");
+        for i in 0..20i64 {
+            handle
+                .change(move |d| {
+                    let mut tx = d.transaction();
+                    tx.put(ROOT, "n", i).expect("put");
+                    tx.commit();
+                })
+                .await
+                .expect("change");
+        }
+        handle.saved().await.expect("saved");
+        let status = handle
+            .sync_status()
+            .await
+            .expect("status")
+            .expect("in memory");
+        assert!(status.saved);
+        // Still running: whatever `saved` promised must already be in the
+        // store, readable as the document with the last change.
+        let mut replica = converge_core::engine::FullDocument::new(automerge::ActorId::random());
+        for (key, bytes) in storage
+            .range(&StorageKey::doc_prefix(handle.id()))
+            .expect("range")
+        {
+            if matches!(key.classify(), Some(DocKey::Chunk(..))) {
+                converge_core::engine::Replica::load_chunk(&mut replica, &bytes).expect("chunk");
+            }
+        }
+        let doc = converge_core::engine::Replica::document(&replica).expect("doc");
+        assert_eq!(
+            doc.get(ROOT, "n")
+                .expect("get")
+                .map(|(v, _)| v.to_string())
+                .as_deref(),
+            Some("19")
+        );
+        repo.shutdown().await;
+        handle.id().clone()
+    };
+    let repo = Repo::start(RepoConfig::new(None), open(dir.path()));
+    let handle = repo.find(&id).await.expect("found");
+    let n = handle
+        .with_doc(|d| d.get(ROOT, "n").expect("get").map(|(v, _)| v.to_string()))
+        .await
+        .expect("read");
+    assert_eq!(n.flatten().as_deref(), Some("19"));
+    repo.shutdown().await;
 }

@@ -1,0 +1,255 @@
+//! In-process scenarios: the editing trace (P7) and reconnect cost (P3).
+//!
+//! Both read the editing trace as JSON `[[position, deleted, inserted], …]`
+//! (bench/run.py converts the published `automerge-paper.json.gz` into it).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use automerge::sync;
+use automerge::transaction::Transactable;
+use automerge::{ActorId, Automerge, ObjId, ObjType, ReadDoc, ROOT};
+use converge_core::engine::{Replica, ReplicaKind};
+use converge_core::runtime::{Repo, RepoConfig};
+use converge_core::storage::MemoryStorage;
+use serde_json::json;
+
+/// One keystroke: at `pos`, delete `del` characters and insert `ins`.
+pub struct Edit {
+    pos: usize,
+    del: isize,
+    ins: String,
+}
+
+/// Reads the first `limit` edits of a trace file.
+pub fn read_trace(path: &str, limit: usize) -> anyhow::Result<Vec<Edit>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let raw: Vec<(usize, usize, String)> =
+        serde_json::from_str(&text).context("the trace is not [[pos, del, text], ...]")?;
+    Ok(raw
+        .into_iter()
+        .take(limit)
+        .map(|(pos, del, ins)| Edit {
+            pos,
+            del: del as isize,
+            ins,
+        })
+        .collect())
+}
+
+fn splice(tx: &mut impl Transactable, text: &ObjId, e: &Edit) {
+    tx.splice_text(text, e.pos, e.del, &e.ins)
+        .expect("the trace stays inside the text");
+}
+
+/// P7: the trace applied one keystroke per change, through raw automerge
+/// and through a Converge repo (`DocHandle::change`, which also persists
+/// every change to the repo's storage).
+pub async fn trace(edits: &[Edit]) -> anyhow::Result<serde_json::Value> {
+    // Raw automerge: one transaction per keystroke.
+    let started = Instant::now();
+    let mut raw = Automerge::new();
+    let text = {
+        let mut tx = raw.transaction();
+        let t = tx.put_object(ROOT, "text", ObjType::Text)?;
+        tx.commit();
+        t
+    };
+    for e in edits {
+        let mut tx = raw.transaction();
+        splice(&mut tx, &text, e);
+        tx.commit();
+    }
+    let raw_time = started.elapsed();
+    let raw_text = raw.text(&text)?;
+
+    // Converge: the same keystrokes through the repo's actor.
+    let repo = Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()));
+    let handle = repo.create(None).await?;
+    let text = handle
+        .change(|d| {
+            let mut tx = d.transaction();
+            let t = tx.put_object(ROOT, "text", ObjType::Text).expect("text");
+            tx.commit();
+            t
+        })
+        .await?;
+    let started = Instant::now();
+    for e in edits {
+        let (pos, del, ins) = (e.pos, e.del, e.ins.clone());
+        let text = text.clone();
+        handle
+            .change(move |d| {
+                let mut tx = d.transaction();
+                splice(&mut tx, &text, &Edit { pos, del, ins });
+                tx.commit();
+            })
+            .await?;
+    }
+    let ours_time = started.elapsed();
+    let ours_text = handle
+        .with_doc(move |d| d.text(&text).unwrap_or_default())
+        .await?
+        .unwrap_or_default();
+    repo.shutdown().await;
+    anyhow::ensure!(
+        ours_text == raw_text,
+        "the two runs ended with different text"
+    );
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / edits.len().max(1) as f64;
+    Ok(json!({
+        "scenario": "p7",
+        "edits": edits.len(),
+        "chars": raw_text.chars().count(),
+        "raw_us_per_edit": per(raw_time),
+        "ours_us_per_edit": per(ours_time),
+        "ratio": ours_time.as_secs_f64() / raw_time.as_secs_f64(),
+    }))
+}
+
+/// Bytes and round trips of one sync exchange until both sides are quiet.
+struct Exchange {
+    bytes: usize,
+    round_trips: usize,
+}
+
+fn exchange(
+    a: &mut dyn Replica,
+    sa: &mut sync::State,
+    b: &mut dyn Replica,
+    sb: &mut sync::State,
+) -> anyhow::Result<Exchange> {
+    let (mut bytes, mut round_trips) = (0, 0);
+    for _ in 0..1000 {
+        let ab = a.generate_sync_message(sa);
+        let ba = b.generate_sync_message(sb);
+        if ab.is_none() && ba.is_none() {
+            return Ok(Exchange { bytes, round_trips });
+        }
+        round_trips += 1;
+        if let Some(m) = ab {
+            let wire = m.encode();
+            bytes += wire.len();
+            b.receive_sync_message(sb, sync::Message::decode(&wire)?)?;
+        }
+        if let Some(m) = ba {
+            let wire = m.encode();
+            bytes += wire.len();
+            a.receive_sync_message(sa, sync::Message::decode(&wire)?)?;
+        }
+    }
+    anyhow::bail!("sync did not settle")
+}
+
+fn replica(kind: ReplicaKind, actor: u8, bytes: &[u8]) -> anyhow::Result<Box<dyn Replica>> {
+    let mut r = kind.factory()(ActorId::from(vec![actor; 16]));
+    r.load_chunk(bytes)?;
+    Ok(r)
+}
+
+/// Makes `n` keystroke changes on a full document (continuing the trace
+/// where `next` points) and returns their raw bytes.
+fn type_on(doc: &mut Automerge, text: &ObjId, edits: &[Edit], next: &mut usize, n: usize) -> usize {
+    let before = doc.get_heads();
+    for _ in 0..n {
+        let e = &edits[*next % edits.len()];
+        *next += 1;
+        let len = doc.length(text);
+        let mut tx = doc.transaction();
+        // Replayed past its own context the trace may point beyond the
+        // end; clamp it.
+        let pos = e.pos.min(len);
+        let del = e.del.min((len - pos) as isize);
+        splice(
+            &mut tx,
+            text,
+            &Edit {
+                pos,
+                del,
+                ins: e.ins.clone(),
+            },
+        );
+        tx.commit();
+    }
+    doc.get_changes(&before)
+        .iter()
+        .map(|c| c.raw_bytes().len())
+        .sum()
+}
+
+/// P3: a client and a relay share a document of `base` keystroke changes
+/// and are in sync; then each side gets `n` new changes (the relay from
+/// another client) and they reconnect. Reports the bytes and round trips
+/// of that sync with a fresh sync state and with the stored one, for each
+/// relay replica kind, against the floor (the new changes' raw bytes plus
+/// 32 bytes per head, one round trip). The full-document relay is
+/// automerge's own sync loop (`FullDocument` calls it directly).
+pub fn reconnect(edits: &[Edit], base: usize, ns: &[usize]) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(
+        edits.len() > base,
+        "the trace is shorter than the base document"
+    );
+    let mut origin = Automerge::new().with_actor(ActorId::from(vec![1u8; 16]));
+    let text = {
+        let mut tx = origin.transaction();
+        let t = tx.put_object(ROOT, "text", ObjType::Text)?;
+        tx.commit();
+        t
+    };
+    for e in &edits[..base] {
+        let mut tx = origin.transaction();
+        splice(&mut tx, &text, e);
+        tx.commit();
+    }
+    let saved = origin.save();
+    let mut rows = Vec::new();
+    for &n in ns {
+        for kind in [ReplicaKind::ChangeLog, ReplicaKind::FullDocument] {
+            for stored in [true, false] {
+                let mut client = replica(ReplicaKind::FullDocument, 2, &saved)?;
+                let mut relay = replica(kind, 3, &saved)?;
+                let (mut sc, mut sr) = (sync::State::new(), sync::State::new());
+                exchange(client.as_mut(), &mut sc, relay.as_mut(), &mut sr)?;
+                // Diverge: the client types n keystrokes offline; another
+                // client's n keystrokes reach the relay.
+                let mut next = base;
+                let mut mine = Automerge::load(&saved)?.with_actor(ActorId::from(vec![4u8; 16]));
+                let mut theirs = Automerge::load(&saved)?.with_actor(ActorId::from(vec![5u8; 16]));
+                let mine_bytes = type_on(&mut mine, &text, edits, &mut next, n);
+                let theirs_bytes = type_on(&mut theirs, &text, edits, &mut next, n);
+                client.load_chunk(&mine.save_after(&origin.get_heads()))?;
+                relay.load_chunk(&theirs.save_after(&origin.get_heads()))?;
+                let (mut sc, mut sr) = if stored {
+                    // As the engine persists it: encoded, then decoded.
+                    (
+                        sync::State::decode(&sc.encode())?,
+                        sync::State::decode(&sr.encode())?,
+                    )
+                } else {
+                    (sync::State::new(), sync::State::new())
+                };
+                let started = Instant::now();
+                let ex = exchange(client.as_mut(), &mut sc, relay.as_mut(), &mut sr)?;
+                let elapsed = started.elapsed();
+                anyhow::ensure!(
+                    client.heads() == relay.heads(),
+                    "reconnect did not converge"
+                );
+                let heads = client.heads().len();
+                let floor = mine_bytes + theirs_bytes + 32 * heads * 2;
+                rows.push(json!({
+                    "n": n,
+                    "relay": kind.name(),
+                    "state": if stored { "stored" } else { "fresh" },
+                    "bytes": ex.bytes,
+                    "round_trips": ex.round_trips,
+                    "floor_bytes": floor,
+                    "ratio": ex.bytes as f64 / floor as f64,
+                    "ms": elapsed.as_secs_f64() * 1e3,
+                }));
+            }
+        }
+    }
+    Ok(json!({"scenario": "p3", "base_changes": base + 1, "rows": rows}))
+}

@@ -1,0 +1,172 @@
+//! `converge-server bench-storage`: how fast this disk takes durable
+//! appends, through Converge and through RocksDB alone (QUALITY.md P4).
+//!
+//! ```sh
+//! converge-server bench-storage --dir /var/tmp/x --writers 64 --secs 3 [--no-sync]
+//! ```
+//!
+//! - **RocksDB**: `writers` threads, each putting ~100-byte values with
+//!   `WriteOptions::set_sync` (RocksDB commits concurrent writers as one
+//!   group: one fsync for many writes).
+//! - **Converge**: a repo on the same kind of store; `writers` tasks, each
+//!   on its own document, make one change (one ~100-byte key) and wait until
+//!   it is on disk before the next (`DocHandle::saved`).
+//!
+//! Prints one JSON line with both rates (changes or puts per second).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use automerge::transaction::Transactable;
+use automerge::ROOT;
+use converge_core::runtime::{Repo, RepoConfig};
+use converge_core::storage::{rocksdb, RocksStorage};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Scratch directory (two databases are created inside).
+    pub dir: PathBuf,
+    /// Concurrent writers.
+    pub writers: usize,
+    /// Seconds per measurement.
+    pub secs: f64,
+    /// fsync every write (the default) or not.
+    pub sync: bool,
+}
+
+impl Settings {
+    /// Parses `--dir D --writers N --secs S [--no-sync]`.
+    pub fn parse(args: &[String]) -> anyhow::Result<Settings> {
+        let mut s = Settings {
+            dir: std::env::temp_dir().join("converge-bench-storage"),
+            writers: 1,
+            secs: 3.0,
+            sync: true,
+        };
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+            match flag.as_str() {
+                "--dir" => s.dir = PathBuf::from(value()?),
+                "--writers" => s.writers = value()?.parse().context("--writers")?,
+                "--secs" => s.secs = value()?.parse().context("--secs")?,
+                "--no-sync" => s.sync = false,
+                other => anyhow::bail!(
+                    "unknown flag {other} (expected --dir, --writers, --secs, --no-sync)"
+                ),
+            }
+        }
+        anyhow::ensure!(
+            s.writers >= 1 && s.secs > 0.0,
+            "--writers and --secs must be positive"
+        );
+        Ok(s)
+    }
+}
+
+fn fresh(dir: &Path) -> anyhow::Result<PathBuf> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir.to_path_buf())
+}
+
+/// RocksDB alone: puts per second with `writers` threads.
+fn raw_rate(s: &Settings) -> anyhow::Result<f64> {
+    let store = RocksStorage::open(&fresh(&s.dir.join("raw"))?, s.sync)?;
+    let db = store.raw();
+    let stop = AtomicBool::new(false);
+    let count = AtomicU64::new(0);
+    let value = vec![0x5au8; 100];
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for w in 0..s.writers {
+            let (stop, count, value) = (&stop, &count, &value);
+            scope.spawn(move || {
+                let mut opts = rocksdb::WriteOptions::default();
+                opts.set_sync(s.sync);
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("w{w}/{i:012}");
+                    if db.put_opt(key.as_bytes(), value, &opts).is_ok() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += 1;
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_secs_f64(s.secs));
+        stop.store(true, Ordering::Relaxed);
+    });
+    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Converge: changes per second, each acknowledged once on disk.
+async fn converge_rate(s: &Settings) -> anyhow::Result<f64> {
+    let store = Arc::new(RocksStorage::open(
+        &fresh(&s.dir.join("converge"))?,
+        s.sync,
+    )?);
+    let repo = Repo::start(RepoConfig::new(None), store);
+    let mut handles = Vec::new();
+    for _ in 0..s.writers {
+        let h = repo.create(None).await?;
+        h.saved().await?;
+        handles.push(h);
+    }
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(s.secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for h in handles {
+        let count = count.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0i64;
+            while Instant::now() < deadline {
+                h.change(move |d| {
+                    let mut tx = d.transaction();
+                    tx.put(ROOT, "n", i).expect("put");
+                    tx.put(ROOT, "pad", "x".repeat(40)).expect("put");
+                    tx.commit();
+                })
+                .await?;
+                h.saved().await?;
+                count.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let rate = count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    repo.shutdown().await;
+    Ok(rate)
+}
+
+/// Runs both and prints the JSON line.
+pub async fn run(s: Settings) -> anyhow::Result<()> {
+    let raw = tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || raw_rate(&s)
+    })
+    .await??;
+    let ours = converge_rate(&s).await?;
+    let _ = std::fs::remove_dir_all(&s.dir);
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "p4",
+            "writers": s.writers,
+            "sync": s.sync,
+            "rocksdb_per_sec": raw,
+            "converge_per_sec": ours,
+            "ratio": ours / raw,
+        })
+    );
+    Ok(())
+}
