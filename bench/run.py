@@ -250,8 +250,9 @@ def other_scenarios():
     if trace:
         print("[p7] editing trace through Converge vs raw automerge", flush=True)
         edits = "2000" if QUICK else "20000"
-        runs = [run_json(pinned(LOADGEN_CPU, [BENCH, "trace", "--file", trace, "--edits", edits]))
-                for _ in range(n)]
+        # Not pinned: the repo saves on its own storage thread, which runs
+        # on the other core as it would on any phone or laptop.
+        runs = [run_json([BENCH, "trace", "--file", trace, "--edits", edits]) for _ in range(n)]
         extra["p7"] = {"edits": runs[0]["edits"], "raw": median_of(runs, "raw_us_per_edit"),
                        "ours": median_of(runs, "ours_us_per_edit"), "ratio": median_of(runs, "ratio")}
         print(f"  {extra['p7']}", flush=True)
@@ -412,7 +413,8 @@ def write_report(results, hot_points, many_points, secs, conns, extra):
         lines += ["## P7 core overhead on the editing trace", "",
                   f"The first {p7['edits']} keystrokes of the editing trace, one change each: raw automerge",
                   "(a transaction per keystroke) against a Converge repo (`DocHandle::change` per keystroke,",
-                  "through the repo's actor, saved to its storage).", "",
+                  "through the repo's actor, saved to its in-memory storage). Wall time, process not pinned:",
+                  "the repo's storage thread (incremental saves, compaction) runs on the other core.", "",
                   "| raw automerge µs/keystroke | Converge µs/keystroke | ours / raw |", "|---|---|---|",
                   f"| {p7['raw']:.1f} | {p7['ours']:.1f} | {p7['ratio']:.2f}× |", ""]
     if "trace_error" in extra:

@@ -92,9 +92,10 @@ pub struct EngineConfig {
     /// read back from storage when next needed.
     pub max_docs_in_memory: usize,
     /// Incremental chunks are merged into one snapshot once they add up
-    /// to the snapshot's size *and* to at least this many bytes. Merging
-    /// reads the whole document, so a floor keeps small, busy documents
-    /// from being re-read every few changes.
+    /// to as many bytes as the snapshot has absorbed before (so merges get
+    /// rarer as the history grows) *and* to at least this many bytes.
+    /// Merging reads the whole document; the floor keeps small, busy
+    /// documents from being re-read every few changes.
     pub compact_after_bytes: usize,
 }
 

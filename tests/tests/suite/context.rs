@@ -391,9 +391,12 @@ async fn remote_changes_arrive_as_patches_with_their_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_joins_updates_and_expires() {
     use converge_core::runtime::{Presence, PresenceConfig, PresenceEvent};
+    // A time-to-live of ten heartbeats: the suite runs many tests at once
+    // on few cores, and a heartbeat held up for most of a short TTL would
+    // expire Alice while she is still there.
     let fast = PresenceConfig {
         heartbeat: Duration::from_millis(200),
-        ttl: Duration::from_millis(800),
+        ttl: Duration::from_millis(2000),
     };
     let alice = Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()));
     let bob = Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()));
@@ -450,11 +453,19 @@ async fn presence_joins_updates_and_expires() {
     assert_eq!(updated.get("cursor"), Some(&json!({"line": 3})));
 
     // Heartbeats keep Alice present well past the time-to-live...
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     assert!(
         bob_presence.peers().contains_key(alice.peer_id()),
         "alice expired despite heartbeats"
     );
+    // (and she never left meanwhile: no stale event may stand in for the
+    // expiry measured next)
+    while let Ok(event) = seen.try_recv() {
+        assert!(
+            !matches!(event, PresenceEvent::Left { .. }),
+            "alice left while sending heartbeats: {event:?}"
+        );
+    }
     // ...until she goes silent.
     let silent_since = std::time::Instant::now();
     drop(alice_presence);
