@@ -315,14 +315,38 @@ impl ChangeLog {
                 return clock;
             }
         }
-        let mut clock = Clock::new();
         let mut all_known = true;
-        for h in hashes {
-            match self.index.get(h) {
-                Some(&idx) => merge_into(&mut clock, &self.clock_of(idx)),
-                None => all_known = false,
+        let clock = if hashes.len() <= 4 {
+            let mut clock = Clock::new();
+            for h in hashes {
+                match self.index.get(h) {
+                    Some(&idx) => merge_into(&mut clock, &self.clock_of(idx)),
+                    None => all_known = false,
+                }
             }
-        }
+            clock
+        } else {
+            // Many heads (many concurrent writers): take the maximum per
+            // actor in a dense table rather than merging clock after clock.
+            let mut dense = vec![0u32; self.by_actor.len()];
+            for h in hashes {
+                match self.index.get(h) {
+                    Some(&idx) => {
+                        for (actor, seq) in self.clock_of(idx) {
+                            let slot = &mut dense[actor as usize];
+                            *slot = (*slot).max(seq);
+                        }
+                    }
+                    None => all_known = false,
+                }
+            }
+            dense
+                .into_iter()
+                .enumerate()
+                .filter(|&(_, seq)| seq > 0)
+                .map(|(actor, seq)| (actor as u32, seq))
+                .collect()
+        };
         // A set naming changes we do not hold yet would get a different
         // clock once they arrive: only complete sets are remembered.
         if !all_known {
@@ -697,14 +721,45 @@ fn include(clock: &mut Clock, actor: u32, seq: u32) {
     }
 }
 
+/// Entry-wise maximum of two clocks, in one pass over both (they are
+/// sorted by actor).
 fn merge_into(into: &mut Clock, other: &Clock) {
     if into.is_empty() {
         into.clone_from(other);
         return;
     }
-    for &(actor, seq) in other {
-        include(into, actor, seq);
+    if other.is_empty() {
+        return;
     }
+    let mut merged = Clock::with_capacity(into.len().max(other.len()));
+    let (mut a, mut b) = (into.iter().peekable(), other.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (Some(&&(x, sx)), Some(&&(y, sy))) => {
+                if x == y {
+                    merged.push((x, sx.max(sy)));
+                    a.next();
+                    b.next();
+                } else if x < y {
+                    merged.push((x, sx));
+                    a.next();
+                } else {
+                    merged.push((y, sy));
+                    b.next();
+                }
+            }
+            (Some(&&e), None) => {
+                merged.push(e);
+                a.next();
+            }
+            (None, Some(&&e)) => {
+                merged.push(e);
+                b.next();
+            }
+            (None, None) => break,
+        }
+    }
+    *into = merged;
 }
 
 fn has_capability(state: &sync::State, cap: &Capability) -> bool {
@@ -774,9 +829,12 @@ impl Replica for ChangeLog {
                         (0..self.entries.len() as u32).collect()
                     } else {
                         let mut out = self.indexes_to_send(have, need);
-                        if !state.sent_hashes.is_empty() {
-                            let sent: FastSet<u32> = state
-                                .sent_hashes
+                        let sent = &state.sent_hashes;
+                        if out.len() * 8 < sent.len() {
+                            // Few candidates: look each up.
+                            out.retain(|&i| !sent.contains(&self.entries[i as usize].hash));
+                        } else if !sent.is_empty() {
+                            let sent: FastSet<u32> = sent
                                 .iter()
                                 .filter_map(|h| self.index.get(h).copied())
                                 .collect();
@@ -1228,6 +1286,18 @@ mod tests {
         edit(relay.as_mut(), "local", 3);
         sync(relay.as_mut(), &mut s1, client.as_mut(), &mut s2);
         assert_eq!(contents(client.as_ref()), "local=3,remote=2");
+    }
+
+    #[test]
+    fn clocks_merge_entry_wise() {
+        let mut a: Clock = vec![(0, 3), (2, 1), (5, 9)];
+        merge_into(&mut a, &vec![(1, 4), (2, 7), (5, 2), (8, 1)]);
+        assert_eq!(a, vec![(0, 3), (1, 4), (2, 7), (5, 9), (8, 1)]);
+        let mut empty = Clock::new();
+        merge_into(&mut empty, &a);
+        assert_eq!(empty, a);
+        merge_into(&mut a, &Clock::new());
+        assert_eq!(a, empty);
     }
 
     #[test]
