@@ -1321,6 +1321,27 @@ mod tests {
         assert_eq!(after.len(), relay.len() - 11);
     }
 
+    /// The changes after `set` by the log and by automerge, both sorted.
+    fn after_both(
+        log: &ChangeLog,
+        reference: &Automerge,
+        set: &[ChangeHash],
+    ) -> (Vec<ChangeHash>, Vec<ChangeHash>) {
+        let mut ours: Vec<ChangeHash> = log
+            .indexes_after(set)
+            .into_iter()
+            .map(|i| log.entries[i as usize].hash)
+            .collect();
+        let mut want: Vec<ChangeHash> = reference
+            .get_changes(set)
+            .iter()
+            .map(|c| c.hash())
+            .collect();
+        ours.sort();
+        want.sort();
+        (ours, want)
+    }
+
     /// Ancestry by clocks against automerge's own answer, on random
     /// histories of several actors fed to the log in a shuffled order,
     /// asking about random sets of changes (including ones that arrive
@@ -1380,18 +1401,7 @@ mod tests {
                     let _ = log.indexes_after(&set);
                     if n + 1 == order.len() {
                         // ...and once everything is there, compare.
-                        let mut ours: Vec<ChangeHash> = log
-                            .indexes_after(&set)
-                            .into_iter()
-                            .map(|i| log.entries[i as usize].hash)
-                            .collect();
-                        let mut want: Vec<ChangeHash> = reference
-                            .get_changes(&set)
-                            .iter()
-                            .map(|c| c.hash())
-                            .collect();
-                        ours.sort();
-                        want.sort();
+                        let (ours, want) = after_both(&log, &reference, &set);
                         assert_eq!(ours, want, "round {round}");
                     }
                 }
@@ -1405,18 +1415,7 @@ mod tests {
                 .map(|(k, _)| k.clone())
                 .collect();
             for set in memo {
-                let mut ours: Vec<ChangeHash> = log
-                    .indexes_after(&set)
-                    .into_iter()
-                    .map(|i| log.entries[i as usize].hash)
-                    .collect();
-                let mut want: Vec<ChangeHash> = reference
-                    .get_changes(&set)
-                    .iter()
-                    .map(|c| c.hash())
-                    .collect();
-                ours.sort();
-                want.sort();
+                let (ours, want) = after_both(&log, &reference, &set);
                 assert_eq!(ours, want, "round {round}, remembered set");
             }
         }

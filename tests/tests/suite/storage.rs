@@ -38,6 +38,18 @@ async fn read_str(handle: &converge_core::runtime::DocHandle, key: &'static str)
         .flatten()
 }
 
+/// One change: sets the root key `n`.
+async fn put_n(handle: &converge_core::runtime::DocHandle, i: i64) {
+    handle
+        .change(move |d| {
+            let mut tx = d.transaction();
+            tx.put(ROOT, "n", i).expect("put");
+            tx.commit();
+        })
+        .await
+        .expect("change");
+}
+
 fn open(dir: &std::path::Path) -> Arc<RocksStorage> {
     Arc::new(RocksStorage::open(dir, false).expect("open rocksdb"))
 }
@@ -131,14 +143,7 @@ async fn every_version_stays_reachable_after_compaction_and_restart() {
         let handle = repo.create(None).await.expect("create");
         let mut versions = Vec::new();
         for i in 0..60i64 {
-            handle
-                .change(move |d| {
-                    let mut tx = d.transaction();
-                    tx.put(ROOT, "n", i).expect("put");
-                    tx.commit();
-                })
-                .await
-                .expect("change");
+            put_n(&handle, i).await;
             versions.push((i, handle.heads().await.expect("heads")));
         }
         repo.shutdown().await;
@@ -300,14 +305,7 @@ async fn saved_waits_until_the_changes_are_on_disk() {
         let repo = Repo::start(RepoConfig::new(None), storage.clone());
         let handle = repo.create(None).await.expect("create");
         for i in 0..20i64 {
-            handle
-                .change(move |d| {
-                    let mut tx = d.transaction();
-                    tx.put(ROOT, "n", i).expect("put");
-                    tx.commit();
-                })
-                .await
-                .expect("change");
+            put_n(&handle, i).await;
         }
         handle.saved().await.expect("saved");
         let status = handle
