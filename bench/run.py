@@ -314,7 +314,10 @@ def cold_start(name, docs, runs):
 
 
 def ratio(a, b):
-    return f"{a / b:.2f}×" if b and a == a and b == b else "n/a"
+    if not b or a != a or b != b:
+        return "n/a"
+    r = a / b
+    return f"{r:.2f}×" if r >= 0.1 else f"{r:.3g}×"
 
 
 def write_report(results, hot_points, many_points, secs, conns, extra):
