@@ -41,7 +41,7 @@ use automerge::{
 };
 
 use super::replica::{
-    settled, split_chunks, Replica, ReplicaError, ReplicaKind, CHUNK_CHANGE,
+    parse_change, settled, split_chunks, Replica, ReplicaError, ReplicaKind, CHUNK_CHANGE,
     CHUNK_COMPRESSED_CHANGE, CHUNK_DOCUMENT,
 };
 
@@ -409,9 +409,7 @@ impl ChangeLog {
                 CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => {
                     // Parsing decodes every op column, so structurally
                     // broken changes never enter the log.
-                    let change = Change::try_from(piece.bytes)
-                        .map_err(|e| ReplicaError::Corrupt(e.to_string()))?;
-                    out.push(Incoming::from_change(change));
+                    out.push(Incoming::from_change(parse_change(piece)?));
                 }
                 other => {
                     return Err(ReplicaError::Corrupt(format!(
@@ -1158,7 +1156,9 @@ mod tests {
                     trace.push((n, relay.heads()));
                 }
             }
-            for c in 0..3 {
+            // Two passes: the first brings everything to the relay, the
+            // second back to every client.
+            for c in (0..3).chain(0..3) {
                 sync(
                     clients[c].as_mut(),
                     &mut to_relay[c],
@@ -1166,15 +1166,9 @@ mod tests {
                     &mut from_relay[c],
                 );
             }
-            for c in 0..3 {
-                sync(
-                    clients[c].as_mut(),
-                    &mut to_relay[c],
-                    relay.as_mut(),
-                    &mut from_relay[c],
-                );
-                assert_eq!(clients[c].heads(), relay.heads());
-                assert_eq!(contents(clients[c].as_ref()), contents(relay.as_ref()));
+            for client in &clients {
+                assert_eq!(client.heads(), relay.heads());
+                assert_eq!(contents(client.as_ref()), contents(relay.as_ref()));
             }
             rounds.push(trace);
         }
@@ -1268,6 +1262,23 @@ mod tests {
         assert_eq!(relay.heads(), heads);
         assert_eq!(relay.save(), saved);
         assert!(relay.queue.is_empty());
+    }
+
+    #[test]
+    fn a_change_with_a_wrong_checksum_is_refused_by_both_kinds() {
+        let mut a = full(1);
+        edit(a.as_mut(), "x", 1);
+        let change = a.document().expect("doc").get_changes(&[])[0]
+            .raw_bytes()
+            .to_vec();
+        let mut bad = change.clone();
+        bad[4] ^= 0x01;
+        for kind in [ReplicaKind::FullDocument, ReplicaKind::ChangeLog] {
+            let mut r = kind.factory()(actor(7));
+            assert!(r.load_chunk(&bad).is_err(), "{}", kind.name());
+            assert!(r.is_empty());
+            r.load_chunk(&change).expect("the intact change loads");
+        }
     }
 
     #[test]
