@@ -125,6 +125,7 @@ bench: deps-rust deps-node
 	@python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
 	$(CARGO) build --release -p converge-server
 	$(CARGO) build --release -p converge-bench
+	cd bench/samod-relay && $(CARGO) build --release --locked
 	python3 bench/run.py
 
 # Seconds of the load generator against a debug relay and the floor.

@@ -2,8 +2,9 @@
 """`make bench`: start each server, drive it with converge-bench, write BENCHMARKS.md.
 
 Servers: Converge (release build, RocksDB) with each relay replica
-(change-log, the default, and full-document), the automerge-repo reference
-server (Node, NodeFS storage: tests/js/reference-server.mjs) and the floor
+(change-log, the default, and full-document), samod (bench/samod-relay),
+the automerge-repo reference server (Node, NodeFS storage:
+tests/js/reference-server.mjs) and the floor
 (converge-bench floor: a broadcast relay with no CRDT and no storage).
 Then the in-process scenarios: P3 reconnect bytes, P4 durable appends
 (converge-server bench-storage), P5 cold start, P7 the editing trace.
@@ -29,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 BENCH = os.path.join(TARGET, "release", "converge-bench")
 SERVER = os.path.join(TARGET, "release", "converge-server")
+SAMOD = os.path.join(TARGET, "release", "samod-relay")
+JS_DIR = os.path.join(ROOT, "tests", "js")
 RUNS = int(os.environ.get("CONVERGE_BENCH_RUNS", "5"))
 QUICK = os.environ.get("CONVERGE_BENCH_QUICK") == "1"
 P99_GOAL_MS = 100.0
@@ -93,12 +96,21 @@ def converge_server(name, replica, port, data_dir="{dir}"):
                          "--log", "warn", "--replica", replica], port)
 
 
+def samod_server(port, data_dir="{dir}"):
+    return Server("samod", [SAMOD, str(port), data_dir], port, ready=r"samod listening")
+
+
+def node_server(port, data_dir="{dir}"):
+    return Server("node", ["node", "reference-server.mjs", str(port), data_dir], port, cwd=JS_DIR,
+                  ready=r'"ready":true')
+
+
 def servers():
     return [
         ("converge", lambda: converge_server("converge", "change-log", 3131)),
         ("converge-full", lambda: converge_server("converge-full", "full-document", 3134)),
-        ("node", lambda: Server("node", ["node", "reference-server.mjs", "3132", "{dir}"], 3132,
-                                cwd=os.path.join(ROOT, "tests", "js"), ready=r'"ready":true')),
+        ("samod", lambda: samod_server(3137)),
+        ("node", lambda: node_server(3132)),
         ("floor", lambda: Server("floor", [BENCH, "floor", "--listen", "127.0.0.1:3133"], 3133,
                                  ready=r"floor listening")),
     ]
@@ -123,22 +135,52 @@ def p99_of(result):
     return float("inf") if v in ("inf", None) or result.get("errors") else float(v)
 
 
-def sweep(server, name, per_doc, points, secs):
-    """The p99 curve until saturation, and the largest typist count whose
-    median p99 stays under the goal."""
-    curve, best, saturation = [], 0, 0
-    for typists in points:
-        docs = 1 if per_doc is None else max(1, typists // per_doc)
-        runs = [p99_of(p1(server, name, typists, docs, secs)) for _ in range(RUNS)]
-        med = statistics.median(runs)
-        curve.append((typists, med))
-        print(f"  {name:9} typists={typists:5} docs={docs:4} p99 median={med:8.1f} ms  runs={[round(r, 1) for r in runs]}",
-              flush=True)
-        if med < P99_GOAL_MS:
-            best = typists
-        if med >= SATURATED_MS:
-            break
-        saturation = typists
+def sweep(start, name, per_doc, points, secs):
+    """The p99 curve until saturation, the largest typist count whose median
+    p99 stays under the goal, and the saturation point (the largest count
+    under SATURATED_MS).
+
+    A coarse pass runs each point once, on one server, until it saturates.
+    Then each threshold is settled with medians of RUNS runs, each point on
+    a fresh server (a saturated run leaves a backlog behind): starting from
+    the coarse estimate, step down while the median fails and up while the
+    next point's median passes."""
+    def docs_for(typists):
+        return 1 if per_doc is None else max(1, typists // per_doc)
+    coarse = {}
+    server = start()
+    try:
+        for typists in points:
+            coarse[typists] = p99_of(p1(server, name, typists, docs_for(typists), secs))
+            print(f"  {name:13} typists={typists:5} docs={docs_for(typists):4} p99={coarse[typists]:8.1f} ms (coarse)",
+                  flush=True)
+            if coarse[typists] >= SATURATED_MS:
+                break
+    finally:
+        server.stop()
+    medians = {}
+    def median_at(i):
+        typists = points[i]
+        if typists not in medians:
+            server = start()
+            try:
+                runs = [p99_of(p1(server, name, typists, docs_for(typists), secs)) for _ in range(RUNS)]
+            finally:
+                server.stop()
+            medians[typists] = statistics.median(runs)
+            print(f"  {name:13} typists={typists:5} docs={docs_for(typists):4} p99 median={medians[typists]:8.1f} ms"
+                  f"  runs={[round(r, 1) for r in runs]}", flush=True)
+        return medians[typists]
+    def last_under(limit):
+        i = max((i for i, t in enumerate(points) if t in coarse and coarse[t] < limit), default=-1)
+        while i >= 0 and median_at(i) >= limit:
+            i -= 1
+        while i + 1 < len(points) and median_at(i + 1) < limit:
+            i += 1
+        return points[i] if i >= 0 else 0
+    best, saturation = last_under(P99_GOAL_MS), last_under(SATURATED_MS)
+    # The curve: medians where measured, single coarse runs elsewhere.
+    curve = [(t, medians.get(t, coarse.get(t)), t in medians) for t in points if t in medians or t in coarse]
     return best, saturation, curve
 
 
@@ -170,11 +212,7 @@ def main():
         # A fresh server per sweep: a sweep ends by overloading the server,
         # and its backlog must not spill into the next one.
         for key, per_doc, points in (("hot", None, hot_points), ("many", 4, many_points)):
-            server = start()
-            try:
-                r[key], r[key + "_sat"], r[key + "_curve"] = sweep(server, name, per_doc, points, secs)
-            finally:
-                server.stop()
+            r[key], r[key + "_sat"], r[key + "_curve"] = sweep(start, name, per_doc, points, secs)
         if name == "converge-full":
             # Idle connections do not depend on how documents are held.
             r["idle_bytes"] = float("nan")
@@ -275,33 +313,37 @@ def other_scenarios():
             p4.append(row)
     extra["p4"] = p4
     print("[p5] cold start with 10k stored documents", flush=True)
-    extra["p5"] = {name: cold_start(name, 1000 if QUICK else 10000, n) for name in ("converge", "node")}
+    extra["p5"] = {name: cold_start(name, 1000 if QUICK else 10000, n) for name in ("converge", "samod", "node")}
     print(f"  {extra['p5']}", flush=True)
     return extra
 
 
 def cold_start(name, docs, runs):
-    """Populate a server with `docs` documents, then restart it `runs` times
-    and time process start to the first reply carrying a stored document."""
+    """Store `docs` documents for a server, then start it `runs` times and
+    time process start to the first reply carrying a stored document.
+    Converge is populated through the protocol; the Node server and samod
+    share the NodeFS layout, written directly (`converge-bench
+    populate-files`): uploading 10k documents through the Node server's
+    sync throttle takes minutes."""
     data = tempfile.mkdtemp(prefix=f"bench-p5-{name}-")
-    def start():
-        if name == "converge":
-            return converge_server("converge", "change-log", 3135, data_dir=data)
-        return Server("node", ["node", "reference-server.mjs", "3136", data], 3136,
-                      cwd=os.path.join(ROOT, "tests", "js"), ready=r'"ready":true')
-    url = "ws://127.0.0.1:3135" if name == "converge" else "ws://127.0.0.1:3136"
-    server = start()
-    try:
-        run_json(pinned(LOADGEN_CPU, [BENCH, "populate", "--url", url, "--docs", str(docs)]), timeout=900)
-    finally:
-        server.proc.send_signal(signal.SIGTERM)
-        server.proc.wait(timeout=60)
+    port = {"converge": 3135, "node": 3136, "samod": 3138}[name]
+    url = f"ws://127.0.0.1:{port}"
+    if name == "converge":
+        server = converge_server("converge", "change-log", port, data_dir=data)
+        try:
+            run_json(pinned(LOADGEN_CPU, [BENCH, "populate", "--url", url, "--docs", str(docs)]), timeout=900)
+        finally:
+            server.proc.send_signal(signal.SIGTERM)
+            server.proc.wait(timeout=60)
+    else:
+        run_json([BENCH, "populate-files", "--dir", data, "--docs", str(docs)], timeout=900)
+    argv = {"converge": [SERVER, "--listen", url[5:], "--data-dir", data, "--log", "warn"],
+            "node": ["node", "reference-server.mjs", str(port), data],
+            "samod": [SAMOD, str(port), data]}[name]
     times = []
     for i in range(runs):
-        argv = ([SERVER, "--listen", "127.0.0.1:3135", "--data-dir", data, "--log", "warn"]
-                if name == "converge" else ["node", "reference-server.mjs", "3136", data])
         t0 = time.time()
-        proc = subprocess.Popen(pinned(SERVER_CPU, argv), cwd=os.path.join(ROOT, "tests", "js"),
+        proc = subprocess.Popen(pinned(SERVER_CPU, argv), cwd=JS_DIR,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             run_json(pinned(LOADGEN_CPU, [BENCH, "first-reply", "--url", url, "--doc", str((i * 997) % docs)]))
@@ -321,7 +363,7 @@ def ratio(a, b):
 
 
 def write_report(results, hot_points, many_points, secs, conns, extra):
-    c, cf, n, f = results["converge"], results["converge-full"], results["node"], results["floor"]
+    c, cf, sm, n, f = (results[k] for k in ("converge", "converge-full", "samod", "node", "floor"))
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as fh:
@@ -333,13 +375,17 @@ def write_report(results, hot_points, many_points, secs, conns, extra):
     def kib(v):
         return "—" if v != v else f"{v / 1024:.1f} KiB"
     def row(label, key, points):
-        return (f"| {label} | {cap(c[key], points)} | {cap(cf[key], points)} | {cap(n[key], points)} | "
-                f"{cap(f[key], points)} | {ratio(c[key], n[key])} | {ratio(c[key], f[key])} |")
+        return (f"| {label} | {cap(c[key], points)} | {cap(cf[key], points)} | {cap(sm[key], points)} | "
+                f"{cap(n[key], points)} | {cap(f[key], points)} | {ratio(c[key], sm[key])} | "
+                f"{ratio(c[key], n[key])} | {ratio(c[key], f[key])} |")
     lines = [
         "# Benchmarks",
         "",
         "Written by `make bench` (bench/run.py). Rerun it to reproduce; ratios are",
-        f"medians of {RUNS} runs per point, measured in the same run.",
+        f"medians of {RUNS} runs, measured in the same run. P1 sweeps each server once (one",
+        f"run per point, until it saturates), then settles each threshold with the median of {RUNS}",
+        "runs per point on a fresh server, stepping down while the median fails and up while the next",
+        "point's passes.",
         "",
         f"Machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}.",
         "Server pinned to CPU 1, load generator to CPU 0 (`taskset`).",
@@ -348,15 +394,17 @@ def write_report(results, hot_points, many_points, secs, conns, extra):
         "",
         "\"Converge\" is the relay as it ships (change-log replica); \"full-document\" is the",
         "same relay holding every document as a full Automerge document (`--replica full-document`).",
-        "Ratios compare the shipped relay.",
+        "Ratios compare the shipped relay. samod 0.16 (crates.io) runs as `bench/samod-relay`: axum",
+        "WebSocket, its filesystem storage, default share policy except that it does not announce",
+        "documents (as the Node server does not).",
         "",
-        "| Scenario | Converge | Converge full-document | Node reference server | floor (broadcast relay) | ours / node | ours / floor |",
-        "|---|---|---|---|---|---|---|",
+        "| Scenario | Converge | Converge full-document | samod | Node reference server | floor (broadcast relay) | ours / samod | ours / node | ours / floor |",
+        "|---|---|---|---|---|---|---|---|---|",
         row("P1a typists on one hot document at p99 < 100 ms", "hot", hot_points),
         row("P1a saturation: typists on one document at p99 < 1 s", "hot_sat", hot_points),
         row("P1b total typists, 4 per document, at p99 < 100 ms", "many", many_points),
         row("P1b saturation: total typists at p99 < 1 s", "many_sat", many_points),
-        f"| P2 memory per idle connection ({conns} connections, each following a document) | {kib(c['idle_bytes'])} | — | {kib(n['idle_bytes'])} | {kib(f['idle_bytes'])} | {ratio(c['idle_bytes'], n['idle_bytes'])} | {ratio(c['idle_bytes'], f['idle_bytes'])} |",
+        f"| P2 memory per idle connection ({conns} connections, each following a document) | {kib(c['idle_bytes'])} | — | {kib(sm['idle_bytes'])} | {kib(n['idle_bytes'])} | {kib(f['idle_bytes'])} | {ratio(c['idle_bytes'], sm['idle_bytes'])} | {ratio(c['idle_bytes'], n['idle_bytes'])} | {ratio(c['idle_bytes'], f['idle_bytes'])} |",
         "",
         f"P1: each typist makes one Automerge change per keystroke, {RATE:g} keystrokes/s, and every other client",
         "of the document must receive it; the delay is from the typist's send to each",
@@ -376,8 +424,12 @@ def write_report(results, hot_points, many_points, secs, conns, extra):
     for t in hot_points:
         cells = []
         for r in results.values():
-            v = dict(r["hot_curve"]).get(t)
-            cells.append("" if v is None else ("∞" if v == float("inf") else f"{v:.1f} ms"))
+            point = {p[0]: p for p in r["hot_curve"]}.get(t)
+            if point is None:
+                cells.append("")
+            else:
+                v = "∞" if point[1] == float("inf") else f"{point[1]:.1f} ms"
+                cells.append(v if point[2] else v + " (1 run)")
         if any(cells):
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
     lines += ["", "![p99 against typists](bench/p1-hot.png)", ""]
@@ -408,9 +460,11 @@ def write_report(results, hot_points, many_points, secs, conns, extra):
         p5 = extra["p5"]
         lines += ["## P5 cold start", "",
                   "Process start to the first reply carrying a stored document, with 10,000 small documents",
-                  "stored (populated through the protocol, then the server restarted).", "",
-                  "| Converge | Node reference server | ours / node |", "|---|---|---|",
-                  f"| {p5['converge']:.0f} ms | {p5['node']:.0f} ms | {ratio(p5['converge'], p5['node'])} |", ""]
+                  "stored (Converge: uploaded through the protocol, then restarted; samod and the Node server:",
+                  "written in their shared NodeFS layout by `converge-bench populate-files`).", "",
+                  "| Converge | samod | Node reference server | ours / samod | ours / node |", "|---|---|---|---|---|",
+                  f"| {p5['converge']:.0f} ms | {p5['samod']:.0f} ms | {p5['node']:.0f} ms | "
+                  f"{ratio(p5['converge'], p5['samod'])} | {ratio(p5['converge'], p5['node'])} |", ""]
     if "p7" in extra:
         p7 = extra["p7"]
         lines += ["## P7 core overhead on the editing trace", "",
@@ -426,7 +480,7 @@ def write_report(results, hot_points, many_points, secs, conns, extra):
               "fetched at bench time from the crates-registry package `loro-internal` 1.17.1",
               "(`benches/automerge-paper.json.gz`).", "",
               "P8 (FFI overhead) is measured by `make bench-ffi`; see bindings/README.md. Not measured yet:",
-              "samod as a peer, P6 (bounded memory with 1M stored documents), P5 with large documents.",
+              "P6 (bounded memory with 1M stored documents), P5 with large documents.",
               "See the issue notes for what limits each figure.", ""]
     out = os.path.join(ROOT, "BENCHMARKS.md" if not QUICK else os.path.join(TARGET, "BENCHMARKS.smoke.md"))
     with open(out, "w") as fh:
@@ -446,8 +500,8 @@ def plot(results, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in results.items():
-        xs = [t for t, v in r["hot_curve"] if v != float("inf")]
-        ys = [v for t, v in r["hot_curve"] if v != float("inf")]
+        xs = [t for t, v, _ in r["hot_curve"] if v != float("inf")]
+        ys = [v for t, v, _ in r["hot_curve"] if v != float("inf")]
         ax.plot(xs, ys, marker="o", label=name)
     ax.axhline(P99_GOAL_MS, color="grey", linestyle="--", linewidth=1)
     ax.set_xscale("log", base=2)

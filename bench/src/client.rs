@@ -214,6 +214,16 @@ impl Seed {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// The document message of a frame that carries sync data: `sync`, or a
+/// `request` (a sync message from a peer that is itself still looking for
+/// the document; samod answers an upload with one).
+fn sync_payload(bytes: &[u8]) -> Option<DocMessage> {
+    match wire::decode(bytes) {
+        Ok(Message::Sync(m) | Message::Request(m)) => Some(m),
+        _ => None,
+    }
+}
+
 /// A connected, joined client.
 pub struct Client {
     ws: Ws,
@@ -294,7 +304,9 @@ impl Client {
         for batch in seeds.chunks(window.max(1)) {
             let mut waiting: HashMap<DocumentId, Vec<ChangeHash>> = HashMap::new();
             for seed in batch {
-                let view = DocView::new(&[]);
+                // Our heads go with the change: a server still looking for
+                // the document (samod) takes empty heads to mean we lack it.
+                let view = DocView::new(&seed.heads);
                 self.send_sync(&seed.id, view.message(vec![seed.change.clone()]))
                     .await?;
                 waiting.insert(seed.id.clone(), seed.heads.clone());
@@ -308,7 +320,7 @@ impl Client {
                     bail!("the server closed the connection")
                 };
                 if let WsMessage::Binary(bytes) = frame? {
-                    if let Ok(Message::Sync(m)) = wire::decode(&bytes) {
+                    if let Some(m) = sync_payload(&bytes) {
                         if let Ok(sync) = SyncMessage::decode(&m.data) {
                             if waiting.get(&m.document_id) == Some(&sync.heads) {
                                 waiting.remove(&m.document_id);
@@ -343,7 +355,7 @@ impl Client {
             };
             if let WsMessage::Binary(bytes) = frame? {
                 match wire::decode(&bytes) {
-                    Ok(Message::Sync(m))
+                    Ok(Message::Sync(m) | Message::Request(m))
                         if &m.document_id == id
                             && SyncMessage::decode(&m.data).is_ok_and(|s| !s.heads.is_empty()) =>
                     {
@@ -358,7 +370,7 @@ impl Client {
 
     /// Uploads the seed and waits until the server has it.
     pub async fn upload(&mut self, seed: &Seed) -> anyhow::Result<()> {
-        let view = DocView::new(&[]);
+        let view = DocView::new(&seed.heads);
         self.send_sync(&seed.id, view.message(vec![seed.change.clone()]))
             .await?;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -370,7 +382,7 @@ impl Client {
                 bail!("the server closed the connection")
             };
             if let WsMessage::Binary(bytes) = frame? {
-                if let Ok(Message::Sync(m)) = wire::decode(&bytes) {
+                if let Some(m) = sync_payload(&bytes) {
                     if let Ok(sync) = SyncMessage::decode(&m.data) {
                         if sync.heads == seed.heads {
                             return Ok(());
@@ -433,7 +445,9 @@ impl Client {
                 frame = self.ws.next() => {
                     let Some(frame) = frame else { bail!("the server closed the connection") };
                     let WsMessage::Binary(bytes) = frame? else { continue };
-                    let Ok(Message::Sync(m)) = wire::decode(&bytes) else { continue };
+                    // Servers that announce documents (samod) also send
+                    // other documents' sync messages: not ours to count.
+                    let Some(m) = sync_payload(&bytes).filter(|m| m.document_id == seed.id) else { continue };
                     let Ok(sync) = SyncMessage::decode(&m.data) else { continue };
                     let now = Instant::now();
                     let mut fresh = false;

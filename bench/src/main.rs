@@ -111,6 +111,22 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         tag: u64,
     },
+    /// Writes the same documents as `populate` straight into a directory in
+    /// the NodeFS storage layout (automerge-repo's NodeFSStorageAdapter and
+    /// samod's filesystem storage read it), each as the incremental chunk
+    /// the server would have written: much faster than uploading them
+    /// through the Node server's sync throttle.
+    PopulateFiles {
+        /// The storage directory.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// How many documents.
+        #[arg(long, default_value_t = 10_000)]
+        docs: u64,
+        /// Names the set, as for `populate`.
+        #[arg(long, default_value_t = 5)]
+        tag: u64,
+    },
     /// Connects as soon as the server accepts, asks for one populated
     /// document and exits when its contents arrive (QUALITY.md P5).
     FirstReply {
@@ -148,6 +164,20 @@ fn main() -> anyhow::Result<()> {
             println!("{{\"populated\":{docs}}}");
             Ok(())
         }),
+        Command::PopulateFiles { dir, docs, tag } => {
+            for n in 0..docs {
+                let seed = Seed::tagged(n, tag)?;
+                // Key [id, "incremental", change hash], the first key part
+                // split after two characters into two directories.
+                let id = seed.id.to_string();
+                let (splay, rest) = id.split_at(2);
+                let chunks = dir.join(splay).join(rest).join("incremental");
+                std::fs::create_dir_all(&chunks)?;
+                std::fs::write(chunks.join(seed.heads[0].to_string()), &seed.change)?;
+            }
+            println!("{{\"populated\":{docs}}}");
+            Ok(())
+        }
         Command::FirstReply { url, doc, tag } => rt.block_on(async move {
             let seed = Seed::tagged(doc, tag)?;
             let deadline = Instant::now() + Duration::from_secs(60);
