@@ -792,8 +792,12 @@ impl Sim {
                 writes = ops;
                 StorageResult::Written
             }
-            StorageOp::Compact { doc, replace } => {
-                match converge_core::storage::compaction(&doc, &replace, |k| {
+            StorageOp::Compact {
+                doc,
+                replace,
+                snapshot,
+            } => {
+                match converge_core::storage::compaction(&doc, &replace, snapshot, |k| {
                     Ok(durable.get(k).cloned())
                 }) {
                     Ok((ops, key, bytes)) => {

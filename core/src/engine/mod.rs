@@ -57,7 +57,7 @@ pub use types::{
 };
 
 use crate::storage::{
-    ChunkKind, DocKey, StorageKey, StorageOp, StorageResult, StorageTask, TaskId,
+    ChunkKind, DocKey, Snapshot, StorageKey, StorageOp, StorageResult, StorageTask, TaskId,
 };
 use crate::wire::{
     self, DecodeError, DocMessage, DocumentId, EphemeralMessage, Message, PeerId, PeerMetadata,
@@ -108,6 +108,9 @@ pub struct Engine {
     /// (document, peer) pairs to generate a sync message for once the
     /// current input or batch is handled.
     deferred_sync: BTreeSet<(DocumentId, PeerId)>,
+    /// Documents changed during the current input or batch, saved when it
+    /// is done: one incremental chunk for a burst of changes.
+    deferred_saves: BTreeSet<DocumentId>,
     /// Highest ephemeral `count` seen per (sender, session).
     ephemeral_seen: BTreeMap<(PeerId, SessionId), u64>,
     out: Output,
@@ -281,6 +284,7 @@ impl Engine {
             tasks: BTreeMap::new(),
             timers: BTreeSet::new(),
             deferred_sync: BTreeSet::new(),
+            deferred_saves: BTreeSet::new(),
             ephemeral_seen: BTreeMap::new(),
             out: Output::default(),
         }
@@ -364,6 +368,33 @@ impl Engine {
         f: impl FnOnce(&mut Automerge) -> R,
     ) -> Result<(R, Output), ChangeError> {
         self.advance(now);
+        let result = self.change_one(id, f)?;
+        Ok((result, self.finish()))
+    }
+
+    /// Makes several local changes, in order, and answers them together:
+    /// each changed document is saved once (one incremental chunk holding
+    /// all its new changes) and each peer gets one sync message per
+    /// document. An edit that fails (document not loaded, not ready, not
+    /// editable) does not stop the others.
+    pub fn change_many<R, F: FnOnce(&mut Automerge) -> R>(
+        &mut self,
+        now: Timestamp,
+        edits: impl IntoIterator<Item = (DocumentId, F)>,
+    ) -> (Vec<Result<R, ChangeError>>, Output) {
+        self.advance(now);
+        let results = edits
+            .into_iter()
+            .map(|(id, f)| self.change_one(&id, f))
+            .collect();
+        (results, self.finish())
+    }
+
+    fn change_one<R>(
+        &mut self,
+        id: &DocumentId,
+        f: impl FnOnce(&mut Automerge) -> R,
+    ) -> Result<R, ChangeError> {
         let doc = self
             .docs
             .get_mut(id)
@@ -382,7 +413,7 @@ impl Engine {
         if doc.replica.heads() != before {
             self.doc_changed(id, Origin::Local);
         }
-        Ok((result, self.finish()))
+        Ok(result)
     }
 
     /// Feeds one input in at time `now`.
@@ -421,7 +452,10 @@ impl Engine {
         }
     }
 
-    fn flush_deferred_sync(&mut self) {
+    fn flush_deferred(&mut self) {
+        for id in std::mem::take(&mut self.deferred_saves) {
+            self.save_doc(&id);
+        }
         for (id, peer) in std::mem::take(&mut self.deferred_sync) {
             self.sync_peer(&id, &peer);
         }
@@ -438,9 +472,9 @@ impl Engine {
     }
 
     fn finish(&mut self) -> Output {
-        self.flush_deferred_sync();
+        self.flush_deferred();
         self.fire_timers();
-        self.flush_deferred_sync();
+        self.flush_deferred();
         if self.docs.len() > self.cfg.max_docs_in_memory {
             self.evict_cold();
         }
@@ -1326,7 +1360,7 @@ impl Engine {
     /// A document's heads moved: save, resolve waiters, tell peers.
     fn doc_changed(&mut self, id: &DocumentId, origin: Origin) {
         self.touch(id);
-        self.save_doc(id);
+        self.deferred_saves.insert(id.clone());
         let Some(doc) = self.docs.get_mut(id) else {
             return;
         };
@@ -1724,7 +1758,13 @@ impl Engine {
             doc.store.incremental_bytes = 0;
             let mut keys = std::mem::take(&mut doc.store.snapshot_keys);
             keys.append(&mut doc.store.incremental_keys);
-            Some(keys)
+            // Saved heads are the replica's heads here: the snapshot holds
+            // exactly what the replaced chunks and this save hold.
+            let snapshot = doc.replica.snapshot().map(|bytes| Snapshot {
+                heads: doc.store.saved_heads.clone(),
+                bytes,
+            });
+            Some((keys, snapshot))
         } else {
             None
         };
@@ -1732,11 +1772,12 @@ impl Engine {
             StorageOp::Put(key, incremental),
             Task::SaveDoc { doc: id.clone() },
         );
-        if let Some(replace) = replace {
+        if let Some((replace, snapshot)) = replace {
             self.storage(
                 StorageOp::Compact {
                     doc: id.clone(),
                     replace: replace.clone(),
+                    snapshot,
                 },
                 Task::Compact {
                     doc: id.clone(),

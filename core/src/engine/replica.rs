@@ -106,6 +106,12 @@ pub trait Replica: Send + fmt::Debug {
     fn save(&self) -> Vec<u8>;
     /// The changes not reachable from `heads`, for an incremental chunk.
     fn save_after(&self, heads: &[ChangeHash]) -> Vec<u8>;
+    /// A compact snapshot of everything, if the replica can make one
+    /// cheaply (it holds the document); otherwise storage builds it by
+    /// merging the stored chunks.
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        None
+    }
     /// The materialized document, when this replica holds one.
     fn document(&self) -> Option<&Automerge>;
     /// The materialized document for editing, when this replica holds one.
@@ -218,7 +224,24 @@ impl Replica for FullDocument {
         self.doc.save()
     }
 
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        Some(self.doc.save())
+    }
+
     fn save_after(&self, heads: &[ChangeHash]) -> Vec<u8> {
+        // The common case, a local edit on top of what was saved: the one
+        // new change is the last local one, whose bytes automerge already
+        // holds; `save_after` would search the history for it.
+        if let Some(last) = self.doc.get_last_local_change() {
+            let current = self.doc.get_heads();
+            if current.len() == 1
+                && current[0] == last.hash()
+                && last.deps().len() == heads.len()
+                && last.deps().iter().all(|d| heads.contains(d))
+            {
+                return last.raw_bytes().to_vec();
+            }
+        }
         self.doc.save_after(heads)
     }
 

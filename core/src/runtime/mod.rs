@@ -397,18 +397,26 @@ impl DocHandle {
     }
 
     /// Edits the document; the change is saved and synced.
-    pub async fn change<R: Send + 'static>(
+    ///
+    /// The edit is queued when this is called, not when the future is first
+    /// polled: an editor can hand over keystrokes one after another without
+    /// waiting for each (they run in call order) and collect the results
+    /// later. Dropping the future does not cancel the edit.
+    pub fn change<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Automerge) -> R + Send + 'static,
-    ) -> Result<R, RepoError> {
+    ) -> impl std::future::Future<Output = Result<R, RepoError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         let (rtx, rrx) = oneshot::channel();
         let f = Box::new(move |doc: &mut Automerge| {
             let _ = rtx.send(f(doc));
         });
-        self.repo.send(Msg::Change(self.id.clone(), f, tx))?;
-        rx.await.map_err(|_| RepoError::Stopped)??;
-        rrx.await.map_err(|_| RepoError::Stopped)
+        let queued = self.repo.send(Msg::Change(self.id.clone(), f, tx));
+        async move {
+            queued?;
+            rx.await.map_err(|_| RepoError::Stopped)??;
+            rrx.await.map_err(|_| RepoError::Stopped)
+        }
     }
 
     /// Reads the document; `None` if it is not in memory as a document.
@@ -579,7 +587,7 @@ fn spawn_storage_thread(
     (tx, handle)
 }
 
-/// Most network messages handed to the engine as one batch.
+/// Most network messages (or local edits) handed to the engine as one batch.
 const MAX_BATCH: usize = 256;
 
 struct Actor {
@@ -639,23 +647,43 @@ impl Actor {
                     self.pending.insert(id, reply);
                     self.engine.handle(now, Input::Command(id, command))
                 }
-                Msg::Change(doc, f, reply) => match self.engine.change(now, &doc, |am| {
-                    // A panicking closure must not take the repo down.
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(am))).is_ok()
-                }) {
-                    Ok((ran, out)) => {
-                        let _ = reply.send(if ran {
-                            Ok(())
-                        } else {
-                            Err(ChangeError::Panicked)
+                Msg::Change(doc, f, reply) => {
+                    // Edits queued back to back (an editor handing over
+                    // keystrokes) run as one batch: saved and synced once.
+                    let mut edits = vec![(doc, f)];
+                    let mut replies = vec![reply];
+                    while edits.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(MsgBox(Msg::Change(doc, f, reply))) => {
+                                edits.push((doc, f));
+                                replies.push(reply);
+                            }
+                            Ok(other) => {
+                                carried = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let (results, out) = self.engine.change_many(
+                        now,
+                        edits.into_iter().map(|(doc, f)| {
+                            (doc, move |am: &mut Automerge| {
+                                // A panicking closure must not take the repo down.
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(am)))
+                                    .is_ok()
+                            })
+                        }),
+                    );
+                    for (result, reply) in results.into_iter().zip(replies) {
+                        let _ = reply.send(match result {
+                            Ok(true) => Ok(()),
+                            Ok(false) => Err(ChangeError::Panicked),
+                            Err(e) => Err(e),
                         });
-                        out
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        continue;
-                    }
-                },
+                    out
+                }
                 Msg::Inspect(f) => {
                     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&self.engine)))
                         .is_err()

@@ -178,7 +178,19 @@ pub enum StorageOp {
         doc: DocumentId,
         /// The chunks to merge and replace.
         replace: Vec<StorageKey>,
+        /// The snapshot, when the engine had the document in memory and
+        /// saved it: then nothing is read or merged here.
+        snapshot: Option<Snapshot>,
     },
+}
+
+/// A saved document ready to replace the chunks it contains.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The heads it covers (they name its key).
+    pub heads: Vec<automerge::ChangeHash>,
+    /// `Automerge::save` of the document.
+    pub bytes: Vec<u8>,
 }
 
 impl StorageOp {
@@ -265,8 +277,14 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
                 .batch(vec![BatchOp::Delete(key)])
                 .map(|()| StorageResult::Written),
             StorageOp::Batch(ops) => self.batch(ops).map(|()| StorageResult::Written),
-            StorageOp::Compact { doc, replace } => {
-                match compaction(&doc, &replace, |k| self.get(k).map_err(|e| e.to_string())) {
+            StorageOp::Compact {
+                doc,
+                replace,
+                snapshot,
+            } => {
+                match compaction(&doc, &replace, snapshot, |k| {
+                    self.get(k).map_err(|e| e.to_string())
+                }) {
                     Ok((ops, key, bytes)) => self
                         .batch(ops)
                         .map(|()| StorageResult::Compacted { key, bytes }),
@@ -335,21 +353,37 @@ pub fn document_ids(
 
 /// Plans a compaction: reads the chunks at `replace` through `get`, merges
 /// them into one document and returns the atomic batch that writes its
-/// snapshot and deletes the chunks, the snapshot's key and its size.
+/// snapshot and deletes the chunks, the snapshot's key and its size. With a
+/// ready `snapshot` (which holds every replaced chunk's changes) nothing is
+/// read: it replaces them all.
 ///
 /// Every chunk is loaded strictly; if any is damaged nothing is planned, so
 /// a compaction can never lose data it could not read.
 pub fn compaction(
     doc: &DocumentId,
     replace: &[StorageKey],
+    snapshot: Option<Snapshot>,
     get: impl Fn(&StorageKey) -> Result<Option<Vec<u8>>, String>,
 ) -> Result<(Vec<BatchOp>, StorageKey, usize), String> {
+    if let Some(Snapshot { heads, bytes }) = snapshot {
+        let key = StorageKey::doc_chunk(doc, ChunkKind::Snapshot, &heads_name(&heads));
+        let size = bytes.len();
+        let mut ops: Vec<BatchOp> = replace
+            .iter()
+            .filter(|k| **k != key)
+            .cloned()
+            .map(BatchOp::Delete)
+            .collect();
+        ops.push(BatchOp::Put(key.clone(), bytes));
+        return Ok((ops, key, size));
+    }
     use crate::engine::{FullDocument, Replica};
     let mut merged = FullDocument::new(automerge::ActorId::from(vec![0u8; 16]));
     let mut ordered: Vec<&StorageKey> = replace.iter().collect();
     // Snapshots first, as loading does.
     ordered.sort_by_key(|k| !matches!(k.classify(), Some(DocKey::Chunk(ChunkKind::Snapshot, _))));
     let mut merged_keys = Vec::new();
+    let mut all = Vec::new();
     for key in ordered {
         // A read error stops everything; a chunk that is simply not there
         // was never written (its write failed and the engine writes those
@@ -359,11 +393,17 @@ pub fn compaction(
         else {
             continue;
         };
-        merged
-            .load_chunk(&bytes)
-            .map_err(|e| format!("cannot compact {doc}: chunk {key}: {e}"))?;
+        all.extend_from_slice(&bytes);
         merged_keys.push(key.clone());
     }
+    // One load for all chunks: automerge applies the changes as one batch.
+    // Applying them chunk by chunk costs a pass over the document each
+    // time (a busy document's thousands of keystroke chunks made that
+    // quadratic). A damaged chunk fails the whole load, so nothing is
+    // planned.
+    merged
+        .load_chunk(&all)
+        .map_err(|e| format!("cannot compact {doc}: {e}"))?;
     let snapshot = merged.save();
     let key = StorageKey::doc_chunk(doc, ChunkKind::Snapshot, &heads_name(&merged.heads()));
     let bytes = snapshot.len();
