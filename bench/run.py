@@ -314,10 +314,55 @@ def other_scenarios():
             print(f"  {row}", flush=True)
             p4.append(row)
     extra["p4"] = p4
+    print("[p6] many documents, bounded memory", flush=True)
+    extra["p6"] = many_documents()
+    print(f"  {extra['p6']}", flush=True)
     print("[p5] cold start with 10k stored documents", flush=True)
     extra["p5"] = {name: cold_start(name, 1000 if QUICK else 10000, n) for name in ("converge", "samod", "node")}
     print(f"  {extra['p5']}", flush=True)
     return extra
+
+
+def many_documents():
+    """QUALITY.md P6. Converge: 1M small documents stored (written straight
+    into its RocksDB by `converge-server bench-populate`), then 10k touched
+    (each asked for by a client), then 20k more: with the default hot set of
+    10k documents, memory must stop growing. The peers get 20k documents in
+    their NodeFS layout and 30 s to touch up to 10k (they are much slower to
+    load documents); their figure is memory per touched document."""
+    stored = 20_000 if QUICK else 1_000_000
+    first, more = (2_000, 4_000) if QUICK else (10_000, 20_000)
+    out = {}
+    for name in ("converge", "samod", "node"):
+        data = tempfile.mkdtemp(prefix=f"bench-p6-{name}-")
+        try:
+            if name == "converge":
+                run_json([SERVER, "bench-populate", "--dir", data, "--docs", str(stored)], timeout=900)
+                server = converge_server("converge", "change-log", 3139, data_dir=data)
+            elif name == "samod":
+                run_json([BENCH, "populate-files", "--dir", data, "--docs", "20000"], timeout=900)
+                server = samod_server(3139, data_dir=data)
+            else:
+                run_json([BENCH, "populate-files", "--dir", data, "--docs", "20000"], timeout=900)
+                server = node_server(3139, data_dir=data)
+            try:
+                time.sleep(1)
+                row = {"stored": stored if name == "converge" else 20_000, "rss_start_kb": server.rss_kb()}
+                touch = run_json(pinned(LOADGEN_CPU, [BENCH, "touch", "--url", server.url, "--count", str(first),
+                                                      "--max-secs", "600" if name == "converge" else "30"]),
+                                 timeout=900)
+                row.update(touched=touch["touched"], rate=touch["touched"] / touch["secs"],
+                           rss_touched_kb=server.rss_kb(), error=touch.get("error"))
+                if name == "converge":
+                    touch = run_json(pinned(LOADGEN_CPU, [BENCH, "touch", "--url", server.url, "--from",
+                                                          str(stored // 2), "--count", str(more)]), timeout=900)
+                    row.update(touched_more=touch["touched"], rss_more_kb=server.rss_kb())
+                out[name] = row
+            finally:
+                server.stop()
+        finally:
+            shutil.rmtree(data, ignore_errors=True)
+    return out
 
 
 def cold_start(name, docs, runs):
@@ -467,6 +512,27 @@ def write_report(results, hot_points, many_points, secs, conns, extra):
                   "| Converge | samod | Node reference server | ours / samod | ours / node |", "|---|---|---|---|---|",
                   f"| {p5['converge']:.0f} ms | {p5['samod']:.0f} ms | {p5['node']:.0f} ms | "
                   f"{ratio(p5['converge'], p5['samod'])} | {ratio(p5['converge'], p5['node'])} |", ""]
+    if "p6" in extra:
+        p6 = extra["p6"]
+        def mib(kb):
+            return f"{kb / 1024:.0f} MiB"
+        def per_doc(r):
+            return f"{(r['rss_touched_kb'] - r['rss_start_kb']) / max(r['touched'], 1):.1f} KiB" if r["touched"] else "—"
+        lines += ["## P6 many documents, bounded memory", "",
+                  "Server RSS with many documents stored: at start, after clients have asked for N of them",
+                  "(100 per connection, 4 connections at a time), and for Converge after 20k more (its hot set",
+                  "is 10k documents by default: `--max-docs-in-memory`; colder ones are dropped and re-read",
+                  "when asked for). Converge's documents are written into its RocksDB directly",
+                  "(`converge-server bench-populate`); samod and the Node server get 20k documents in their",
+                  "NodeFS layout and 30 s to touch up to 10k.", "",
+                  "| server | stored | touched | touch rate | RSS at start | RSS after touching | per touched doc | RSS after 20k more |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, r in p6.items():
+            more = mib(r["rss_more_kb"]) if "rss_more_kb" in r else "—"
+            note = f" (stopped: {r['error'][:60]})" if r.get("error") else ""
+            lines.append(f"| {name} | {r['stored']:,} | {r['touched']:,}{note} | {r['rate']:.0f}/s | {mib(r['rss_start_kb'])} | "
+                         f"{mib(r['rss_touched_kb'])} | {per_doc(r)} | {more} |")
+        lines.append("")
     if "p7" in extra:
         p7 = extra["p7"]
         lines += ["## P7 core overhead on the editing trace", "",
@@ -486,7 +552,7 @@ def write_report(results, hot_points, many_points, secs, conns, extra):
               "fetched at bench time from the crates-registry package `loro-internal` 1.17.1",
               "(`benches/automerge-paper.json.gz`).", "",
               "P8 (FFI overhead) is measured by `make bench-ffi`; see bindings/README.md. Not measured yet:",
-              "P6 (bounded memory with 1M stored documents), P5 with large documents.",
+              "P5 with large documents.",
               "See the issue notes for what limits each figure.", ""]
     out = os.path.join(ROOT, "BENCHMARKS.md" if not QUICK else os.path.join(TARGET, "BENCHMARKS.smoke.md"))
     with open(out, "w") as fh:

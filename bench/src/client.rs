@@ -199,11 +199,8 @@ impl Seed {
             .context("no change")?
             .raw_bytes()
             .to_vec();
-        let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&n.to_le_bytes());
-        id[8..].copy_from_slice(&tag.to_le_bytes());
         Ok(Seed {
-            id: DocumentId::from_random(id),
+            id: DocumentId::numbered(n, tag),
             change,
             heads: doc.get_heads(),
             saved: doc.save(),

@@ -24,6 +24,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use client::{Client, Role, Seed, Shared};
+use converge_core::wire::DocumentId;
 
 #[derive(Parser, Debug)]
 #[command(about = "Load generator for automerge-repo sync servers")]
@@ -127,6 +128,32 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         tag: u64,
     },
+    /// Asks a server for `--count` populated documents, `--per-conn` on each
+    /// connection before closing it, `--parallel` connections at a time
+    /// (QUALITY.md P6: many documents touched, memory bounded).
+    Touch {
+        /// The server's WebSocket URL.
+        #[arg(long)]
+        url: String,
+        /// The first document number.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// How many documents.
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Documents asked for on one connection.
+        #[arg(long, default_value_t = 100)]
+        per_conn: u64,
+        /// Connections at a time.
+        #[arg(long, default_value_t = 4)]
+        parallel: u64,
+        /// The populated set's tag.
+        #[arg(long, default_value_t = 5)]
+        tag: u64,
+        /// Stop starting new connections after this many seconds.
+        #[arg(long, default_value_t = 600.0)]
+        max_secs: f64,
+    },
     /// Connects as soon as the server accepts, asks for one populated
     /// document and exits when its contents arrive (QUALITY.md P5).
     FirstReply {
@@ -178,6 +205,58 @@ fn main() -> anyhow::Result<()> {
             println!("{{\"populated\":{docs}}}");
             Ok(())
         }
+        Command::Touch {
+            url,
+            from,
+            count,
+            per_conn,
+            parallel,
+            tag,
+            max_secs,
+        } => rt.block_on(async move {
+            use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+            let started = Instant::now();
+            let deadline = started + Duration::from_secs_f64(max_secs);
+            let (next, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+            let per_conn = per_conn.max(1);
+            let batches = count.div_ceil(per_conn);
+            let mut tasks = Vec::new();
+            for _ in 0..parallel.max(1) {
+                let (url, next, done) = (url.clone(), next.clone(), done.clone());
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        let b = next.fetch_add(1, Relaxed);
+                        if b >= batches || Instant::now() >= deadline {
+                            return anyhow::Ok(());
+                        }
+                        let mut client = Client::connect(&url, 6_000_000 + b).await?;
+                        let first = b * per_conn;
+                        for n in first..(first + per_conn).min(count) {
+                            let id = DocumentId::numbered(from + n, tag);
+                            client.fetch(&id, Duration::from_secs(30)).await?;
+                            done.fetch_add(1, Relaxed);
+                        }
+                    }
+                }));
+            }
+            // A server that stops answering ends the run; what it managed
+            // is still reported.
+            let mut error = None;
+            for task in tasks {
+                if let Err(e) = task.await.map_err(anyhow::Error::from).and_then(|r| r) {
+                    error.get_or_insert(format!("{e:#}"));
+                }
+            }
+            println!(
+                "{}",
+                serde_json::json!({
+                    "touched": done.load(Relaxed),
+                    "secs": started.elapsed().as_secs_f64(),
+                    "error": error,
+                })
+            );
+            Ok(())
+        }),
         Command::FirstReply { url, doc, tag } => rt.block_on(async move {
             let seed = Seed::tagged(doc, tag)?;
             let deadline = Instant::now() + Duration::from_secs(60);

@@ -22,6 +22,9 @@ async fn main() -> anyhow::Result<()> {
         let settings = converge_server::storage_bench::Settings::parse(&args[2..])?;
         return converge_server::storage_bench::run(settings).await;
     }
+    if args.get(1).map(String::as_str) == Some("bench-populate") {
+        return converge_server::storage_bench::populate(&args[2..]);
+    }
     let config = match Config::load(std::env::args_os()) {
         Ok(c) => c,
         Err(converge_server::config::ConfigError::Args(e)) => e.exit(),

@@ -170,3 +170,54 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `converge-server bench-populate --dir D --docs N [--set S]`: writes N
+/// small documents straight into a relay data directory, as the relay
+/// itself stores them (one incremental chunk each), for the many-documents
+/// benchmark (QUALITY.md P6). Document `n` has id
+/// `DocumentId::numbered(n, S)` and one change setting `seed` to `n`.
+/// Uploading a million documents through the protocol would take minutes.
+pub fn populate(args: &[String]) -> anyhow::Result<()> {
+    use converge_core::storage::{BatchOp, ChunkKind, Storage, StorageKey};
+    use converge_core::wire::DocumentId;
+    let (mut dir, mut docs, mut set) = (None, 0u64, 5u64);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--dir" => dir = Some(PathBuf::from(value()?)),
+            "--docs" => docs = value()?.parse().context("--docs")?,
+            "--set" => set = value()?.parse().context("--set")?,
+            other => anyhow::bail!("unknown flag {other} (expected --dir, --docs, --set)"),
+        }
+    }
+    let dir = dir.context("--dir is required")?;
+    std::fs::create_dir_all(&dir)?;
+    let store = RocksStorage::open(&dir, false)
+        .with_context(|| format!("cannot open RocksDB in {}", dir.display()))?;
+    let started = Instant::now();
+    let mut batch = Vec::new();
+    for n in 0..docs {
+        let mut doc = automerge::Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "seed", n as i64)?;
+        tx.commit();
+        let change = doc.get_last_local_change().context("no change")?;
+        let key = StorageKey::doc_chunk(
+            &DocumentId::numbered(n, set),
+            ChunkKind::Incremental,
+            &change.hash().to_string(),
+        );
+        batch.push(BatchOp::Put(key, change.raw_bytes().to_vec()));
+        if batch.len() == 10_000 {
+            store.batch(std::mem::take(&mut batch))?;
+        }
+    }
+    store.batch(batch)?;
+    store.flush()?;
+    println!(
+        "{{\"populated\":{docs},\"secs\":{:.1}}}",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

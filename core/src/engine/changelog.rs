@@ -193,7 +193,9 @@ pub struct ChangeLog {
     /// peers acknowledging the same heads get the same summary.
     blooms: RefCell<Vec<(usize, Have)>>,
     /// The document, built on demand from the log.
-    materialized: OnceCell<Option<Automerge>>,
+    /// Boxed: an `Automerge` is several KiB inline, and most logs never
+    /// materialize.
+    materialized: OnceCell<Option<Box<Automerge>>>,
 }
 
 impl ChangeLog {
@@ -984,20 +986,20 @@ impl Replica for ChangeLog {
 
     fn document(&self) -> Option<&Automerge> {
         self.materialized
-            .get_or_init(|| self.materialize())
-            .as_ref()
+            .get_or_init(|| self.materialize().map(Box::new))
+            .as_deref()
     }
 
     fn document_mut(&mut self) -> Option<&mut Automerge> {
         if self.materialized.get().is_none() {
-            let doc = self.materialize();
+            let doc = self.materialize().map(Box::new);
             let _ = self.materialized.set(doc);
         }
-        self.materialized.get_mut().and_then(Option::as_mut)
+        self.materialized.get_mut().and_then(Option::as_deref_mut)
     }
 
     fn absorb_local_edits(&mut self) -> Result<(), ReplicaError> {
-        let Some(doc) = self.materialized.get().and_then(Option::as_ref) else {
+        let Some(doc) = self.materialized.get().and_then(Option::as_deref) else {
             return Ok(());
         };
         if doc.get_heads() == self.heads {

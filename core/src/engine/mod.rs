@@ -185,7 +185,9 @@ struct Doc {
     grace_until: Option<Timestamp>,
     /// The request deadline was extended once already.
     request_extended: bool,
-    peers: BTreeMap<PeerId, DocPeer>,
+    /// Boxed: a sync state is large, and a map node holds room for
+    /// eleven entries even when it holds one.
+    peers: BTreeMap<PeerId, Box<DocPeer>>,
     /// Sync states read from storage, by remote storage id, not yet in use.
     stored_sync_states: BTreeMap<String, Vec<u8>>,
     pending: Vec<PendingMessage>,
@@ -196,6 +198,18 @@ struct Doc {
     last_used: Timestamp,
     /// The heads last reported in an [`Event::DocChanged`].
     announced_heads: Vec<ChangeHash>,
+}
+
+impl Doc {
+    /// Forgets a peer's sync state for this document. An emptied map gives
+    /// back its node: a cold document in memory should cost little.
+    fn remove_peer(&mut self, peer: &PeerId) -> Option<Box<DocPeer>> {
+        let removed = self.peers.remove(peer);
+        if self.peers.is_empty() {
+            self.peers = BTreeMap::new();
+        }
+        removed
+    }
 }
 
 /// What storage holds for a document, as far as the engine knows.
@@ -486,7 +500,9 @@ impl Engine {
     // ------------------------------------------------------------ eviction
 
     /// Drops the least recently used cold documents until the hot set
-    /// fits (see [`EngineConfig::max_docs_in_memory`]).
+    /// fits (see [`EngineConfig::max_docs_in_memory`]), with a tenth of it
+    /// to spare: finding the coldest means looking at every document, so
+    /// it should not happen again with the very next document loaded.
     fn evict_cold(&mut self) {
         let mut cold: Vec<(Timestamp, DocumentId)> = self
             .docs
@@ -503,9 +519,16 @@ impl Engine {
             })
             .map(|(id, d)| (d.last_used, id.clone()))
             .collect();
-        cold.sort();
-        let excess = self.docs.len().saturating_sub(self.cfg.max_docs_in_memory);
-        for (_, id) in cold.into_iter().take(excess) {
+        let target = self.cfg.max_docs_in_memory - self.cfg.max_docs_in_memory / 10;
+        let excess = self.docs.len().saturating_sub(target).min(cold.len());
+        if excess == 0 {
+            return;
+        }
+        if excess < cold.len() {
+            cold.select_nth_unstable(excess);
+            cold.truncate(excess);
+        }
+        for (_, id) in cold {
             tracing::debug!(document = %id, "evicting cold document");
             self.docs.remove(&id);
         }
@@ -800,7 +823,7 @@ impl Engine {
             let Some(doc) = self.docs.get_mut(&id) else {
                 continue;
             };
-            if let Some(dp) = doc.peers.remove(peer) {
+            if let Some(dp) = doc.remove_peer(peer) {
                 // Keep what a reconnect should resume from in memory too:
                 // the document may stay loaded until the peer is back.
                 if let Some(name) = dp.persist_key.as_ref().and_then(|k| k.parts().last()) {
@@ -1112,7 +1135,7 @@ impl Engine {
             }
             Ok(Err(e)) => {
                 if let Some(doc) = self.docs.get_mut(id) {
-                    doc.peers.remove(peer);
+                    doc.remove_peer(peer);
                 }
                 self.unindex(id, peer);
                 self.close_peer(
@@ -1174,7 +1197,7 @@ impl Engine {
         }
         doc.peers.insert(
             peer.clone(),
-            DocPeer {
+            Box::new(DocPeer {
                 sync: state,
                 lacks: false,
                 they_requested: false,
@@ -1184,7 +1207,7 @@ impl Engine {
                 persisted_heads,
                 resync_at: None,
                 resynced_at_heads: None,
-            },
+            }),
         );
         self.peer_docs
             .entry(peer.clone())
@@ -1306,7 +1329,7 @@ impl Engine {
             peer_id: peer.clone(),
         });
         if let Some(doc) = self.docs.get_mut(id) {
-            doc.peers.remove(peer);
+            doc.remove_peer(peer);
         }
         self.unindex(id, peer);
         self.close_peer(

@@ -72,6 +72,16 @@ impl DocumentId {
         Self(Arc::from(&bytes[..]))
     }
 
+    /// Document `n` of a numbered set named `set`: the same pair always
+    /// gives the same id. Benchmarks name the documents they store and later
+    /// ask for this way, across processes.
+    pub fn numbered(n: u64, set: u64) -> Self {
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&n.to_le_bytes());
+        bytes[8..].copy_from_slice(&set.to_le_bytes());
+        Self::from_random(bytes)
+    }
+
     /// The raw id bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
