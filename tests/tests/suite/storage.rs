@@ -406,7 +406,7 @@ async fn queued_edits_run_in_order_and_are_saved_together() {
     let values = handle
         .with_doc(move |d| {
             (0..d.length(&list))
-                .map(|i| d.get(&list, i).expect("get").and_then(|(v, _)| v.to_i64()))
+                .map(|i| d.get(&list, i).expect("get").and_then(|(v, _)| v.as_i64()))
                 .collect::<Vec<_>>()
         })
         .await
