@@ -241,7 +241,12 @@ fn peer_id(n: u64) -> PeerId {
 impl Client {
     /// Connects and completes the handshake.
     pub async fn connect(url: &str, n: u64) -> anyhow::Result<Client> {
-        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+        // A whole large document arrives as one sync message (the editing
+        // trace's changes are ~29 MB uncompressed).
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(512 << 20))
+            .max_frame_size(Some(512 << 20));
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
             .await
             .with_context(|| format!("connecting to {url}"))?;
         let me = peer_id(n);

@@ -154,6 +154,28 @@ enum Command {
         #[arg(long, default_value_t = 600.0)]
         max_secs: f64,
     },
+    /// Builds the editing trace as one document and stores it for P5's
+    /// large-document cold start (see `offline::large_doc`).
+    LargeDoc {
+        /// The trace (`[[pos, del, text], ...]`).
+        #[arg(long)]
+        file: String,
+        /// Where to write `Automerge::save` of it.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// A NodeFS storage directory to write it into.
+        #[arg(long)]
+        nodefs: std::path::PathBuf,
+        /// How many documents (all with this content).
+        #[arg(long, default_value_t = 10)]
+        docs: u64,
+        /// Names the set, as for `populate`.
+        #[arg(long, default_value_t = 7)]
+        tag: u64,
+        /// How many keystrokes of the trace.
+        #[arg(long, default_value_t = usize::MAX)]
+        edits: usize,
+    },
     /// Connects as soon as the server accepts, asks for one populated
     /// document and exits when its contents arrive (QUALITY.md P5).
     FirstReply {
@@ -274,6 +296,18 @@ fn main() -> anyhow::Result<()> {
             println!("{{\"found\":true}}");
             Ok(())
         }),
+        Command::LargeDoc {
+            file,
+            out,
+            nodefs,
+            docs,
+            tag,
+            edits,
+        } => {
+            let trace = offline::read_trace(&file, edits)?;
+            println!("{}", offline::large_doc(&trace, &out, &nodefs, docs, tag)?);
+            Ok(())
+        }
         Command::Trace { file, edits } => {
             let trace = offline::read_trace(&file, edits)?;
             println!("{}", rt.block_on(offline::trace(&trace))?);

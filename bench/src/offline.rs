@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use automerge::sync;
+use automerge::sync::{self, SyncDoc as _};
 use automerge::transaction::Transactable;
 use automerge::{ActorId, Automerge, ObjId, ObjType, ReadDoc, ROOT};
 use converge_core::engine::{Replica, ReplicaKind};
@@ -276,4 +276,74 @@ pub fn reconnect(edits: &[Edit], base: usize, ns: &[usize]) -> anyhow::Result<se
         }
     }
     Ok(json!({"scenario": "p3", "base_changes": base + 1, "rows": rows}))
+}
+
+/// P5 with large documents: the whole trace as one document (a change per
+/// keystroke), saved to `out`, and written as a snapshot in the NodeFS
+/// layout for documents `0..docs` of set `tag` under `nodefs` (samod and
+/// the Node server read it). Reports the saved size and how long
+/// `Automerge::load` of those bytes takes (the floor for a cold start).
+pub fn large_doc(
+    edits: &[Edit],
+    out: &std::path::Path,
+    nodefs: &std::path::Path,
+    docs: u64,
+    tag: u64,
+) -> anyhow::Result<serde_json::Value> {
+    let mut doc = Automerge::new();
+    let text = {
+        let mut tx = doc.transaction();
+        let t = tx.put_object(ROOT, "text", ObjType::Text)?;
+        tx.commit();
+        t
+    };
+    for e in edits {
+        let mut tx = doc.transaction();
+        splice(&mut tx, &text, e);
+        tx.commit();
+    }
+    let saved = doc.save();
+    std::fs::write(out, &saved).with_context(|| format!("writing {}", out.display()))?;
+    let heads: Vec<String> = doc.get_heads().iter().map(|h| h.to_string()).collect();
+    for n in 0..docs {
+        let id = converge_core::wire::DocumentId::numbered(n, tag).to_string();
+        let (splay, rest) = id.split_at(2);
+        let dir = nodefs.join(splay).join(rest).join("snapshot");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(heads.join("")), &saved)?;
+    }
+    // The floors: loading the bytes, and loading them and answering a peer
+    // that has nothing (what a server's first reply takes with bare
+    // automerge: the reply carries every change).
+    let median = |f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            f()?;
+            times.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[1])
+    };
+    let load_ms = median(&|| Automerge::load(&saved).map(|_| ()).map_err(Into::into))?;
+    let reply_ms = median(&|| {
+        let request = Automerge::new()
+            .generate_sync_message(&mut sync::State::new())
+            .context("an empty document has something to say")?;
+        let mut doc = Automerge::load(&saved)?;
+        let mut state = sync::State::new();
+        doc.receive_sync_message(&mut state, request)?;
+        let reply = doc
+            .generate_sync_message(&mut state)
+            .context("no reply to a peer with nothing")?;
+        anyhow::ensure!(!reply.changes.is_empty(), "the reply carries no changes");
+        let _bytes = reply.encode();
+        Ok(())
+    })?;
+    Ok(json!({
+        "edits": edits.len(),
+        "bytes": saved.len(),
+        "load_ms": load_ms,
+        "load_and_reply_ms": reply_ms,
+    }))
 }

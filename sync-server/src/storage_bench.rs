@@ -171,16 +171,18 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `converge-server bench-populate --dir D --docs N [--set S]`: writes N
-/// small documents straight into a relay data directory, as the relay
-/// itself stores them (one incremental chunk each), for the many-documents
-/// benchmark (QUALITY.md P6). Document `n` has id
-/// `DocumentId::numbered(n, S)` and one change setting `seed` to `n`.
-/// Uploading a million documents through the protocol would take minutes.
+/// `converge-server bench-populate --dir D --docs N [--set S] [--doc-file F]`:
+/// writes N documents straight into a relay data directory, as the relay
+/// itself stores them, for the many-documents benchmark (QUALITY.md P6) and
+/// the large-document cold start (P5). Document `n` has id
+/// `DocumentId::numbered(n, S)` and either one change setting `seed` to `n`
+/// (an incremental chunk) or, with `--doc-file`, the saved document in that
+/// file (a snapshot). Uploading a million documents through the protocol
+/// would take minutes.
 pub fn populate(args: &[String]) -> anyhow::Result<()> {
     use converge_core::storage::{BatchOp, ChunkKind, Storage, StorageKey};
     use converge_core::wire::DocumentId;
-    let (mut dir, mut docs, mut set) = (None, 0u64, 5u64);
+    let (mut dir, mut docs, mut set, mut doc_file) = (None, 0u64, 5u64, None);
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -188,7 +190,10 @@ pub fn populate(args: &[String]) -> anyhow::Result<()> {
             "--dir" => dir = Some(PathBuf::from(value()?)),
             "--docs" => docs = value()?.parse().context("--docs")?,
             "--set" => set = value()?.parse().context("--set")?,
-            other => anyhow::bail!("unknown flag {other} (expected --dir, --docs, --set)"),
+            "--doc-file" => doc_file = Some(PathBuf::from(value()?)),
+            other => {
+                anyhow::bail!("unknown flag {other} (expected --dir, --docs, --set, --doc-file)")
+            }
         }
     }
     let dir = dir.context("--dir is required")?;
@@ -197,6 +202,22 @@ pub fn populate(args: &[String]) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open RocksDB in {}", dir.display()))?;
     let started = Instant::now();
     let mut batch = Vec::new();
+    if let Some(file) = doc_file {
+        let saved = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+        let heads = automerge::Automerge::load(&saved)
+            .with_context(|| format!("{} is not a saved document", file.display()))?
+            .get_heads();
+        let mut name: String = heads.iter().map(|h| h.to_string()).collect();
+        name.truncate(32);
+        for n in 0..docs {
+            let id = DocumentId::numbered(n, set);
+            let key = StorageKey::doc_chunk(&id, ChunkKind::Snapshot, &name);
+            store.batch(vec![BatchOp::Put(key, saved.clone())])?;
+        }
+        store.flush()?;
+        println!("{{\"populated\":{docs}}}");
+        return Ok(());
+    }
     for n in 0..docs {
         let mut doc = automerge::Automerge::new();
         let mut tx = doc.transaction();

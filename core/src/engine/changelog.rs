@@ -429,7 +429,7 @@ impl ChangeLog {
     fn ingest(&mut self, incoming: Vec<Incoming>) -> Result<bool, ReplicaError> {
         // The same duplicate rules as automerge: a change we hold is
         // skipped; a different change reusing an (actor, seq) is refused.
-        let mut seen: HashSet<ChangeHash> = self.queue.iter().map(|c| c.hash).collect();
+        let mut seen: FastSet<ChangeHash> = self.queue.iter().map(|c| c.hash).collect();
         let mut seqs: HashSet<(ActorId, u64)> = self
             .queue
             .iter()
