@@ -293,10 +293,31 @@ impl Client {
         Ok(())
     }
 
-    /// Tells the server we follow the seed document.
-    pub async fn subscribe(&mut self, seed: &Seed) -> anyhow::Result<()> {
+    /// Tells the server we follow the seed document: a sync message, or for
+    /// the floor a `request` (which it does not forward to the document's
+    /// other clients).
+    pub async fn subscribe(&mut self, seed: &Seed, floor: bool) -> anyhow::Result<()> {
         let view = DocView::new(&seed.heads);
-        self.send_sync(&seed.id, view.message(Vec::new())).await
+        if !floor {
+            return self.send_sync(&seed.id, view.message(Vec::new())).await;
+        }
+        let msg = Message::Request(DocMessage {
+            sender_id: self.me.clone(),
+            target_id: self.server.clone(),
+            document_id: seed.id.clone(),
+            data: view.message(Vec::new()),
+        });
+        self.ws
+            .send(WsMessage::Binary(wire::encode(&msg).into()))
+            .await?;
+        Ok(())
+    }
+
+    /// Keeps the connection open, reading (and so answering the server's
+    /// pings) until the server closes it; counts that in `closed`.
+    pub async fn stay_idle(mut self, closed: Arc<std::sync::atomic::AtomicU64>) {
+        while let Some(Ok(_)) = self.ws.next().await {}
+        closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Uploads many seeds, `window` at a time (a server that throttles its

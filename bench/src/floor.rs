@@ -49,7 +49,10 @@ pub async fn serve(listen: &str) -> anyhow::Result<()> {
                 let WsMessage::Binary(bytes) = frame else {
                     continue;
                 };
-                match wire::decode(&bytes) {
+                // `sync` is forwarded; `request` only subscribes (an idle
+                // client says which document it follows without every other
+                // client hearing about it).
+                let (document, forward) = match wire::decode(&bytes) {
                     Ok(Message::Join { sender_id, .. }) => {
                         let peer = Message::Peer {
                             sender_id: me.clone(),
@@ -58,19 +61,22 @@ pub async fn serve(listen: &str) -> anyhow::Result<()> {
                             selected_protocol_version: "1".to_owned(),
                         };
                         let _ = tx.send(WsMessage::Binary(wire::encode(&peer).into()));
+                        continue;
                     }
-                    Ok(Message::Sync(m)) | Ok(Message::Request(m)) => {
-                        let key = m.document_id.as_bytes().to_vec();
-                        let mut docs = docs.lock().expect("lock");
-                        let subs = docs.entry(key.clone()).or_default();
-                        if !joined.contains(&key) {
-                            subs.push((conn, tx.clone()));
-                            joined.push(key);
-                        }
-                        let frame = WsMessage::Binary(bytes);
-                        subs.retain(|(c, s)| *c == conn || s.send(frame.clone()).is_ok());
-                    }
-                    _ => {}
+                    Ok(Message::Sync(m)) => (m.document_id, true),
+                    Ok(Message::Request(m)) => (m.document_id, false),
+                    _ => continue,
+                };
+                let key = document.as_bytes().to_vec();
+                let mut docs = docs.lock().expect("lock");
+                let subs = docs.entry(key.clone()).or_default();
+                if !joined.contains(&key) {
+                    subs.push((conn, tx.clone()));
+                    joined.push(key);
+                }
+                if forward {
+                    let frame = WsMessage::Binary(bytes);
+                    subs.retain(|(c, s)| *c == conn || s.send(frame.clone()).is_ok());
                 }
             }
             let mut docs = docs.lock().expect("lock");

@@ -335,17 +335,29 @@ fn main() -> anyhow::Result<()> {
             if !floor {
                 creator.upload(&seed).await?;
             }
-            let mut held = Vec::new();
+            // Each held connection keeps reading: servers ping idle clients
+            // and drop the ones that do not answer (the Node server does
+            // after a few seconds), which would shrink what is measured.
+            let closed = Arc::new(std::sync::atomic::AtomicU64::new(0));
             for n in 0..conns {
                 let mut c = Client::connect(&url, 3_000_000 + n)
                     .await
                     .with_context(|| format!("connection {n}"))?;
-                c.subscribe(&seed).await?;
-                held.push(c);
+                c.subscribe(&seed, floor).await?;
+                tokio::spawn(c.stay_idle(closed.clone()));
             }
-            println!("ready {}", held.len());
+            println!("ready {conns}");
             tokio::time::sleep(Duration::from_secs_f64(hold)).await;
             drop(creator);
+            let closed = closed.load(std::sync::atomic::Ordering::Relaxed);
+            println!(
+                "{}",
+                serde_json::json!({ "held": conns, "closed_by_server": closed })
+            );
+            anyhow::ensure!(
+                closed == 0,
+                "the server closed {closed} of {conns} idle connections"
+            );
             Ok(())
         }),
         Command::P1 {
