@@ -193,7 +193,7 @@ def idle_density(server, name, conns):
     proc = subprocess.Popen(pinned(LOADGEN_CPU, args), stdout=subprocess.PIPE, text=True)
     # Opening 15k connections takes the Node server over a minute; samod
     # 0.16 does not get there within minutes (reported as not measured).
-    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    ready, _, _ = select.select([proc.stdout], [], [], 240)
     line = proc.stdout.readline() if ready else ""
     if not line.startswith("ready"):
         proc.kill()
