@@ -18,5 +18,7 @@ assert r["delivered"] > 0 and r["lost"] == 0 and not r["errors"], r'
 "$bench" p1 --url ws://127.0.0.1:$port --typists 3 --docs 1 --secs 1 --warmup 0.3 | check
 "$bench" p1 --url ws://127.0.0.1:$port --typists 8 --docs 2 --secs 1 --warmup 0.3 | check
 "$bench" p1 --url ws://127.0.0.1:$fport --typists 3 --secs 1 --warmup 0.3 --floor | check
-"$bench" idle --url ws://127.0.0.1:$port --conns 50 --hold 0.2 | grep -q '^ready 50$'
+idle=$("$bench" idle --url ws://127.0.0.1:$port --conns 50 --hold 0.2)
+grep -q '^ready 50$' <<<"$idle"
+grep -q '"closed_by_server":0' <<<"$idle"
 echo "bench smoke: ok"
