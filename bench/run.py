@@ -409,19 +409,7 @@ def cold_start_large(trace, runs):
                                       "--replica", "full-document"],
                     "samod": [SAMOD, str(port), nodefs],
                     "node": ["node", "reference-server.mjs", str(port), nodefs]}[name]
-            times = []
-            for i in range(runs):
-                t0 = time.time()
-                proc = subprocess.Popen(pinned(SERVER_CPU, argv), cwd=JS_DIR,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                try:
-                    run_json(pinned(LOADGEN_CPU, [BENCH, "first-reply", "--url", f"ws://127.0.0.1:{port}",
-                                                  "--doc", str(i % 10), "--tag", "7"]))
-                    times.append((time.time() - t0) * 1000)
-                finally:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait(timeout=60)
-            out[name] = statistics.median(times)
+            out[name] = first_reply_ms(argv, f"ws://127.0.0.1:{port}", [(i % 10, 7) for i in range(runs)])
         return out
     finally:
         shutil.rmtree(nodefs, ignore_errors=True)
@@ -450,18 +438,27 @@ def cold_start(name, docs, runs):
     argv = {"converge": [SERVER, "--listen", url[5:], "--data-dir", data, "--log", "warn"],
             "node": ["node", "reference-server.mjs", str(port), data],
             "samod": [SAMOD, str(port), data]}[name]
+    try:
+        return first_reply_ms(argv, url, [((i * 997) % docs, 5) for i in range(runs)])
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def first_reply_ms(argv, url, asks):
+    """Median over `asks` ((doc, tag) pairs, one run each) of the time from
+    starting the server process to the first reply carrying that document."""
     times = []
-    for i in range(runs):
+    for doc, tag in asks:
         t0 = time.time()
         proc = subprocess.Popen(pinned(SERVER_CPU, argv), cwd=JS_DIR,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            run_json(pinned(LOADGEN_CPU, [BENCH, "first-reply", "--url", url, "--doc", str((i * 997) % docs)]))
+            run_json(pinned(LOADGEN_CPU, [BENCH, "first-reply", "--url", url, "--doc", str(doc),
+                                          "--tag", str(tag)]))
             times.append((time.time() - t0) * 1000)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-    shutil.rmtree(data, ignore_errors=True)
     return statistics.median(times)
 
 

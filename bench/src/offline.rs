@@ -43,24 +43,31 @@ fn splice(tx: &mut impl Transactable, text: &ObjId, e: &Edit) {
         .expect("the trace stays inside the text");
 }
 
+/// The trace applied to a new document with bare automerge, one
+/// transaction (one change) per keystroke; returns it and its text object.
+fn raw_document(edits: &[Edit]) -> anyhow::Result<(Automerge, ObjId)> {
+    let mut doc = Automerge::new();
+    let text = {
+        let mut tx = doc.transaction();
+        let t = tx.put_object(ROOT, "text", ObjType::Text)?;
+        tx.commit();
+        t
+    };
+    for e in edits {
+        let mut tx = doc.transaction();
+        splice(&mut tx, &text, e);
+        tx.commit();
+    }
+    Ok((doc, text))
+}
+
 /// P7: the trace applied one keystroke per change, through raw automerge
 /// and through a Converge repo (`DocHandle::change`, which also persists
 /// every change to the repo's storage).
 pub async fn trace(edits: &[Edit]) -> anyhow::Result<serde_json::Value> {
     // Raw automerge: one transaction per keystroke.
     let started = Instant::now();
-    let mut raw = Automerge::new();
-    let text = {
-        let mut tx = raw.transaction();
-        let t = tx.put_object(ROOT, "text", ObjType::Text)?;
-        tx.commit();
-        t
-    };
-    for e in edits {
-        let mut tx = raw.transaction();
-        splice(&mut tx, &text, e);
-        tx.commit();
-    }
+    let (raw, text) = raw_document(edits)?;
     let raw_time = started.elapsed();
     let raw_text = raw.text(&text)?;
 
@@ -290,18 +297,7 @@ pub fn large_doc(
     docs: u64,
     tag: u64,
 ) -> anyhow::Result<serde_json::Value> {
-    let mut doc = Automerge::new();
-    let text = {
-        let mut tx = doc.transaction();
-        let t = tx.put_object(ROOT, "text", ObjType::Text)?;
-        tx.commit();
-        t
-    };
-    for e in edits {
-        let mut tx = doc.transaction();
-        splice(&mut tx, &text, e);
-        tx.commit();
-    }
+    let (doc, _) = raw_document(edits)?;
     let saved = doc.save();
     std::fs::write(out, &saved).with_context(|| format!("writing {}", out.display()))?;
     let heads: Vec<String> = doc.get_heads().iter().map(|h| h.to_string()).collect();
