@@ -91,18 +91,30 @@ class Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def converge_argv(port, data_dir, replica="change-log"):
+    return [SERVER, "--listen", f"127.0.0.1:{port}", "--data-dir", data_dir, "--log", "warn",
+            "--replica", replica]
+
+
+def samod_argv(port, data_dir):
+    return [SAMOD, str(port), data_dir]
+
+
+def node_argv(port, data_dir):
+    # Run from JS_DIR, where the script and its node_modules are.
+    return ["node", "reference-server.mjs", str(port), data_dir]
+
+
 def converge_server(name, replica, port, data_dir="{dir}"):
-    return Server(name, [SERVER, "--listen", f"127.0.0.1:{port}", "--data-dir", data_dir,
-                         "--log", "warn", "--replica", replica], port)
+    return Server(name, converge_argv(port, data_dir, replica), port)
 
 
 def samod_server(port, data_dir="{dir}"):
-    return Server("samod", [SAMOD, str(port), data_dir], port, ready=r"samod listening")
+    return Server("samod", samod_argv(port, data_dir), port, ready=r"samod listening")
 
 
 def node_server(port, data_dir="{dir}"):
-    return Server("node", ["node", "reference-server.mjs", str(port), data_dir], port, cwd=JS_DIR,
-                  ready=r'"ready":true')
+    return Server("node", node_argv(port, data_dir), port, cwd=JS_DIR, ready=r'"ready":true')
 
 
 def servers():
@@ -361,12 +373,9 @@ def many_documents():
             if name == "converge":
                 run_json([SERVER, "bench-populate", "--dir", data, "--docs", str(stored)], timeout=900)
                 server = converge_server("converge", "change-log", 3139, data_dir=data)
-            elif name == "samod":
-                run_json([BENCH, "populate-files", "--dir", data, "--docs", "20000"], timeout=900)
-                server = samod_server(3139, data_dir=data)
             else:
                 run_json([BENCH, "populate-files", "--dir", data, "--docs", "20000"], timeout=900)
-                server = node_server(3139, data_dir=data)
+                server = (samod_server if name == "samod" else node_server)(3139, data_dir=data)
             try:
                 time.sleep(1)
                 row = {"stored": stored if name == "converge" else 20_000, "rss_start_kb": server.rss_kb()}
@@ -404,11 +413,10 @@ def cold_start_large(trace, runs):
         out = {"bytes": floor["bytes"], "edits": floor["edits"], "load_ms": floor["load_ms"],
                "reply_floor_ms": floor["load_and_reply_ms"]}
         for name, port in (("converge", 3156), ("converge-full", 3156), ("samod", 3157), ("node", 3158)):
-            argv = {"converge": [SERVER, "--listen", f"127.0.0.1:{port}", "--data-dir", data, "--log", "warn"],
-                    "converge-full": [SERVER, "--listen", f"127.0.0.1:{port}", "--data-dir", data, "--log", "warn",
-                                      "--replica", "full-document"],
-                    "samod": [SAMOD, str(port), nodefs],
-                    "node": ["node", "reference-server.mjs", str(port), nodefs]}[name]
+            argv = {"converge": converge_argv(port, data),
+                    "converge-full": converge_argv(port, data, "full-document"),
+                    "samod": samod_argv(port, nodefs),
+                    "node": node_argv(port, nodefs)}[name]
             out[name] = first_reply_ms(argv, f"ws://127.0.0.1:{port}", [(i % 10, 7) for i in range(runs)])
         return out
     finally:
@@ -435,9 +443,8 @@ def cold_start(name, docs, runs):
             server.proc.wait(timeout=60)
     else:
         run_json([BENCH, "populate-files", "--dir", data, "--docs", str(docs)], timeout=900)
-    argv = {"converge": [SERVER, "--listen", url[5:], "--data-dir", data, "--log", "warn"],
-            "node": ["node", "reference-server.mjs", str(port), data],
-            "samod": [SAMOD, str(port), data]}[name]
+    argv = {"converge": converge_argv(port, data), "node": node_argv(port, data),
+            "samod": samod_argv(port, data)}[name]
     try:
         return first_reply_ms(argv, url, [((i * 997) % docs, 5) for i in range(runs)])
     finally:

@@ -216,13 +216,8 @@ fn main() -> anyhow::Result<()> {
         Command::PopulateFiles { dir, docs, tag } => {
             for n in 0..docs {
                 let seed = Seed::tagged(n, tag)?;
-                // Key [id, "incremental", change hash], the first key part
-                // split after two characters into two directories.
-                let id = seed.id.to_string();
-                let (splay, rest) = id.split_at(2);
-                let chunks = dir.join(splay).join(rest).join("incremental");
-                std::fs::create_dir_all(&chunks)?;
-                std::fs::write(chunks.join(seed.heads[0].to_string()), &seed.change)?;
+                let name = seed.heads[0].to_string();
+                offline::write_nodefs(&dir, &seed.id, "incremental", &name, &seed.change)?;
             }
             println!("{{\"populated\":{docs}}}");
             Ok(())

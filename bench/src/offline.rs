@@ -302,11 +302,8 @@ pub fn large_doc(
     std::fs::write(out, &saved).with_context(|| format!("writing {}", out.display()))?;
     let heads: Vec<String> = doc.get_heads().iter().map(|h| h.to_string()).collect();
     for n in 0..docs {
-        let id = converge_core::wire::DocumentId::numbered(n, tag).to_string();
-        let (splay, rest) = id.split_at(2);
-        let dir = nodefs.join(splay).join(rest).join("snapshot");
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join(heads.join("")), &saved)?;
+        let id = converge_core::wire::DocumentId::numbered(n, tag);
+        write_nodefs(nodefs, &id, "snapshot", &heads.join(""), &saved)?;
     }
     // The floors: loading the bytes, and loading them and answering a peer
     // that has nothing (what a server's first reply takes with bare
@@ -342,4 +339,21 @@ pub fn large_doc(
         "load_ms": load_ms,
         "load_and_reply_ms": reply_ms,
     }))
+}
+
+/// Writes one chunk where automerge-repo's NodeFS storage (and samod's
+/// filesystem storage) keeps key `[id, kind, name]`: the first key part is
+/// split after two characters into two directories.
+pub fn write_nodefs(
+    root: &std::path::Path,
+    id: &converge_core::wire::DocumentId,
+    kind: &str,
+    name: &str,
+    bytes: &[u8],
+) -> anyhow::Result<()> {
+    let id = id.to_string();
+    let (splay, rest) = id.split_at(2);
+    let dir = root.join(splay).join(rest).join(kind);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join(name), bytes).with_context(|| format!("writing into {}", dir.display()))
 }

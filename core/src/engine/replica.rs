@@ -232,14 +232,17 @@ impl Replica for FullDocument {
         // The common case, a local edit on top of what was saved: the one
         // new change is the last local one, whose bytes automerge already
         // holds; `save_after` would search the history for it.
-        if let Some(last) = self.doc.get_last_local_change() {
-            let current = self.doc.get_heads();
-            if current.len() == 1
-                && current[0] == last.hash()
-                && last.deps().len() == heads.len()
-                && last.deps().iter().all(|d| heads.contains(d))
-            {
-                return last.raw_bytes().to_vec();
+        // (Building the last local change costs automerge some work, so
+        // only when a single head makes it possible.)
+        let current = self.doc.get_heads();
+        if current.len() == 1 {
+            if let Some(last) = self.doc.get_last_local_change() {
+                if current[0] == last.hash()
+                    && last.deps().len() == heads.len()
+                    && last.deps().iter().all(|d| heads.contains(d))
+                {
+                    return last.raw_bytes().to_vec();
+                }
             }
         }
         self.doc.save_after(heads)

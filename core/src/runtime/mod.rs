@@ -590,6 +590,29 @@ fn spawn_storage_thread(
 /// Most network messages (or local edits) handed to the engine as one batch.
 const MAX_BATCH: usize = 256;
 
+/// Adds to `batch` whatever queued messages `pick` takes, up to
+/// [`MAX_BATCH`], without waiting. The first message `pick` gives back ends
+/// the batch and is kept in `carried`, to be handled next.
+fn take_more<T>(
+    rx: &mut mpsc::UnboundedReceiver<MsgBox>,
+    carried: &mut Option<MsgBox>,
+    batch: &mut Vec<T>,
+    pick: impl Fn(Msg) -> Result<T, Msg>,
+) {
+    while batch.len() < MAX_BATCH {
+        let Ok(MsgBox(msg)) = rx.try_recv() else {
+            return;
+        };
+        match pick(msg) {
+            Ok(item) => batch.push(item),
+            Err(other) => {
+                *carried = Some(MsgBox(other));
+                return;
+            }
+        }
+    }
+}
+
 struct Actor {
     engine: Engine,
     remotes: BTreeMap<ConnectionId, String>,
@@ -650,21 +673,15 @@ impl Actor {
                 Msg::Change(doc, f, reply) => {
                     // Edits queued back to back (an editor handing over
                     // keystrokes) run as one batch: saved and synced once.
-                    let mut edits = vec![(doc, f)];
-                    let mut replies = vec![reply];
-                    while edits.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(MsgBox(Msg::Change(doc, f, reply))) => {
-                                edits.push((doc, f));
-                                replies.push(reply);
-                            }
-                            Ok(other) => {
-                                carried = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
+                    let mut edits = vec![(doc, f, reply)];
+                    take_more(&mut rx, &mut carried, &mut edits, |msg| match msg {
+                        Msg::Change(doc, f, reply) => Ok((doc, f, reply)),
+                        other => Err(other),
+                    });
+                    let (edits, replies): (Vec<_>, Vec<_>) = edits
+                        .into_iter()
+                        .map(|(doc, f, reply)| ((doc, f), reply))
+                        .unzip();
                     let (results, out) = self.engine.change_many(
                         now,
                         edits.into_iter().map(|(doc, f)| {
@@ -711,18 +728,10 @@ impl Actor {
                     // Take whatever else arrived meanwhile and answer it as
                     // one batch (see `Engine::handle_batch`).
                     let mut inputs = vec![Input::Received { conn, bytes }];
-                    while inputs.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(MsgBox(Msg::Bytes(conn, bytes))) => {
-                                inputs.push(Input::Received { conn, bytes });
-                            }
-                            Ok(other) => {
-                                carried = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
+                    take_more(&mut rx, &mut carried, &mut inputs, |msg| match msg {
+                        Msg::Bytes(conn, bytes) => Ok(Input::Received { conn, bytes }),
+                        other => Err(other),
+                    });
                     self.engine.handle_batch(now, inputs)
                 }
                 Msg::Sessions(reply) => {
