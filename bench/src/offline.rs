@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use automerge::sync::{self, SyncDoc as _};
 use automerge::transaction::Transactable;
 use automerge::{ActorId, Automerge, ObjId, ObjType, ReadDoc, ROOT};
-use converge_core::engine::{Replica, ReplicaKind};
+use converge_core::engine::{PeerSync, Replica, ReplicaKind};
 use converge_core::runtime::{Repo, RepoConfig};
 use converge_core::storage::MemoryStorage;
 use serde_json::json;
@@ -147,9 +147,9 @@ struct Exchange {
 
 fn exchange(
     a: &mut dyn Replica,
-    sa: &mut sync::State,
+    sa: &mut PeerSync,
     b: &mut dyn Replica,
-    sb: &mut sync::State,
+    sb: &mut PeerSync,
 ) -> anyhow::Result<Exchange> {
     let (mut bytes, mut round_trips) = (0, 0);
     for _ in 0..1000 {
@@ -240,7 +240,7 @@ pub fn reconnect(edits: &[Edit], base: usize, ns: &[usize]) -> anyhow::Result<se
             for stored in [true, false] {
                 let mut client = replica(ReplicaKind::FullDocument, 2, &saved)?;
                 let mut relay = replica(kind, 3, &saved)?;
-                let (mut sc, mut sr) = (sync::State::new(), sync::State::new());
+                let (mut sc, mut sr) = (PeerSync::default(), PeerSync::default());
                 exchange(client.as_mut(), &mut sc, relay.as_mut(), &mut sr)?;
                 // Diverge: the client types n keystrokes offline; another
                 // client's n keystrokes reach the relay.
@@ -254,11 +254,11 @@ pub fn reconnect(edits: &[Edit], base: usize, ns: &[usize]) -> anyhow::Result<se
                 let (mut sc, mut sr) = if stored {
                     // As the engine persists it: encoded, then decoded.
                     (
-                        sync::State::decode(&sc.encode())?,
-                        sync::State::decode(&sr.encode())?,
+                        PeerSync::new(sync::State::decode(&sc.state.encode())?),
+                        PeerSync::new(sync::State::decode(&sr.state.encode())?),
                     )
                 } else {
-                    (sync::State::new(), sync::State::new())
+                    (PeerSync::default(), PeerSync::default())
                 };
                 let started = Instant::now();
                 let ex = exchange(client.as_mut(), &mut sc, relay.as_mut(), &mut sr)?;

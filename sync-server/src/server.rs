@@ -72,7 +72,7 @@ async fn websocket(
     };
     upgrade
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(converge_core::transport::WRITE_BUFFER_BYTES)
         .max_write_buffer_size(state.max_message_bytes.saturating_mul(2).max(1 << 20))
         .max_message_size(state.max_message_bytes)
         .max_frame_size(state.max_message_bytes)

@@ -32,7 +32,7 @@
 //! same actor) is refused here rather than silently mis-synced.
 
 use std::cell::{OnceCell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 
 use automerge::sync::{self, BloomFilter, Capability, Have, MessageFlags, MessageVersion};
@@ -41,8 +41,8 @@ use automerge::{
 };
 
 use super::replica::{
-    parse_change, settled, split_chunks, Replica, ReplicaError, ReplicaKind, CHUNK_CHANGE,
-    CHUNK_COMPRESSED_CHANGE, CHUNK_DOCUMENT,
+    parse_change, settled, split_chunks, PeerSync, Replica, ReplicaError, ReplicaKind,
+    CHUNK_CHANGE, CHUNK_COMPRESSED_CHANGE, CHUNK_DOCUMENT,
 };
 
 /// A vector clock: (actor index, highest sequence number), sorted by actor.
@@ -598,34 +598,137 @@ impl ChangeLog {
     /// and asked for `need`: automerge's rule (everything since the
     /// `last_sync` heads that no Bloom filter claims, plus everything that
     /// depends on those), without walking the whole history.
-    fn indexes_to_send(&self, have: &[Have], need: &[ChangeHash]) -> Vec<u32> {
+    /// Also returns the candidates held back because the filters claim
+    /// them (in log order), so later messages can look at just those and
+    /// what arrives after ([`Self::indexes_offered_since`]).
+    fn indexes_to_send(&self, have: &[Have], need: &[ChangeHash]) -> (Vec<u32>, Vec<u32>) {
         let need: Vec<u32> = need
             .iter()
             .filter_map(|h| self.index.get(h).copied())
             .collect();
         if have.is_empty() {
-            return need;
+            return (need, Vec::new());
         }
-        let mut last_sync: Vec<ChangeHash> = have
-            .iter()
-            .flat_map(|h| h.last_sync.iter().copied())
-            .collect();
-        last_sync.sort();
-        last_sync.dedup();
-        let candidates = self.indexes_after(&last_sync);
+        let candidates = self.indexes_after(&last_sync_of(have));
         // Candidates are in causal order, so one forward pass closes the
         // set under "depends on something we send".
         let mut sending: FastSet<u32> = FastSet::default();
+        let mut withheld = Vec::new();
         for &idx in &candidates {
             let entry = &self.entries[idx as usize];
             let unclaimed = have.iter().all(|h| !h.bloom.contains_hash(&entry.hash));
             if unclaimed || self.entry_deps(entry).iter().any(|d| sending.contains(d)) {
                 sending.insert(idx);
+            } else {
+                withheld.push(idx);
             }
         }
         let mut out: Vec<u32> = need.into_iter().filter(|i| !sending.contains(i)).collect();
         out.extend(candidates.into_iter().filter(|i| sending.contains(i)));
-        out
+        (out, withheld)
+    }
+
+    /// [`Self::indexes_to_send`] for a peer already answered under an
+    /// earlier summary: every change before `from` was then sent, held back
+    /// (`withheld`), or an ancestor of its `last_sync`. Its `last_sync` only
+    /// moves forward (the caller checks), so only the held-back changes and
+    /// those appended since need a look, by the same rule: a candidate is
+    /// sent when no filter claims it or it depends on one being sent.
+    /// Returns what to send and what stays held back.
+    fn indexes_offered_since(
+        &self,
+        from: u32,
+        withheld: &[u32],
+        have: &[Have],
+        last_sync: &[ChangeHash],
+        need: &[ChangeHash],
+        sent: &BTreeSet<ChangeHash>,
+    ) -> (Vec<u32>, Vec<u32>) {
+        let mut asked: Vec<u32> = need
+            .iter()
+            .filter(|h| !sent.contains(h))
+            .filter_map(|h| self.index.get(h).copied())
+            .collect();
+        asked.sort_unstable();
+        asked.dedup();
+        if have.is_empty() {
+            return (asked, Vec::new());
+        }
+        let clock = self.clock_of_set(last_sync);
+        let is_candidate = |idx: u32| {
+            let e = &self.entries[idx as usize];
+            e.seq > clock_get(&clock, e.actor)
+        };
+        let unclaimed = |idx: u32| {
+            let hash = &self.entries[idx as usize].hash;
+            have.iter().all(|h| !h.bloom.contains_hash(hash))
+        };
+        // The full rule's closure ("depends on a change being sent") means:
+        // a claimed candidate goes out when one of its ancestors is an
+        // unclaimed candidate. Those are among the ones sent and not yet
+        // acknowledged (listed only when needed) and this round's.
+        let mut in_flight: Option<Vec<(u32, u32)>> = None;
+        let mut sending: Vec<u32> = Vec::new();
+        let mut still = Vec::new();
+        let candidates = withheld
+            .iter()
+            .copied()
+            .chain(from..self.entries.len() as u32)
+            .filter(|&i| is_candidate(i));
+        for idx in candidates {
+            if unclaimed(idx) {
+                sending.push(idx);
+                continue;
+            }
+            let in_flight = in_flight.get_or_insert_with(|| {
+                sent.iter()
+                    .filter_map(|h| self.index.get(h).copied())
+                    .filter(|&i| is_candidate(i) && unclaimed(i))
+                    .map(|i| (self.entries[i as usize].actor, self.entries[i as usize].seq))
+                    .collect()
+            });
+            let clock = self.clock_of(idx);
+            let below = |(actor, seq): (u32, u32)| seq <= clock_get(&clock, actor);
+            let follows = in_flight.iter().any(|&a| below(a))
+                || sending.iter().any(|&i| {
+                    let e = &self.entries[i as usize];
+                    below((e.actor, e.seq))
+                });
+            if follows {
+                sending.push(idx);
+            } else {
+                still.push(idx);
+            }
+        }
+        // As in the full rule: asked-for changes first, then the rest in
+        // log order, leaving out what was already sent.
+        let mut out: Vec<u32> = asked
+            .iter()
+            .copied()
+            .filter(|i| sending.binary_search(i).is_err())
+            .collect();
+        out.extend(
+            sending
+                .into_iter()
+                .filter(|&i| !sent.contains(&self.entries[i as usize].hash)),
+        );
+        (out, still)
+    }
+
+    /// Whether a peer's new summary starts at or after `before` (every
+    /// earlier `last_sync` head is an ancestor of, or one of, the new ones).
+    fn moves_forward(&self, before: &[ChangeHash], have: &[Have]) -> bool {
+        let now = last_sync_of(have);
+        if now == before {
+            return true;
+        }
+        let clock = self.clock_of_set(&now);
+        before.iter().all(|h| {
+            self.index.get(h).is_some_and(|&i| {
+                let e = &self.entries[i as usize];
+                e.seq <= clock_get(&clock, e.actor)
+            })
+        })
     }
 
     fn bloom_since(&self, last_sync: Vec<ChangeHash>) -> Have {
@@ -658,11 +761,7 @@ impl ChangeLog {
 
     /// Removes from `sent` every change that is an ancestor of `heads`
     /// (those the peer now has).
-    fn forget_acknowledged(
-        &self,
-        heads: &[ChangeHash],
-        sent: &mut std::collections::BTreeSet<ChangeHash>,
-    ) {
+    fn forget_acknowledged(&self, heads: &[ChangeHash], sent: &mut BTreeSet<ChangeHash>) {
         if sent.is_empty() {
             return;
         }
@@ -706,6 +805,17 @@ fn duplicate_seq(change: &Incoming) -> ReplicaError {
         "duplicate or invalid sequence number {} for actor {}",
         change.seq, change.actor
     ))
+}
+
+/// The heads a peer's summaries start from, sorted and deduplicated.
+fn last_sync_of(have: &[Have]) -> Vec<ChangeHash> {
+    let mut last_sync: Vec<ChangeHash> = have
+        .iter()
+        .flat_map(|h| h.last_sync.iter().copied())
+        .collect();
+    last_sync.sort();
+    last_sync.dedup();
+    last_sync
 }
 
 fn clock_get(clock: &Clock, actor: u32) -> u32 {
@@ -786,7 +896,8 @@ impl Replica for ChangeLog {
         self.index.contains_key(hash)
     }
 
-    fn generate_sync_message(&self, state: &mut sync::State) -> Option<sync::Message> {
+    fn generate_sync_message(&self, peer: &mut PeerSync) -> Option<sync::Message> {
+        let state = &mut peer.state;
         let our_heads = self.heads.clone();
         if settled(&our_heads, state) {
             return None;
@@ -796,12 +907,11 @@ impl Replica for ChangeLog {
         } else {
             self.missing_deps_from(state.their_heads.as_deref().unwrap_or(&[]))
         };
-        let their_heads: HashSet<&ChangeHash> = state.their_heads.iter().flatten().collect();
-        let our_have = if our_need.iter().all(|h| their_heads.contains(h)) {
-            vec![self.bloom_since(state.shared_heads.clone())]
-        } else {
-            Vec::new()
-        };
+        // Our summary goes along unless we are asking for changes the
+        // peer has not announced (built below, once we know we answer).
+        let send_have = our_need
+            .iter()
+            .all(|h| state.their_heads.as_ref().is_some_and(|t| t.contains(h)));
         // The peer claims to have synced up to heads we do not hold: we
         // lost data since. Ask it to start over.
         if let Some(first) = state.their_have.as_ref().and_then(|h| h.first()) {
@@ -819,33 +929,51 @@ impl Replica for ChangeLog {
             }
         }
         let v2 = has_capability(state, &Capability::MessageV2);
-        let to_send: Vec<u32> = if state.is_peer_read_only() {
-            Vec::new()
-        } else {
-            match (&state.their_have, &state.their_need) {
-                (Some(have), Some(need)) => {
-                    if state.their_heads.as_deref() == Some(&[]) && v2 {
-                        // The peer has nothing: send everything.
-                        (0..self.entries.len() as u32).collect()
-                    } else {
-                        let mut out = self.indexes_to_send(have, need);
-                        let sent = &state.sent_hashes;
-                        if out.len() * 8 < sent.len() {
-                            // Few candidates: look each up.
-                            out.retain(|&i| !sent.contains(&self.entries[i as usize].hash));
-                        } else if !sent.is_empty() {
-                            let sent: FastSet<u32> = sent
-                                .iter()
-                                .filter_map(|h| self.index.get(h).copied())
-                                .collect();
-                            out.retain(|i| !sent.contains(i));
+        let answerable =
+            !state.is_peer_read_only() && state.their_have.is_some() && state.their_need.is_some();
+        // Only a peer that summarised what it has is offered our changes
+        // (one with an empty `have` gets just what it names in `need`).
+        let offering = answerable && state.their_have.as_ref().is_some_and(|h| !h.is_empty());
+        // What to send, and (for the record kept in `peer`) the changes
+        // the peer's summary claims that we therefore hold back.
+        let their_last_sync = last_sync_of(state.their_have.as_deref().unwrap_or(&[]));
+        let (to_send, withheld): (Vec<u32>, Vec<u32>) =
+            match (answerable, &state.their_have, &state.their_need) {
+                (true, Some(have), Some(need)) => {
+                    let has_nothing = state.their_heads.as_deref() == Some(&[]);
+                    match peer.offered {
+                        Some(from) if !has_nothing && from as usize <= self.entries.len() => self
+                            .indexes_offered_since(
+                                from,
+                                &peer.withheld,
+                                have,
+                                &their_last_sync,
+                                need,
+                                &state.sent_hashes,
+                            ),
+                        _ if has_nothing && v2 => {
+                            // The peer has nothing: send everything.
+                            ((0..self.entries.len() as u32).collect(), Vec::new())
                         }
-                        out
+                        _ => {
+                            let (mut out, withheld) = self.indexes_to_send(have, need);
+                            let sent = &state.sent_hashes;
+                            if out.len() * 8 < sent.len() {
+                                // Few candidates: look each up.
+                                out.retain(|&i| !sent.contains(&self.entries[i as usize].hash));
+                            } else if !sent.is_empty() {
+                                let sent: FastSet<u32> = sent
+                                    .iter()
+                                    .filter_map(|h| self.index.get(h).copied())
+                                    .collect();
+                                out.retain(|i| !sent.contains(i));
+                            }
+                            (out, withheld)
+                        }
                     }
                 }
-                _ => Vec::new(),
-            }
-        };
+                _ => (Vec::new(), Vec::new()),
+            };
 
         let heads_unchanged = state.last_sent_heads == our_heads;
         let heads_equal = state.their_heads.as_ref() == Some(&our_heads);
@@ -860,6 +988,11 @@ impl Replica for ChangeLog {
 
         state.have_responded = true;
         state.last_sent_heads.clone_from(&our_heads);
+        if offering {
+            peer.offered = Some(self.entries.len() as u32);
+            peer.withheld = withheld;
+            peer.offered_from = their_last_sync;
+        }
         state
             .sent_hashes
             .extend(to_send.iter().map(|&i| self.entries[i as usize].hash));
@@ -896,6 +1029,11 @@ impl Replica for ChangeLog {
                 .collect();
             (sync::ChunkList::from(chunks), MessageVersion::V1)
         };
+        let our_have = if send_have {
+            vec![self.bloom_since(state.shared_heads.clone())]
+        } else {
+            Vec::new()
+        };
         state.in_flight = true;
         Some(sync::Message {
             heads,
@@ -909,9 +1047,10 @@ impl Replica for ChangeLog {
 
     fn receive_sync_message(
         &mut self,
-        state: &mut sync::State,
+        peer: &mut PeerSync,
         message: sync::Message,
     ) -> Result<(), ReplicaError> {
+        let state = &mut peer.state;
         // Parse everything before touching the state: a message we refuse
         // leaves no trace.
         let mut incoming = Vec::new();
@@ -930,6 +1069,7 @@ impl Replica for ChangeLog {
             state.their_capabilities = Some(caps);
             if flags.contains(MessageFlags::SYNC_RESET) {
                 state.sent_hashes.clear();
+                peer.offered = None;
             }
             state.peer_read_only = flags.contains(MessageFlags::READ_ONLY);
         }
@@ -954,6 +1094,7 @@ impl Replica for ChangeLog {
                 // The peer lost everything: start over with it.
                 state.last_sent_heads = Vec::new();
                 state.sent_hashes.clear();
+                peer.offered = None;
             }
         } else {
             let mut shared = std::mem::take(&mut state.shared_heads);
@@ -961,6 +1102,17 @@ impl Replica for ChangeLog {
             shared.sort();
             shared.dedup();
             state.shared_heads = shared;
+        }
+        // A peer that summarises nothing, or from no common point (a fresh
+        // sync state on its side), or from heads we do not know, is
+        // answered in full again.
+        let fresh_summary = message.have.is_empty()
+            || message
+                .have
+                .iter()
+                .any(|h| h.last_sync.is_empty() || !h.last_sync.iter().all(|x| self.has_change(x)));
+        if fresh_summary || !self.moves_forward(&peer.offered_from, &message.have) {
+            peer.offered = None;
         }
         state.their_have = Some(message.have);
         state.their_heads = Some(message_heads);
@@ -1067,9 +1219,9 @@ mod tests {
     /// messages.
     fn sync(
         a: &mut dyn Replica,
-        sa: &mut sync::State,
+        sa: &mut PeerSync,
         b: &mut dyn Replica,
-        sb: &mut sync::State,
+        sb: &mut PeerSync,
     ) -> usize {
         let mut messages = 0;
         for _ in 0..100 {
@@ -1135,8 +1287,8 @@ mod tests {
         for relay_kind in [ReplicaKind::FullDocument, ReplicaKind::ChangeLog] {
             let mut clients: Vec<Box<dyn Replica>> = (1..=3).map(full).collect();
             let mut relay = relay_kind.factory()(actor(9));
-            let mut to_relay: Vec<sync::State> = vec![Default::default(); 3];
-            let mut from_relay: Vec<sync::State> = vec![Default::default(); 3];
+            let mut to_relay: Vec<PeerSync> = (0..3).map(|_| PeerSync::default()).collect();
+            let mut from_relay: Vec<PeerSync> = (0..3).map(|_| PeerSync::default()).collect();
             let mut trace = Vec::new();
             // A deterministic pseudo-random schedule.
             let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -1175,6 +1327,179 @@ mod tests {
             rounds.push(trace);
         }
         assert_eq!(rounds[0], rounds[1]);
+    }
+
+    /// The relay answers a peer it already answered by looking only at
+    /// what it held back and what arrived since; every such answer must be
+    /// the one the full rule gives. Three clients type concurrently and
+    /// their messages reach the relay late and in bursts, so the relay
+    /// often answers several times between two messages from a peer.
+    #[test]
+    fn incremental_answers_match_the_full_rule() {
+        let mut clients: Vec<Box<dyn Replica>> = (1..=3).map(full).collect();
+        let mut relay = log(9);
+        let mut at_client: Vec<PeerSync> = (0..3).map(|_| PeerSync::default()).collect();
+        let mut at_relay: Vec<PeerSync> = (0..3).map(|_| PeerSync::default()).collect();
+        // Messages in flight towards the relay, per client.
+        let mut inbox: Vec<Vec<sync::Message>> = vec![Vec::new(); 3];
+        let (mut incremental, mut compared) = (0, 0);
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for step in 0..600 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let c = (x % 3) as usize;
+            match (x >> 8) % 4 {
+                0 | 1 => edit(clients[c].as_mut(), &format!("k{}", x % 11), step),
+                _ => {}
+            }
+            // The client speaks; its message waits in the inbox.
+            if let Some(m) = clients[c].generate_sync_message(&mut at_client[c]) {
+                inbox[c].push(sync::Message::decode(&m.encode()).expect("decode"));
+            }
+            // Sometimes the relay reads one client's whole inbox.
+            if (x >> 16) % 3 == 0 {
+                let r = ((x >> 24) % 3) as usize;
+                for m in std::mem::take(&mut inbox[r]) {
+                    relay
+                        .receive_sync_message(&mut at_relay[r], m)
+                        .expect("relay receives");
+                }
+            }
+            // The relay answers everyone; compare with the full rule.
+            for r in 0..3 {
+                let mut full_rule = at_relay[r].clone();
+                full_rule.offered = None;
+                let expected = relay.generate_sync_message(&mut full_rule);
+                if at_relay[r].offered.is_some() {
+                    incremental += 1;
+                }
+                let got = relay.generate_sync_message(&mut at_relay[r]);
+                let got = got.map(|m| m.encode());
+                assert_eq!(got, expected.map(|m| m.encode()), "step {step}, client {r}");
+                assert_eq!(at_relay[r].state.sent_hashes, full_rule.state.sent_hashes);
+                compared += 1;
+                // The answer reaches the client at once.
+                if let Some(bytes) = got {
+                    let m = sync::Message::decode(&bytes).expect("decode");
+                    clients[r]
+                        .receive_sync_message(&mut at_client[r], m)
+                        .expect("client receives");
+                }
+            }
+        }
+        for (c, client) in clients.iter().enumerate() {
+            assert_eq!(client.heads(), relay.heads(), "client {c}");
+        }
+        assert!(incremental > compared / 2, "{incremental} of {compared}");
+    }
+
+    /// The same comparison with summaries made by hand, including false
+    /// claims (what a Bloom filter's false positives do): a reader holds a
+    /// prefix of the relay's history, acknowledges more of it from time to
+    /// time, and its filter also claims random changes it lacks, so held
+    /// back changes are released and claimed ones follow released ones.
+    #[test]
+    fn incremental_answers_match_the_full_rule_with_false_claims() {
+        let mut writers: Vec<Box<dyn Replica>> = (1..=3).map(full).collect();
+        let mut relay = ChangeLog::new(actor(9));
+        let mut peer = PeerSync::default();
+        // The relay's heads after every step.
+        let mut history: Vec<Vec<ChangeHash>> = vec![Vec::new()];
+        let (mut has, mut synced) = (0usize, 0usize);
+        let (mut incremental, mut released) = (0, 0);
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Changes on their way to the relay (the reader may know them
+        // already, as a writer knows its own).
+        let mut pending: std::collections::VecDeque<(Vec<u8>, ChangeHash)> = Default::default();
+        for step in 0..400 {
+            // One or two writers type; their changes reach the relay later.
+            for _ in 0..1 + next() % 2 {
+                let w = (next() % 3) as usize;
+                let before = writers[w].heads();
+                let value = next() as i64;
+                edit(writers[w].as_mut(), &format!("k{}", value % 5), value);
+                let all = writers[w].save_after(&before);
+                let hash = *writers[w]
+                    .heads()
+                    .iter()
+                    .find(|h| !before.contains(h))
+                    .expect("new head");
+                pending.push_back((all.clone(), hash));
+                // Writers see each other now and then (concurrency).
+                if next() % 3 == 0 {
+                    let other = (w + 1) % 3;
+                    writers[other].load_chunk(&all).expect("writer loads");
+                }
+            }
+            for _ in 0..next() % 4 {
+                if let Some((chunk, _)) = pending.pop_front() {
+                    relay.load_chunk(&chunk).expect("relay loads");
+                }
+            }
+            history.push(relay.heads.clone());
+            // Sometimes the reader reports: it has caught up to an earlier
+            // point, acknowledges part of that, claims what it has since
+            // the acknowledged point plus some changes it lacks, and may
+            // ask for one.
+            if next() % 3 == 0 {
+                has = (has + (next() % 4) as usize).min(history.len() - 1);
+                synced = (synced + (next() % 3) as usize).min(has);
+                let held = relay.clock_of_set(&history[has]);
+                let mut claimed = Vec::new();
+                for i in relay.indexes_after(&history[synced]) {
+                    let e = relay.entries[i as usize];
+                    if e.seq <= clock_get(&held, e.actor) || next() % 6 == 0 {
+                        claimed.push(e.hash);
+                    }
+                }
+                claimed.extend(pending.iter().filter(|_| next() % 2 == 0).map(|p| p.1));
+                let need = if next() % 5 == 0 {
+                    let i = (next() % relay.entries.len() as u64) as usize;
+                    vec![relay.entries[i].hash]
+                } else {
+                    Vec::new()
+                };
+                let message = sync::Message {
+                    heads: history[has].clone(),
+                    need,
+                    have: vec![Have {
+                        last_sync: history[synced].clone(),
+                        bloom: BloomFilter::from_hashes(claimed.iter()),
+                    }],
+                    changes: sync::ChunkList::empty(),
+                    flags: None,
+                    version: MessageVersion::V1,
+                };
+                relay
+                    .receive_sync_message(&mut peer, message)
+                    .expect("receives");
+            }
+            let mut full_rule = peer.clone();
+            full_rule.offered = None;
+            let expected = relay.generate_sync_message(&mut full_rule);
+            if peer.offered.is_some() {
+                incremental += 1;
+                released += usize::from(!peer.withheld.is_empty());
+            }
+            let got = relay.generate_sync_message(&mut peer);
+            assert_eq!(
+                got.map(|m| m.encode()),
+                expected.map(|m| m.encode()),
+                "step {step}"
+            );
+            assert_eq!(peer.state.sent_hashes, full_rule.state.sent_hashes);
+        }
+        assert!(
+            incremental > 100 && released > 10,
+            "{incremental} / {released}"
+        );
     }
 
     #[test]

@@ -49,7 +49,8 @@ use sha2::{Digest, Sha256};
 pub use changelog::ChangeLog;
 pub use policy::{AnnounceAll, RelayPolicy, SharePolicy};
 pub use replica::{
-    full_document_factory, FullDocument, Replica, ReplicaError, ReplicaFactory, ReplicaKind,
+    full_document_factory, FullDocument, PeerSync, Replica, ReplicaError, ReplicaFactory,
+    ReplicaKind,
 };
 pub use types::{
     Close, Command, CommandId, CommandResult, ConnectionId, Direction, EngineConfig, Event, Input,
@@ -233,7 +234,7 @@ struct DocStore {
 
 #[derive(Debug)]
 struct DocPeer {
-    sync: sync::State,
+    sync: PeerSync,
     /// The peer told us (by `request` or `doc-unavailable`) it lacks the doc.
     lacks: bool,
     /// The peer sent `request`; answer it when we learn something.
@@ -350,7 +351,7 @@ impl Engine {
             .iter()
             .filter(|(peer, _)| self.peers.contains_key(*peer))
             .map(|(peer, dp)| {
-                let their_heads = dp.sync.their_heads.clone().map(|mut h| {
+                let their_heads = dp.sync.state.their_heads.clone().map(|mut h| {
                     h.sort();
                     h
                 });
@@ -610,7 +611,7 @@ impl Engine {
             return;
         }
         dp.resync_at = None;
-        let stalled = dp.sync.in_flight && dp.sync.their_heads.as_ref() != Some(&ours);
+        let stalled = dp.sync.state.in_flight && dp.sync.state.their_heads.as_ref() != Some(&ours);
         // One restart per state of ours: if the peer stays silent after it,
         // it has nothing to add (a silent reply means equal heads), and
         // retrying forever would only spin.
@@ -621,14 +622,14 @@ impl Engine {
             return;
         }
         dp.resynced_at_heads = Some(ours);
-        let shared = std::mem::take(&mut dp.sync.shared_heads);
-        let capabilities = dp.sync.their_capabilities.take();
-        dp.sync = sync::State::new();
-        dp.sync.shared_heads = shared;
-        dp.sync.their_capabilities = capabilities;
+        let shared = std::mem::take(&mut dp.sync.state.shared_heads);
+        let capabilities = dp.sync.state.their_capabilities.take();
+        dp.sync = PeerSync::default();
+        dp.sync.state.shared_heads = shared;
+        dp.sync.state.their_capabilities = capabilities;
         // Ask the peer to forget what it believes it already sent us, in
         // case that is what went missing.
-        dp.sync.needs_reset = true;
+        dp.sync.state.needs_reset = true;
         self.sync_peer(id, peer);
     }
 
@@ -828,7 +829,7 @@ impl Engine {
                 // the document may stay loaded until the peer is back.
                 if let Some(name) = dp.persist_key.as_ref().and_then(|k| k.parts().last()) {
                     doc.stored_sync_states
-                        .insert(name.clone(), dp.sync.encode());
+                        .insert(name.clone(), dp.sync.state.encode());
                 }
             }
             if doc.status == DocStatus::Requesting {
@@ -1198,7 +1199,7 @@ impl Engine {
         doc.peers.insert(
             peer.clone(),
             Box::new(DocPeer {
-                sync: state,
+                sync: PeerSync::new(state),
                 lacks: false,
                 they_requested: false,
                 told_unavailable: false,
@@ -1244,11 +1245,11 @@ impl Engine {
         let Some(key) = dp.persist_key.clone() else {
             return;
         };
-        if dp.sync.shared_heads == dp.persisted_heads {
+        if dp.sync.state.shared_heads == dp.persisted_heads {
             return;
         }
-        dp.persisted_heads = dp.sync.shared_heads.clone();
-        let bytes = dp.sync.encode();
+        dp.persisted_heads = dp.sync.state.shared_heads.clone();
+        let bytes = dp.sync.state.encode();
         self.storage(StorageOp::Put(key, bytes), Task::Other);
     }
 
@@ -1270,7 +1271,12 @@ impl Engine {
         // With nothing of our own we still answer a peer that offers the
         // document (that is how we get it); otherwise we ask for it, once,
         // if we are asking around and this peer has not said it lacks it.
-        let they_have_it = dp.sync.their_heads.as_ref().is_some_and(|h| !h.is_empty());
+        let they_have_it = dp
+            .sync
+            .state
+            .their_heads
+            .as_ref()
+            .is_some_and(|h| !h.is_empty());
         let mut as_request = false;
         if empty && !they_have_it {
             if status != DocStatus::Requesting || dp.lacks || dp.we_requested {
@@ -1485,7 +1491,12 @@ impl Engine {
             doc.peers.iter().any(|(p, dp)| {
                 self.peers.contains_key(p)
                     && !dp.lacks
-                    && dp.sync.their_heads.as_ref().is_some_and(|h| !h.is_empty())
+                    && dp
+                        .sync
+                        .state
+                        .their_heads
+                        .as_ref()
+                        .is_some_and(|h| !h.is_empty())
             })
         })
     }
@@ -1532,7 +1543,7 @@ impl Engine {
         dp.lacks = true;
         // The peer dropped its side of the exchange; if the document turns
         // up later we start over with it.
-        dp.sync = sync::State::new();
+        dp.sync = PeerSync::default();
         self.check_request_done(id);
     }
 

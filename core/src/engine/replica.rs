@@ -81,6 +81,41 @@ pub enum ReplicaError {
     Unsupported(&'static str),
 }
 
+/// What the engine keeps per (document, peer) for the sync protocol.
+#[derive(Debug, Clone)]
+pub struct PeerSync {
+    /// Automerge's sync state (what is persisted between sessions).
+    pub state: sync::State,
+    /// How much of its history a replica has already offered this peer
+    /// under the peer's current `have`/`need`, so the next message only
+    /// looks at what arrived since. Private to the replica; a fresh
+    /// `PeerSync` starts with nothing offered.
+    pub(crate) offered: Option<u32>,
+    /// Of those, the ones held back because the peer's summary claimed
+    /// them (log indexes, ascending).
+    pub(crate) withheld: Vec<u32>,
+    /// The `last_sync` heads of the summary they were offered under.
+    pub(crate) offered_from: Vec<ChangeHash>,
+}
+
+impl PeerSync {
+    /// Wraps a (new or restored) sync state.
+    pub fn new(state: sync::State) -> Self {
+        Self {
+            state,
+            offered: None,
+            withheld: Vec::new(),
+            offered_from: Vec::new(),
+        }
+    }
+}
+
+impl Default for PeerSync {
+    fn default() -> Self {
+        Self::new(sync::State::new())
+    }
+}
+
 /// One document as the engine holds it.
 pub trait Replica: Send + fmt::Debug {
     /// Which implementation this is.
@@ -92,11 +127,11 @@ pub trait Replica: Send + fmt::Debug {
     /// Whether it holds the change with this hash.
     fn has_change(&self, hash: &ChangeHash) -> bool;
     /// Produces the next sync message for a peer, if there is one to send.
-    fn generate_sync_message(&self, state: &mut sync::State) -> Option<sync::Message>;
+    fn generate_sync_message(&self, peer: &mut PeerSync) -> Option<sync::Message>;
     /// Applies a (validated) sync message from a peer.
     fn receive_sync_message(
         &mut self,
-        state: &mut sync::State,
+        peer: &mut PeerSync,
         message: sync::Message,
     ) -> Result<(), ReplicaError>;
     /// Adds one stored chunk (snapshot or incremental). A chunk that is
@@ -165,19 +200,19 @@ impl Replica for FullDocument {
         self.doc.get_change_meta_by_hash(hash).is_some()
     }
 
-    fn generate_sync_message(&self, state: &mut sync::State) -> Option<sync::Message> {
-        if settled(&self.doc.get_heads(), state) {
+    fn generate_sync_message(&self, peer: &mut PeerSync) -> Option<sync::Message> {
+        if settled(&self.doc.get_heads(), &peer.state) {
             return None;
         }
-        self.doc.generate_sync_message(state)
+        self.doc.generate_sync_message(&mut peer.state)
     }
 
     fn receive_sync_message(
         &mut self,
-        state: &mut sync::State,
+        peer: &mut PeerSync,
         message: sync::Message,
     ) -> Result<(), ReplicaError> {
-        Ok(self.doc.receive_sync_message(state, message)?)
+        Ok(self.doc.receive_sync_message(&mut peer.state, message)?)
     }
 
     fn load_chunk(&mut self, bytes: &[u8]) -> Result<(), ReplicaError> {

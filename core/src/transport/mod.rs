@@ -132,10 +132,35 @@ where
                 tokio::select! {
                     out = outbound.recv() => match out {
                         Some(Outbound::Frame(bytes)) => {
-                            match tokio::time::timeout(WRITE_TIMEOUT, sink.send(Outgoing::Binary(bytes))).await {
+                            // Frames already queued behind this one go out
+                            // in the same write: under load a peer gets one
+                            // syscall for a burst instead of one per frame.
+                            let mut close = None;
+                            let burst = async {
+                                sink.feed(Outgoing::Binary(bytes)).await?;
+                                let mut budget = BURST_BYTES;
+                                while budget > 0 {
+                                    match outbound.try_recv() {
+                                        Ok(Outbound::Frame(more)) => {
+                                            budget = budget.saturating_sub(more.len());
+                                            sink.feed(Outgoing::Binary(more)).await?;
+                                        }
+                                        Ok(Outbound::Close(reason)) => {
+                                            close = Some(reason);
+                                            break;
+                                        }
+                                        Err(_) => break,
+                                    }
+                                }
+                                sink.flush().await
+                            };
+                            match tokio::time::timeout(WRITE_TIMEOUT, burst).await {
                                 Ok(Ok(())) => {}
                                 Ok(Err(_)) => return Stop::Gone("write failed".into()),
                                 Err(_) => return Stop::Gone("peer stopped reading (write timed out)".into()),
+                            }
+                            if let Some(reason) = close {
+                                return Stop::Close(close_code::POLICY, reason);
                             }
                         }
                         Some(Outbound::Close(reason)) => return Stop::Close(close_code::POLICY, reason),
@@ -171,6 +196,14 @@ where
 
 /// How long one write may wait for the peer to accept it.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many bytes of queued frames one write gathers at most.
+const BURST_BYTES: usize = 256 * 1024;
+
+/// The WebSocket write buffer (tungstenite's `write_buffer_size`): frames
+/// fed in one burst collect here and leave in one write when it fills or
+/// the burst is flushed.
+pub const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Why a connection ends.
 enum Stop {

@@ -39,11 +39,11 @@ impl Drop for Connection {
 
 /// Buffer sizes for client and server sockets: a small read buffer (the
 /// default 128 KiB per connection dominates memory on a busy relay) and a
-/// bounded write buffer.
+/// bounded write buffer that gathers a burst of frames into one write.
 pub fn socket_config(max_message_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(super::WRITE_BUFFER_BYTES)
         .max_write_buffer_size(max_message_bytes.saturating_mul(2).max(1 << 20))
         .max_message_size(Some(max_message_bytes))
         .max_frame_size(Some(max_message_bytes))

@@ -155,14 +155,14 @@ fn write_message(e: &mut Encoder<&mut Vec<u8>>, message: &Message) -> EncResult 
             e.str("type")?.str("sync")?;
             e.str("targetId")?.str(m.target_id.as_str())?;
             e.str("data")?.bytes(&m.data)?;
-            e.str("documentId")?.str(&m.document_id.to_string())?;
+            e.str("documentId")?.str(m.document_id.as_str())?;
             e.str("senderId")?.str(m.sender_id.as_str())?;
         }
         Message::Request(m) => {
             map_header(e, 5);
             e.str("type")?.str("request")?;
             e.str("targetId")?.str(m.target_id.as_str())?;
-            e.str("documentId")?.str(&m.document_id.to_string())?;
+            e.str("documentId")?.str(m.document_id.as_str())?;
             e.str("data")?.bytes(&m.data)?;
             e.str("senderId")?.str(m.sender_id.as_str())?;
         }
@@ -173,7 +173,7 @@ fn write_message(e: &mut Encoder<&mut Vec<u8>>, message: &Message) -> EncResult 
         } => {
             map_header(e, 4);
             e.str("type")?.str("doc-unavailable")?;
-            e.str("documentId")?.str(&document_id.to_string())?;
+            e.str("documentId")?.str(document_id.as_str())?;
             e.str("targetId")?.str(target_id.as_str())?;
             e.str("senderId")?.str(sender_id.as_str())?;
         }
@@ -181,7 +181,7 @@ fn write_message(e: &mut Encoder<&mut Vec<u8>>, message: &Message) -> EncResult 
             map_header(e, 7);
             e.str("type")?.str("ephemeral")?;
             e.str("targetId")?.str(m.target_id.as_str())?;
-            e.str("documentId")?.str(&m.document_id.to_string())?;
+            e.str("documentId")?.str(m.document_id.as_str())?;
             e.str("data")?.bytes(&m.data)?;
             e.str("count")?;
             write_number(e, m.count)?;
@@ -222,7 +222,7 @@ fn write_message(e: &mut Encoder<&mut Vec<u8>>, message: &Message) -> EncResult 
             map_header(e, 5);
             e.str("type")?.str("remote-heads-changed")?;
             e.str("targetId")?.str(target_id.as_str())?;
-            e.str("documentId")?.str(&document_id.to_string())?;
+            e.str("documentId")?.str(document_id.as_str())?;
             e.str("newHeads")?;
             map_header(e, new_heads.len());
             for (storage_id, heads) in new_heads {

@@ -54,8 +54,41 @@ fn encode_base58check(bytes: &[u8]) -> String {
 }
 
 /// The id of one document. Cheap to clone.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DocumentId(Arc<[u8]>);
+#[derive(Clone)]
+pub struct DocumentId(Arc<IdForms>);
+
+/// The raw bytes and the base58check text of an id: every message names
+/// its document in text, so the text is made once, not per message.
+struct IdForms {
+    bytes: Box<[u8]>,
+    text: Box<str>,
+}
+
+impl PartialEq for DocumentId {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.bytes == other.0.bytes
+    }
+}
+
+impl Eq for DocumentId {}
+
+impl PartialOrd for DocumentId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for DocumentId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.bytes.cmp(&other.0.bytes)
+    }
+}
+
+impl std::hash::Hash for DocumentId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.bytes.hash(state);
+    }
+}
 
 impl DocumentId {
     /// Wraps raw id bytes (1 to [`MAX_DOCUMENT_ID_BYTES`]).
@@ -63,13 +96,25 @@ impl DocumentId {
         if bytes.is_empty() || bytes.len() > MAX_DOCUMENT_ID_BYTES {
             return Err(IdError::BadLength(bytes.len()));
         }
-        Ok(Self(Arc::from(bytes)))
+        Ok(Self::new(bytes))
+    }
+
+    fn new(bytes: &[u8]) -> Self {
+        Self(Arc::new(IdForms {
+            bytes: bytes.into(),
+            text: encode_base58check(bytes).into(),
+        }))
+    }
+
+    /// The base58check text used on the wire and in URLs.
+    pub fn as_str(&self) -> &str {
+        &self.0.text
     }
 
     /// A fresh id from 16 random bytes supplied by the caller (the engine
     /// passes bytes from its seeded generator; nothing here touches the OS).
     pub fn from_random(bytes: [u8; 16]) -> Self {
-        Self(Arc::from(&bytes[..]))
+        Self::new(&bytes)
     }
 
     /// Document `n` of a numbered set named `set`: the same pair always
@@ -84,7 +129,7 @@ impl DocumentId {
 
     /// The raw id bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.0.bytes
     }
 
     /// The `automerge:` URL naming the latest version of this document.
@@ -98,7 +143,7 @@ impl DocumentId {
 
 impl fmt::Display for DocumentId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&encode_base58check(&self.0))
+        f.write_str(self.as_str())
     }
 }
 

@@ -7,7 +7,9 @@ use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::{Automerge, ChangeHash, ReadDoc, ROOT};
 use converge_core::engine::validate::{hostile_bloom_bytes, sync_message_with_bloom};
-use converge_core::engine::{Command, ConnectionId, Event, FullDocument, Replica, ReplicaError};
+use converge_core::engine::{
+    Command, ConnectionId, Event, FullDocument, PeerSync, Replica, ReplicaError,
+};
 use converge_core::wire::{self, DocMessage, DocumentId, Message, PeerId};
 use converge_tests::scenario::text_on;
 use converge_tests::sim::{seed_document, NetConfig, Role, Sim};
@@ -214,12 +216,12 @@ impl Replica for Booby {
     fn has_change(&self, h: &ChangeHash) -> bool {
         self.0.has_change(h)
     }
-    fn generate_sync_message(&self, s: &mut sync::State) -> Option<sync::Message> {
+    fn generate_sync_message(&self, s: &mut PeerSync) -> Option<sync::Message> {
         self.0.generate_sync_message(s)
     }
     fn receive_sync_message(
         &mut self,
-        s: &mut sync::State,
+        s: &mut PeerSync,
         m: sync::Message,
     ) -> Result<(), ReplicaError> {
         if m.need.contains(&TRIGGER) {
