@@ -108,12 +108,11 @@ deps-kotlin:
 		echo "installing Maven and a JDK (for the Kotlin binding tests)"; \
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q maven default-jdk-headless; }
 
-# QUALITY.md P8: a splice and a path set through Python vs the same call
-# from Rust (dev profile, both sides on the same library build).
-bench-ffi: bindings
-	$(CARGO) test --workspace --no-run -q
-	CONVERGE_PY_DIR=$(PY_OUT) python3 bindings/python/bench_ffi.py \
-		"$$($(DEBUG_DIR)/examples/ffi_overhead 20000)"
+# QUALITY.md P8 alone (also part of `make bench`): a splice and a path set
+# through the Python bindings vs the same calls from Rust, release library.
+bench-ffi: deps-rust
+	$(CARGO) build --release -p converge-ffi --lib --bins --examples
+	python3 bench/run.py p8
 
 ## ---------------------------------------------------------------- benchmarks
 # `make bench`: every server and floor driven by converge-bench (release),
@@ -125,6 +124,7 @@ bench: deps-rust deps-node
 	@python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
 	$(CARGO) build --release -p converge-server
 	$(CARGO) build --release -p converge-bench
+	$(CARGO) build --release -p converge-ffi --lib --bins --examples
 	cd bench/samod-relay && $(CARGO) build --release --locked
 	python3 bench/run.py
 

@@ -4,10 +4,11 @@ Times a text splice and a path set through the generated module, the same
 calls `examples/ffi_overhead.rs` makes from Rust, and prints both per-call
 figures and the difference (the FFI overhead).
 
-    python3 bindings/python/bench_ffi.py RUST_JSON [calls]
+    python3 bindings/python/bench_ffi.py [--json] RUST_JSON [calls]
 
 RUST_JSON is the line the Rust example printed; CONVERGE_PY_DIR names the
-folder with the generated module and library.
+folder with the generated module and library. With --json the figures are
+printed as one JSON line (for bench/run.py) instead of a table.
 """
 import json
 import os
@@ -27,8 +28,11 @@ def per_call_us(fn, calls):
 
 
 def main():
-    rust = json.loads(sys.argv[1])
-    calls = int(sys.argv[2]) if len(sys.argv) > 2 else rust["calls"]
+    args = sys.argv[1:]
+    as_json = "--json" in args
+    args = [a for a in args if a != "--json"]
+    rust = json.loads(args[0])
+    calls = int(args[1]) if len(args) > 1 else rust["calls"]
     repo = converge_ffi.Repo.in_memory()
     ctx = repo.create(json.dumps({"text": "", "n": 0}))
     for i in range(1000):
@@ -41,6 +45,9 @@ def main():
         ("path set", set_, rust["set_us"]),
         ("url (no-op)", url, rust["url_us"]),
     ]
+    if as_json:
+        print(json.dumps({name: {"python_us": py, "rust_us": rs} for name, py, rs in rows} | {"calls": calls}))
+        return
     print(f"P8 FFI overhead ({calls} calls each, in-memory repo)")
     print(f"{'call':<12} {'python µs':>10} {'rust µs':>10} {'overhead µs':>12} {'ratio':>7}")
     for name, py, rs in rows:

@@ -192,6 +192,9 @@ pub struct ChangeLog {
     /// The Bloom filter last built (with the log length it was built at):
     /// peers acknowledging the same heads get the same summary.
     blooms: RefCell<Vec<(usize, Have)>>,
+    /// The snapshot this log was loaded from (a compressed document
+    /// chunk), with the number of log entries it holds.
+    loaded_snapshot: Option<(Box<[u8]>, u32)>,
     /// The document, built on demand from the log.
     /// Boxed: an `Automerge` is several KiB inline, and most logs never
     /// materialize.
@@ -214,6 +217,7 @@ impl ChangeLog {
             clocks: RefCell::new(FastMap::default()),
             set_clocks: RefCell::new(Vec::new()),
             blooms: RefCell::new(Vec::new()),
+            loaded_snapshot: None,
             materialized: OnceCell::new(),
         }
     }
@@ -937,10 +941,12 @@ impl Replica for ChangeLog {
         // What to send, and (for the record kept in `peer`) the changes
         // the peer's summary claims that we therefore hold back.
         let their_last_sync = last_sync_of(state.their_have.as_deref().unwrap_or(&[]));
+        let has_nothing = state.their_heads.as_deref() == Some(&[]);
+        // A version 2 peer with nothing gets the whole document.
+        let whole_document = answerable && has_nothing && v2;
         let (to_send, withheld): (Vec<u32>, Vec<u32>) =
             match (answerable, &state.their_have, &state.their_need) {
                 (true, Some(have), Some(need)) => {
-                    let has_nothing = state.their_heads.as_deref() == Some(&[]);
                     match peer.offered {
                         Some(from) if !has_nothing && from as usize <= self.entries.len() => self
                             .indexes_offered_since(
@@ -1016,10 +1022,19 @@ impl Replica for ChangeLog {
         // Version 2 peers take all changes as one chunk; version 1 peers a
         // list of change chunks.
         let (changes, version) = if v2 {
-            let chunks = if to_send.is_empty() {
-                Vec::new()
-            } else {
-                vec![self.concat(&to_send)]
+            let chunks = match &self.loaded_snapshot {
+                _ if to_send.is_empty() => Vec::new(),
+                // As automerge sends `save()`: the compressed snapshot we
+                // loaded and whatever arrived after it, rather than every
+                // change uncompressed (for a long history, ~200 times the
+                // bytes).
+                Some((snapshot, covers)) if whole_document => {
+                    let after: Vec<u32> = (*covers..self.entries.len() as u32).collect();
+                    let mut chunk = snapshot.to_vec();
+                    chunk.extend_from_slice(&self.concat(&after));
+                    vec![chunk]
+                }
+                _ => vec![self.concat(&to_send)],
             };
             (sync::ChunkList::from(chunks), MessageVersion::V2)
         } else {
@@ -1122,7 +1137,18 @@ impl Replica for ChangeLog {
 
     fn load_chunk(&mut self, bytes: &[u8]) -> Result<(), ReplicaError> {
         let incoming = Self::parse(bytes)?;
-        self.ingest(incoming).map(|_| ())
+        let was_empty = self.entries.is_empty() && self.queue.is_empty();
+        self.ingest(incoming)?;
+        // A snapshot that is the whole log so far is kept, to hand to
+        // peers that have nothing, when it is much smaller than the changes
+        // themselves (a long history; a short one is cheaper sent as is).
+        let one_document =
+            matches!(split_chunks(bytes).as_deref(), Ok([only]) if only.kind == CHUNK_DOCUMENT);
+        let worth_it = bytes.len().saturating_mul(2) < self.bytes.len();
+        if was_empty && one_document && worth_it && self.queue.is_empty() {
+            self.loaded_snapshot = Some((bytes.into(), self.entries.len() as u32));
+        }
+        Ok(())
     }
 
     fn save(&self) -> Vec<u8> {
@@ -1500,6 +1526,52 @@ mod tests {
             incremental > 100 && released > 10,
             "{incremental} / {released}"
         );
+    }
+
+    /// A log loaded from a snapshot hands a peer that has nothing that
+    /// snapshot (and what arrived after it), as automerge hands it `save()`,
+    /// not every change uncompressed.
+    #[test]
+    fn a_peer_with_nothing_gets_the_loaded_snapshot() {
+        let mut source = full(1);
+        for i in 0..300 {
+            edit(source.as_mut(), &format!("k{}", i % 7), i);
+        }
+        let mut relay = ChangeLog::new(actor(9));
+        relay
+            .load_chunk(&source.save())
+            .expect("loads the snapshot");
+        assert!(relay.loaded_snapshot.is_some());
+        let before = source.heads();
+        edit(source.as_mut(), "late", 1);
+        relay
+            .load_chunk(&source.save_after(&before))
+            .expect("loads a later change");
+        let mut client = full(2);
+        let (mut at_client, mut at_relay) = (PeerSync::default(), PeerSync::default());
+        let hello = client.generate_sync_message(&mut at_client).expect("asks");
+        relay
+            .receive_sync_message(&mut at_relay, hello)
+            .expect("receives");
+        let reply = relay
+            .generate_sync_message(&mut at_relay)
+            .expect("answers")
+            .encode();
+        assert!(
+            reply.len() * 4 < relay.bytes.len(),
+            "{} bytes for {} bytes of changes",
+            reply.len(),
+            relay.bytes.len()
+        );
+        client
+            .receive_sync_message(
+                &mut at_client,
+                sync::Message::decode(&reply).expect("decodes"),
+            )
+            .expect("client takes it");
+        sync(client.as_mut(), &mut at_client, &mut relay, &mut at_relay);
+        assert_eq!(client.heads(), relay.heads());
+        assert_eq!(contents(client.as_ref()), contents(source.as_ref()));
     }
 
     #[test]
