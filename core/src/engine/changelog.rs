@@ -146,24 +146,34 @@ struct Entry {
 #[derive(Debug, Clone)]
 struct Incoming {
     hash: ChangeHash,
-    deps: Vec<ChangeHash>,
-    actor: ActorId,
-    seq: u64,
-    bytes: Vec<u8>,
+    change: Change,
 }
 
 impl Incoming {
-    /// Keeps the change uncompressed, as automerge's own `save_after` and
-    /// sync messages carry it (so both kinds of replica write and send the
-    /// same bytes).
     fn from_change(change: Change) -> Self {
         Self {
             hash: change.hash(),
-            deps: change.deps().to_vec(),
-            actor: change.actor_id().clone(),
-            seq: change.seq(),
-            bytes: change.raw_bytes().to_vec(),
+            change,
         }
+    }
+
+    fn deps(&self) -> &[ChangeHash] {
+        self.change.deps()
+    }
+
+    fn actor(&self) -> &ActorId {
+        self.change.actor_id()
+    }
+
+    fn seq(&self) -> u64 {
+        self.change.seq()
+    }
+
+    /// The change uncompressed, as automerge's own `save_after` and sync
+    /// messages carry it (so both kinds of replica write and send the same
+    /// bytes).
+    fn bytes(&self) -> &[u8] {
+        self.change.raw_bytes()
     }
 }
 
@@ -434,23 +444,27 @@ impl ChangeLog {
         // The same duplicate rules as automerge: a change we hold is
         // skipped; a different change reusing an (actor, seq) is refused.
         let mut seen: FastSet<ChangeHash> = self.queue.iter().map(|c| c.hash).collect();
-        let mut seqs: HashSet<(ActorId, u64)> = self
-            .queue
-            .iter()
-            .map(|c| (c.actor.clone(), c.seq))
-            .collect();
-        let mut batch = Vec::new();
-        for change in incoming {
-            if self.index.contains_key(&change.hash) || !seen.insert(change.hash) {
-                continue;
+        let mut keep = vec![false; incoming.len()];
+        {
+            let mut seqs: HashSet<(&ActorId, u64)> =
+                self.queue.iter().map(|c| (c.actor(), c.seq())).collect();
+            for (change, keep) in incoming.iter().zip(&mut keep) {
+                if self.index.contains_key(&change.hash) || !seen.insert(change.hash) {
+                    continue;
+                }
+                if self.max_seq(change.actor()) >= change.seq()
+                    || !seqs.insert((change.actor(), change.seq()))
+                {
+                    return Err(duplicate_seq(change));
+                }
+                *keep = true;
             }
-            if self.max_seq(&change.actor) >= change.seq
-                || !seqs.insert((change.actor.clone(), change.seq))
-            {
-                return Err(duplicate_seq(&change));
-            }
-            batch.push(change);
         }
+        let batch: Vec<Incoming> = incoming
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(change, keep)| keep.then_some(change))
+            .collect();
         if batch.is_empty() {
             return Ok(false);
         }
@@ -462,7 +476,7 @@ impl ChangeLog {
             let before = waiting.len();
             let mut still = Vec::with_capacity(waiting.len());
             for change in waiting {
-                if change.deps.iter().all(|d| self.index.contains_key(d)) {
+                if change.deps().iter().all(|d| self.index.contains_key(d)) {
                     if let Err(e) = self.append(&change) {
                         self.rollback(mark);
                         return Err(e);
@@ -487,22 +501,22 @@ impl ChangeLog {
 
     /// Appends one change whose dependencies are all in the log.
     fn append(&mut self, change: &Incoming) -> Result<(), ReplicaError> {
-        let seq = u32::try_from(change.seq)
+        let seq = u32::try_from(change.seq())
             .ok()
             .filter(|&s| s >= 1)
             .ok_or_else(|| duplicate_seq(change))?;
-        let len = u32::try_from(change.bytes.len())
+        let len = u32::try_from(change.bytes().len())
             .map_err(|_| ReplicaError::Corrupt("change larger than 4 GiB".into()))?;
-        let actor = match self.actor_index.get(&change.actor) {
+        let actor = match self.actor_index.get(change.actor()) {
             Some(&a) => a,
             None => {
                 let a = self.by_actor.len() as u32;
-                self.actor_index.insert(change.actor.clone(), a);
+                self.actor_index.insert(change.actor().clone(), a);
                 self.by_actor.push(Vec::new());
                 a
             }
         };
-        let dep_idx: Vec<u32> = change.deps.iter().map(|d| self.index[d]).collect();
+        let dep_idx: Vec<u32> = change.deps().iter().map(|d| self.index[d]).collect();
         let mut clock = Clock::new();
         for &d in &dep_idx {
             merge_into(&mut clock, &self.clock_of(d));
@@ -513,7 +527,10 @@ impl ChangeLog {
         if clock_get(&clock, actor) != previous || seq != previous + 1 {
             return Err(ReplicaError::Corrupt(format!(
                 "change {} by actor {} has seq {} but does not follow that actor's change {}",
-                change.hash, change.actor, change.seq, previous
+                change.hash,
+                change.actor(),
+                change.seq(),
+                previous
             )));
         }
         include(&mut clock, actor, seq);
@@ -527,11 +544,11 @@ impl ChangeLog {
             actor,
             seq,
         });
-        self.bytes.extend_from_slice(&change.bytes);
+        self.bytes.extend_from_slice(change.bytes());
         self.deps.extend_from_slice(&dep_idx);
         self.index.insert(change.hash, idx);
         self.by_actor[actor as usize].push(idx);
-        self.heads.retain(|h| !change.deps.contains(h));
+        self.heads.retain(|h| !change.deps().contains(h));
         let at = self.heads.binary_search(&change.hash).unwrap_or_else(|i| i);
         self.heads.insert(at, change.hash);
         self.remember_clock(idx, clock);
@@ -587,7 +604,7 @@ impl ChangeLog {
                 continue;
             }
             match queued.get(&hash) {
-                Some(c) => stack.extend(c.deps.iter().copied()),
+                Some(c) => stack.extend(c.deps().iter().copied()),
                 None => {
                     missing.insert(hash);
                 }
@@ -807,7 +824,8 @@ struct Mark {
 fn duplicate_seq(change: &Incoming) -> ReplicaError {
     ReplicaError::Corrupt(format!(
         "duplicate or invalid sequence number {} for actor {}",
-        change.seq, change.actor
+        change.seq(),
+        change.actor()
     ))
 }
 
