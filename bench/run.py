@@ -232,7 +232,7 @@ def idle_density(server, name, conns):
 
 
 def main():
-    hot_points = [2, 4, 8] if QUICK else [2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+    hot_points = [2, 4, 8] if QUICK else [2, 4, 8, 16, 24, 32, 48, 56, 64, 80, 96, 128, 192, 256]
     many_points = [8, 16] if QUICK else [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
     secs = 1 if QUICK else 2
     # P2 at two sizes: every server at the smaller one; ours and the floor

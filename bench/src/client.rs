@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use automerge::sync::{BloomFilter, Have, Message as SyncMessage, MessageVersion};
+use automerge::sync::{BloomFilter, Have, Message as SyncMessage, MessageFlags, MessageVersion};
 use automerge::transaction::Transactable;
 use automerge::{ActorId, Automerge, Change, ChangeHash, ObjType, ReadDoc, ROOT};
 use converge_core::wire::{self, DocMessage, DocumentId, Message, PeerId, PeerMetadata};
@@ -137,6 +137,13 @@ impl DocView {
     }
 
     fn message(&self, changes: Vec<Vec<u8>>) -> Vec<u8> {
+        self.message_with(changes, None)
+    }
+
+    /// A sync message carrying `flags`: with flags a peer announces that it
+    /// takes version 2 messages (all changes in one chunk, or the whole
+    /// document saved), as automerge does since the flags were added.
+    fn message_with(&self, changes: Vec<Vec<u8>>, flags: Option<MessageFlags>) -> Vec<u8> {
         let mut heads: Vec<_> = self.frontier.iter().copied().collect();
         heads.sort();
         let mut need: Vec<_> = self.missing.iter().copied().collect();
@@ -149,7 +156,7 @@ impl DocView {
                 bloom: BloomFilter::default(),
             }],
             changes: changes.into(),
-            flags: None,
+            flags,
             version: MessageVersion::V1,
         }
         .encode()
@@ -359,11 +366,16 @@ impl Client {
     /// Asks for a document we do not have and waits for its contents.
     pub async fn fetch(&mut self, id: &DocumentId, timeout: Duration) -> anyhow::Result<()> {
         let view = DocView::new(&[]);
+        // Asks as a current automerge client does: version 2 replies are
+        // welcome (the sender may then answer with the saved document). The
+        // reply is not parsed here, only recognised.
+        let mut flags = MessageFlags::new();
+        flags.set(MessageFlags::SUPPORTS_SYNC_RESET);
         let msg = Message::Request(DocMessage {
             sender_id: self.me.clone(),
             target_id: self.server.clone(),
             document_id: id.clone(),
-            data: view.message(Vec::new()),
+            data: view.message_with(Vec::new(), Some(flags)),
         });
         self.ws
             .send(WsMessage::Binary(wire::encode(&msg).into()))
