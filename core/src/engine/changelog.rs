@@ -1238,6 +1238,14 @@ mod tests {
     use automerge::transaction::Transactable;
     use automerge::{ReadDoc, ROOT};
 
+    /// One step of a xorshift generator: deterministic schedules.
+    fn xorshift(x: &mut u64) -> u64 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
     fn actor(n: u8) -> ActorId {
         ActorId::from(vec![n; 16])
     }
@@ -1337,9 +1345,7 @@ mod tests {
             // A deterministic pseudo-random schedule.
             let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
             for step in 0..120 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                xorshift(&mut x);
                 let c = (x % 3) as usize;
                 if x % 5 != 0 {
                     edit(clients[c].as_mut(), &format!("k{}", x % 7), step);
@@ -1389,9 +1395,7 @@ mod tests {
         let (mut incremental, mut compared) = (0, 0);
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         for step in 0..600 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            xorshift(&mut x);
             let c = (x % 3) as usize;
             match (x >> 8) % 4 {
                 0 | 1 => edit(clients[c].as_mut(), &format!("k{}", x % 11), step),
@@ -1453,12 +1457,7 @@ mod tests {
         let (mut has, mut synced) = (0usize, 0usize);
         let (mut incremental, mut released) = (0, 0);
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = || xorshift(&mut x);
         // Changes on their way to the relay (the reader may know them
         // already, as a writer knows its own).
         let mut pending: std::collections::VecDeque<(Vec<u8>, ChangeHash)> = Default::default();
@@ -1777,12 +1776,7 @@ mod tests {
     #[test]
     fn changes_after_any_heads_match_automerge() {
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = move |n: u64| xorshift(&mut x) % n;
         for round in 0..20 {
             let mut peers: Vec<Box<dyn Replica>> = (1..=4).map(full).collect();
             let mut all = Vec::new();
