@@ -656,6 +656,11 @@ impl ChangeLog {
     /// those appended since need a look, by the same rule: a candidate is
     /// sent when no filter claims it or it depends on one being sent.
     /// Returns what to send and what stays held back.
+    ///
+    /// One case differs from the full rule, and only for a dishonest peer:
+    /// a change it acknowledged (its heads showed it holds it, so it left
+    /// `sent`) that its filter then stops claiming is not sent again here.
+    /// An honest filter always claims what the peer holds.
     fn indexes_offered_since(
         &self,
         from: u32,
@@ -665,16 +670,12 @@ impl ChangeLog {
         need: &[ChangeHash],
         sent: &BTreeSet<ChangeHash>,
     ) -> (Vec<u32>, Vec<u32>) {
-        let mut asked: Vec<u32> = need
+        // Asked-for changes in the order asked (as the full rule keeps them).
+        let asked: Vec<u32> = need
             .iter()
             .filter(|h| !sent.contains(h))
             .filter_map(|h| self.index.get(h).copied())
             .collect();
-        asked.sort_unstable();
-        asked.dedup();
-        if have.is_empty() {
-            return (asked, Vec::new());
-        }
         let clock = self.clock_of_set(last_sync);
         let is_candidate = |idx: u32| {
             let e = &self.entries[idx as usize];
@@ -687,8 +688,17 @@ impl ChangeLog {
         // The full rule's closure ("depends on a change being sent") means:
         // a claimed candidate goes out when one of its ancestors is an
         // unclaimed candidate. Those are among the ones sent and not yet
-        // acknowledged (listed only when needed) and this round's.
-        let mut in_flight: Option<Vec<(u32, u32)>> = None;
+        // acknowledged, and this round's. Each actor's lowest such sequence
+        // number is enough to tell (an ancestor test is then one clock
+        // comparison per actor, however many changes are in flight); the
+        // sent ones are looked at only once a claimed candidate needs it.
+        let mut lowest: Vec<u32> = vec![u32::MAX; self.by_actor.len()];
+        let lower = |lowest: &mut Vec<u32>, idx: u32| {
+            let e = &self.entries[idx as usize];
+            let slot = &mut lowest[e.actor as usize];
+            *slot = (*slot).min(e.seq);
+        };
+        let mut counted_sent = false;
         let mut sending: Vec<u32> = Vec::new();
         let mut still = Vec::new();
         let candidates = withheld
@@ -699,24 +709,24 @@ impl ChangeLog {
         for idx in candidates {
             if unclaimed(idx) {
                 sending.push(idx);
+                lower(&mut lowest, idx);
                 continue;
             }
-            let in_flight = in_flight.get_or_insert_with(|| {
-                sent.iter()
-                    .filter_map(|h| self.index.get(h).copied())
-                    .filter(|&i| is_candidate(i) && unclaimed(i))
-                    .map(|i| (self.entries[i as usize].actor, self.entries[i as usize].seq))
-                    .collect()
-            });
-            let clock = self.clock_of(idx);
-            let below = |(actor, seq): (u32, u32)| seq <= clock_get(&clock, actor);
-            let follows = in_flight.iter().any(|&a| below(a))
-                || sending.iter().any(|&i| {
-                    let e = &self.entries[i as usize];
-                    below((e.actor, e.seq))
-                });
+            if !counted_sent {
+                counted_sent = true;
+                for i in sent.iter().filter_map(|h| self.index.get(h).copied()) {
+                    if is_candidate(i) && unclaimed(i) {
+                        lower(&mut lowest, i);
+                    }
+                }
+            }
+            let follows = self
+                .clock_of(idx)
+                .iter()
+                .any(|&(actor, seq)| lowest[actor as usize] <= seq);
             if follows {
                 sending.push(idx);
+                lower(&mut lowest, idx);
             } else {
                 still.push(idx);
             }
@@ -724,8 +734,7 @@ impl ChangeLog {
         // As in the full rule: asked-for changes first, then the rest in
         // log order, leaving out what was already sent.
         let mut out: Vec<u32> = asked
-            .iter()
-            .copied()
+            .into_iter()
             .filter(|i| sending.binary_search(i).is_err())
             .collect();
         out.extend(
@@ -1103,6 +1112,7 @@ impl Replica for ChangeLog {
             if flags.contains(MessageFlags::SYNC_RESET) {
                 state.sent_hashes.clear();
                 peer.offered = None;
+                peer.withheld = Vec::new();
             }
             state.peer_read_only = flags.contains(MessageFlags::READ_ONLY);
         }
@@ -1128,6 +1138,7 @@ impl Replica for ChangeLog {
                 state.last_sent_heads = Vec::new();
                 state.sent_hashes.clear();
                 peer.offered = None;
+                peer.withheld = Vec::new();
             }
         } else {
             let mut shared = std::mem::take(&mut state.shared_heads);
@@ -1144,8 +1155,11 @@ impl Replica for ChangeLog {
                 .have
                 .iter()
                 .any(|h| h.last_sync.is_empty() || !h.last_sync.iter().all(|x| self.has_change(x)));
-        if fresh_summary || !self.moves_forward(&peer.offered_from, &message.have) {
+        if fresh_summary
+            || (peer.offered.is_some() && !self.moves_forward(&peer.offered_from, &message.have))
+        {
             peer.offered = None;
+            peer.withheld = Vec::new();
         }
         state.their_have = Some(message.have);
         state.their_heads = Some(message_heads);
@@ -1503,12 +1517,15 @@ mod tests {
                     }
                 }
                 claimed.extend(pending.iter().filter(|_| next() % 2 == 0).map(|p| p.1));
-                let need = if next() % 5 == 0 {
-                    let i = (next() % relay.entries.len() as u64) as usize;
-                    vec![relay.entries[i].hash]
-                } else {
-                    Vec::new()
-                };
+                // Now and then it asks for up to three changes (in no
+                // particular order, possibly one twice).
+                let mut need = Vec::new();
+                for _ in 0..next() % 4 {
+                    if next() % 2 == 0 {
+                        let i = (next() % relay.entries.len() as u64) as usize;
+                        need.push(relay.entries[i].hash);
+                    }
+                }
                 let message = sync::Message {
                     heads: history[has].clone(),
                     need,
@@ -1540,7 +1557,7 @@ mod tests {
             assert_eq!(peer.state.sent_hashes, full_rule.state.sent_hashes);
         }
         assert!(
-            incremental > 100 && released > 10,
+            incremental > 100 && released > 0,
             "{incremental} / {released}"
         );
     }

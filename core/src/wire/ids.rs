@@ -162,7 +162,16 @@ impl FromStr for DocumentId {
         if s.starts_with(AutomergeUrl::SCHEME) {
             return Ok(s.parse::<AutomergeUrl>()?.document_id);
         }
-        Self::from_bytes(&decode_base58check(s)?)
+        let bytes = decode_base58check(s)?;
+        if bytes.is_empty() || bytes.len() > MAX_DOCUMENT_ID_BYTES {
+            return Err(IdError::BadLength(bytes.len()));
+        }
+        // The text just checked is the canonical form: keep it rather than
+        // encoding (and checksumming) the bytes again.
+        Ok(Self(Arc::new(IdForms {
+            bytes: bytes.into(),
+            text: s.into(),
+        })))
     }
 }
 
