@@ -1358,7 +1358,14 @@ impl Engine {
             fresh.load_chunk(&bytes).map(|()| fresh)
         }));
         match rebuilt {
-            Ok(Ok(r)) => doc.replica = r,
+            Ok(Ok(r)) => {
+                doc.replica = r;
+                // What peers were offered is recorded as positions in the
+                // old replica's history: work it out afresh.
+                for dp in doc.peers.values_mut() {
+                    dp.sync = PeerSync::new(std::mem::take(&mut dp.sync.state));
+                }
+            }
             _ => {
                 // Cannot even save it: forget the in-memory copy and read it
                 // back from storage. Peers re-sync from their own state.
