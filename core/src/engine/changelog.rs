@@ -677,10 +677,7 @@ impl ChangeLog {
             .filter_map(|h| self.index.get(h).copied())
             .collect();
         let clock = self.clock_of_set(last_sync);
-        let is_candidate = |idx: u32| {
-            let e = &self.entries[idx as usize];
-            e.seq > clock_get(&clock, e.actor)
-        };
+        let is_candidate = |idx: u32| !self.within(idx, &clock);
         let unclaimed = |idx: u32| {
             let hash = &self.entries[idx as usize].hash;
             have.iter().all(|h| !h.bloom.contains_hash(hash))
@@ -745,6 +742,13 @@ impl ChangeLog {
         (out, still)
     }
 
+    /// Whether change `idx` is covered by `clock` (one of, or an ancestor
+    /// of, the changes the clock was taken of).
+    fn within(&self, idx: u32, clock: &Clock) -> bool {
+        let e = &self.entries[idx as usize];
+        e.seq <= clock_get(clock, e.actor)
+    }
+
     /// Whether a peer's new summary starts at or after `before` (every
     /// earlier `last_sync` head is an ancestor of, or one of, the new ones).
     fn moves_forward(&self, before: &[ChangeHash], have: &[Have]) -> bool {
@@ -753,12 +757,9 @@ impl ChangeLog {
             return true;
         }
         let clock = self.clock_of_set(&now);
-        before.iter().all(|h| {
-            self.index.get(h).is_some_and(|&i| {
-                let e = &self.entries[i as usize];
-                e.seq <= clock_get(&clock, e.actor)
-            })
-        })
+        before
+            .iter()
+            .all(|h| self.index.get(h).is_some_and(|&i| self.within(i, &clock)))
     }
 
     fn bloom_since(&self, last_sync: Vec<ChangeHash>) -> Have {
@@ -796,13 +797,7 @@ impl ChangeLog {
             return;
         }
         let clock = self.clock_of_set(heads);
-        sent.retain(|h| match self.index.get(h) {
-            Some(&i) => {
-                let e = &self.entries[i as usize];
-                e.seq > clock_get(&clock, e.actor)
-            }
-            None => true,
-        });
+        sent.retain(|h| self.index.get(h).is_none_or(|&i| !self.within(i, &clock)));
     }
 
     fn materialize(&self) -> Option<Automerge> {
@@ -984,7 +979,7 @@ impl Replica for ChangeLog {
                                 need,
                                 &state.sent_hashes,
                             ),
-                        _ if has_nothing && v2 => {
+                        _ if whole_document => {
                             // The peer has nothing: send everything.
                             ((0..self.entries.len() as u32).collect(), Vec::new())
                         }
@@ -1174,10 +1169,10 @@ impl Replica for ChangeLog {
         // A snapshot that is the whole log so far is kept, to hand to
         // peers that have nothing, when it is much smaller than the changes
         // themselves (a long history; a short one is cheaper sent as is).
-        let one_document =
-            matches!(split_chunks(bytes).as_deref(), Ok([only]) if only.kind == CHUNK_DOCUMENT);
         let worth_it = bytes.len().saturating_mul(2) < self.bytes.len();
-        if was_empty && one_document && worth_it && self.queue.is_empty() {
+        let one_document =
+            || matches!(split_chunks(bytes).as_deref(), Ok([only]) if only.kind == CHUNK_DOCUMENT);
+        if was_empty && worth_it && self.queue.is_empty() && one_document() {
             self.loaded_snapshot = Some((bytes.into(), self.entries.len() as u32));
         }
         Ok(())

@@ -137,8 +137,8 @@ where
                             // syscall for a burst instead of one per frame.
                             let mut close = None;
                             let burst = async {
+                                let mut budget = BURST_BYTES.saturating_sub(bytes.len());
                                 sink.feed(Outgoing::Binary(bytes)).await?;
-                                let mut budget = BURST_BYTES;
                                 while budget > 0 {
                                     match outbound.try_recv() {
                                         Ok(Outbound::Frame(more)) => {
