@@ -41,8 +41,8 @@ use automerge::{
 };
 
 use super::replica::{
-    parse_change, settled, split_chunks, PeerSync, Replica, ReplicaError, ReplicaKind,
-    CHUNK_CHANGE, CHUNK_COMPRESSED_CHANGE, CHUNK_DOCUMENT,
+    parse_change, settled, split_chunks, FullDocument, PeerSync, RawChunk, Replica, ReplicaError,
+    ReplicaKind, CHUNK_CHANGE, CHUNK_COMPRESSED_CHANGE, CHUNK_DOCUMENT,
 };
 
 /// A vector clock: (actor index, highest sequence number), sorted by actor.
@@ -177,6 +177,37 @@ impl Incoming {
     }
 }
 
+/// The changes a log took from the snapshot it was loaded from. The log
+/// knows their hashes, dependencies, actors and sequence numbers from the
+/// start, but rebuilds their bytes only when something needs single changes
+/// (a peer with part of the history, an old-protocol peer): re-encoding
+/// every change of a long history costs about as much again as loading it,
+/// and a peer with nothing, or storage, takes the snapshot itself.
+#[derive(Debug)]
+struct Loaded {
+    /// The document chunk as stored.
+    snapshot: Box<[u8]>,
+    /// Log entries `0..covers` came from it (their arena bytes are empty).
+    covers: u32,
+    /// Their bytes once rebuilt: end to end, and where each one ends.
+    bytes: OnceCell<(Vec<u8>, Vec<usize>)>,
+}
+
+/// A large snapshot, loaded but not yet taken apart into the log. Until a
+/// change arrives (or someone edits, or single changes are asked of
+/// storage) automerge answers from the loaded document, so a cold start
+/// costs one `Automerge::load` and nothing more.
+#[derive(Debug)]
+struct Unopened {
+    doc: FullDocument,
+    snapshot: Box<[u8]>,
+}
+
+/// Snapshots from this size on are opened lazily (see [`Unopened`]).
+/// Smaller ones are taken apart at once: keeping a loaded document per small
+/// document would cost more memory than its log, and takes little time.
+const OPEN_LAZILY_BYTES: usize = 32 * 1024;
+
 /// A document held as its change log. See the module documentation.
 #[derive(Debug)]
 pub struct ChangeLog {
@@ -187,6 +218,8 @@ pub struct ChangeLog {
     deps: Vec<u32>,
     index: FastMap<ChangeHash, u32>,
     actor_index: HashMap<ActorId, u32>,
+    /// The actors by index (the inverse of `actor_index`).
+    actor_ids: Vec<ActorId>,
     /// Per actor index: its changes' log indexes, by sequence number
     /// (`seq` n at position n - 1).
     by_actor: Vec<Vec<u32>>,
@@ -202,9 +235,12 @@ pub struct ChangeLog {
     /// The Bloom filter last built (with the log length it was built at):
     /// peers acknowledging the same heads get the same summary.
     blooms: RefCell<Vec<(usize, Have)>>,
-    /// The snapshot this log was loaded from (a compressed document
-    /// chunk), with the number of log entries it holds.
-    loaded_snapshot: Option<(Box<[u8]>, u32)>,
+    /// The snapshot this log was loaded from, if it started from one.
+    loaded: Option<Loaded>,
+    /// A snapshot not yet taken apart; while set, the log is empty.
+    unopened: Option<Unopened>,
+    /// From what size a snapshot is opened lazily.
+    open_lazily_from: usize,
     /// The document, built on demand from the log.
     /// Boxed: an `Automerge` is several KiB inline, and most logs never
     /// materialize.
@@ -221,29 +257,114 @@ impl ChangeLog {
             deps: Vec::new(),
             index: FastMap::default(),
             actor_index: HashMap::new(),
+            actor_ids: Vec::new(),
             by_actor: Vec::new(),
             heads: Vec::new(),
             queue: Vec::new(),
             clocks: RefCell::new(FastMap::default()),
             set_clocks: RefCell::new(Vec::new()),
             blooms: RefCell::new(Vec::new()),
-            loaded_snapshot: None,
+            loaded: None,
+            unopened: None,
+            open_lazily_from: OPEN_LAZILY_BYTES,
             materialized: OnceCell::new(),
         }
     }
 
     /// How many changes it holds (not counting queued ones).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        match &self.unopened {
+            Some(u) => u
+                .doc
+                .document()
+                .map_or(0, |d| d.get_changes_meta(&[]).len()),
+            None => self.entries.len(),
+        }
     }
 
     /// Whether it holds no changes.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.unopened.is_none() && self.entries.is_empty()
     }
 
-    fn entry_bytes(&self, e: &Entry) -> &[u8] {
+    /// Takes a lazily loaded snapshot apart into the log, keeping the loaded
+    /// document as the materialized copy. On error the snapshot stays
+    /// unopened (automerge accepted it, but its history breaks the rule in
+    /// the module documentation, so it can be read but not extended).
+    fn open(&mut self) -> Result<(), ReplicaError> {
+        let Some(unopened) = self.unopened.take() else {
+            return Ok(());
+        };
+        let doc = unopened.doc.into_document();
+        if let Err(e) = self.take_snapshot(&unopened.snapshot, &doc) {
+            *self = Self::new(self.actor.clone());
+            self.unopened = Some(Unopened {
+                doc: FullDocument::from_document(doc),
+                snapshot: unopened.snapshot,
+            });
+            return Err(e);
+        }
+        let doc = doc.with_actor(self.actor.clone());
+        self.materialized = OnceCell::from(Some(Box::new(doc)));
+        Ok(())
+    }
+
+    /// The bytes of the change at log index `idx`.
+    fn change_bytes(&self, idx: u32) -> &[u8] {
+        if let Some(loaded) = self.loaded.as_ref().filter(|l| idx < l.covers) {
+            let (bytes, ends) = loaded.bytes.get_or_init(|| self.rebuild_loaded(loaded));
+            let i = idx as usize;
+            let start = if i == 0 { 0 } else { ends[i - 1] };
+            return &bytes[start..ends[i]];
+        }
+        let e = &self.entries[idx as usize];
         &self.bytes[e.start..e.start + e.len as usize]
+    }
+
+    /// Rebuilds the bytes of the changes taken from the loaded snapshot, in
+    /// log order, from the materialized document when there is one (it
+    /// holds them all), else by loading the snapshot again.
+    fn rebuild_loaded(&self, loaded: &Loaded) -> (Vec<u8>, Vec<usize>) {
+        let covers = loaded.covers as usize;
+        let reloaded;
+        let doc = match self.materialized.get().and_then(Option::as_deref) {
+            Some(doc) => doc,
+            None => {
+                let options = LoadOptions::new()
+                    .on_partial_load(OnPartialLoad::Error)
+                    .verification_mode(VerificationMode::DontCheck);
+                match Automerge::load_with_options(&loaded.snapshot, options) {
+                    Ok(doc) => {
+                        reloaded = doc;
+                        &reloaded
+                    }
+                    Err(e) => {
+                        // It loaded once already; only running out of
+                        // memory could get here. Peers then get empty
+                        // changes and refuse them; nothing is stored.
+                        tracing::error!(error = %e, "cannot reload a loaded snapshot");
+                        return (Vec::new(), vec![0; covers]);
+                    }
+                }
+            }
+        };
+        let mut changes: Vec<Option<Change>> = vec![None; covers];
+        for change in doc.get_changes(&[]) {
+            if let Some(&i) = self.index.get(&change.hash()) {
+                if let Some(slot) = changes.get_mut(i as usize) {
+                    *slot = Some(change);
+                }
+            }
+        }
+        let mut bytes = Vec::new();
+        let mut ends = Vec::with_capacity(covers);
+        for change in &changes {
+            if let Some(change) = change {
+                bytes.extend_from_slice(change.raw_bytes());
+            }
+            ends.push(bytes.len());
+        }
+        (bytes, ends)
     }
 
     fn entry_deps(&self, e: &Entry) -> &[u32] {
@@ -397,7 +518,7 @@ impl ChangeLog {
             .sum();
         let mut out = Vec::with_capacity(size);
         for &i in indexes {
-            out.extend_from_slice(self.entry_bytes(&self.entries[i as usize]));
+            out.extend_from_slice(self.change_bytes(i));
         }
         out
     }
@@ -407,18 +528,15 @@ impl ChangeLog {
     /// Parses stored or received bytes (any mix of document and change
     /// chunks) into changes. Strict: a corrupt chunk fails the whole input.
     fn parse(bytes: &[u8]) -> Result<Vec<Incoming>, ReplicaError> {
+        Self::parse_pieces(&split_chunks(bytes)?)
+    }
+
+    fn parse_pieces(pieces: &[RawChunk<'_>]) -> Result<Vec<Incoming>, ReplicaError> {
         let mut out = Vec::new();
-        for piece in split_chunks(bytes)? {
+        for &piece in pieces {
             match piece.kind {
                 CHUNK_DOCUMENT => {
-                    let doc = Automerge::load_with_options(
-                        piece.bytes,
-                        LoadOptions::new()
-                            .on_partial_load(OnPartialLoad::Error)
-                            .verification_mode(VerificationMode::Check),
-                    )
-                    .map_err(|e| ReplicaError::Corrupt(e.to_string()))?;
-                    for change in doc.get_changes(&[]) {
+                    for change in load_document(piece.bytes)?.get_changes(&[]) {
                         out.push(Incoming::from_change(change));
                     }
                 }
@@ -455,7 +573,7 @@ impl ChangeLog {
                 if self.max_seq(change.actor()) >= change.seq()
                     || !seqs.insert((change.actor(), change.seq()))
                 {
-                    return Err(duplicate_seq(change));
+                    return Err(duplicate_seq(change.actor(), change.seq()));
                 }
                 *keep = true;
             }
@@ -499,58 +617,117 @@ impl ChangeLog {
         Ok(appended)
     }
 
+    /// Fills an empty log from a loaded snapshot: every change's entry,
+    /// but not its bytes (see [`Loaded`]). Changes come in causal order;
+    /// should one not, the log takes the changes with their bytes instead.
+    fn take_snapshot(&mut self, snapshot: &[u8], doc: &Automerge) -> Result<(), ReplicaError> {
+        let metas = doc.get_changes_meta(&[]);
+        self.entries.reserve(metas.len());
+        self.index.reserve(metas.len());
+        self.deps.reserve(metas.len());
+        for meta in &metas {
+            if !meta.deps.iter().all(|d| self.index.contains_key(d)) {
+                *self = Self::new(self.actor.clone());
+                let changes = doc.get_changes(&[]);
+                return self
+                    .ingest(changes.into_iter().map(Incoming::from_change).collect())
+                    .map(|_| ());
+            }
+            self.append_entry(meta.hash, &meta.deps, &meta.actor, meta.seq, &[])?;
+        }
+        self.loaded = Some(Loaded {
+            snapshot: snapshot.into(),
+            covers: self.entries.len() as u32,
+            bytes: OnceCell::new(),
+        });
+        Ok(())
+    }
+
     /// Appends one change whose dependencies are all in the log.
     fn append(&mut self, change: &Incoming) -> Result<(), ReplicaError> {
-        let seq = u32::try_from(change.seq())
+        self.append_entry(
+            change.hash,
+            change.deps(),
+            change.actor(),
+            change.seq(),
+            change.bytes(),
+        )
+    }
+
+    /// Appends a change (its bytes may be empty: see [`Loaded`]) whose
+    /// dependencies are all in the log.
+    fn append_entry(
+        &mut self,
+        hash: ChangeHash,
+        deps: &[ChangeHash],
+        actor_id: &ActorId,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<(), ReplicaError> {
+        let seq = u32::try_from(seq)
             .ok()
             .filter(|&s| s >= 1)
-            .ok_or_else(|| duplicate_seq(change))?;
-        let len = u32::try_from(change.bytes().len())
+            .ok_or_else(|| duplicate_seq(actor_id, seq))?;
+        let len = u32::try_from(bytes.len())
             .map_err(|_| ReplicaError::Corrupt("change larger than 4 GiB".into()))?;
-        let actor = match self.actor_index.get(change.actor()) {
-            Some(&a) => a,
-            None => {
-                let a = self.by_actor.len() as u32;
-                self.actor_index.insert(change.actor().clone(), a);
-                self.by_actor.push(Vec::new());
-                a
-            }
+        // Runs of changes by one author are the rule: skip the map then.
+        let same_as_last = self
+            .entries
+            .last()
+            .filter(|last| self.actor_ids[last.actor as usize] == *actor_id);
+        let actor = match same_as_last.map(|last| last.actor) {
+            Some(a) => a,
+            None => match self.actor_index.get(actor_id) {
+                Some(&a) => a,
+                None => {
+                    let a = self.by_actor.len() as u32;
+                    self.actor_index.insert(actor_id.clone(), a);
+                    self.actor_ids.push(actor_id.clone());
+                    self.by_actor.push(Vec::new());
+                    a
+                }
+            },
         };
-        let dep_idx: Vec<u32> = change.deps().iter().map(|d| self.index[d]).collect();
+        let deps_start = self.deps.len();
+        self.deps.extend(deps.iter().map(|d| self.index[d]));
         let mut clock = Clock::new();
-        for &d in &dep_idx {
-            merge_into(&mut clock, &self.clock_of(d));
+        for k in deps_start..self.deps.len() {
+            let d = self.deps[k];
+            let cached = self
+                .clocks
+                .borrow()
+                .get(&d)
+                .map(|c| merge_into(&mut clock, c));
+            if cached.is_none() {
+                merge_into(&mut clock, &self.clock_of(d));
+            }
         }
         // The actor's previous change must be an ancestor (see the module
         // documentation), and its sequence number the next one.
         let previous = self.by_actor[actor as usize].len() as u32;
         if clock_get(&clock, actor) != previous || seq != previous + 1 {
+            self.deps.truncate(deps_start);
             return Err(ReplicaError::Corrupt(format!(
-                "change {} by actor {} has seq {} but does not follow that actor's change {}",
-                change.hash,
-                change.actor(),
-                change.seq(),
-                previous
+                "change {hash} by actor {actor_id} has seq {seq} but does not follow that actor's change {previous}"
             )));
         }
         include(&mut clock, actor, seq);
         let idx = self.entries.len() as u32;
         self.entries.push(Entry {
-            hash: change.hash,
+            hash,
             start: self.bytes.len(),
             len,
-            deps_start: self.deps.len() as u32,
-            deps_len: dep_idx.len() as u32,
+            deps_start: deps_start as u32,
+            deps_len: deps.len() as u32,
             actor,
             seq,
         });
-        self.bytes.extend_from_slice(change.bytes());
-        self.deps.extend_from_slice(&dep_idx);
-        self.index.insert(change.hash, idx);
+        self.bytes.extend_from_slice(bytes);
+        self.index.insert(hash, idx);
         self.by_actor[actor as usize].push(idx);
-        self.heads.retain(|h| !change.deps().contains(h));
-        let at = self.heads.binary_search(&change.hash).unwrap_or_else(|i| i);
-        self.heads.insert(at, change.hash);
+        self.heads.retain(|h| !deps.contains(h));
+        let at = self.heads.binary_search(&hash).unwrap_or_else(|i| i);
+        self.heads.insert(at, hash);
         self.remember_clock(idx, clock);
         Ok(())
     }
@@ -573,6 +750,7 @@ impl ChangeLog {
         self.bytes.truncate(mark.bytes);
         self.deps.truncate(mark.deps);
         self.by_actor.truncate(mark.actors);
+        self.actor_ids.truncate(mark.actors);
         self.actor_index.retain(|_, a| (*a as usize) < mark.actors);
         self.heads = mark.heads;
         let len = mark.entries as u32;
@@ -802,7 +980,7 @@ impl ChangeLog {
 
     fn materialize(&self) -> Option<Automerge> {
         let loaded = Automerge::load_with_options(
-            &self.bytes,
+            &self.save(),
             LoadOptions::new()
                 .on_partial_load(OnPartialLoad::Error)
                 .verification_mode(VerificationMode::DontCheck),
@@ -825,11 +1003,9 @@ struct Mark {
     heads: Vec<ChangeHash>,
 }
 
-fn duplicate_seq(change: &Incoming) -> ReplicaError {
+fn duplicate_seq(actor: &ActorId, seq: u64) -> ReplicaError {
     ReplicaError::Corrupt(format!(
-        "duplicate or invalid sequence number {} for actor {}",
-        change.seq(),
-        change.actor()
+        "duplicate or invalid sequence number {seq} for actor {actor}"
     ))
 }
 
@@ -911,18 +1087,27 @@ impl Replica for ChangeLog {
     }
 
     fn heads(&self) -> Vec<ChangeHash> {
-        self.heads.clone()
+        match &self.unopened {
+            Some(u) => u.doc.heads(),
+            None => self.heads.clone(),
+        }
     }
 
     fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        ChangeLog::is_empty(self)
     }
 
     fn has_change(&self, hash: &ChangeHash) -> bool {
-        self.index.contains_key(hash)
+        match &self.unopened {
+            Some(u) => u.doc.has_change(hash),
+            None => self.index.contains_key(hash),
+        }
     }
 
     fn generate_sync_message(&self, peer: &mut PeerSync) -> Option<sync::Message> {
+        if let Some(u) = &self.unopened {
+            return u.doc.generate_sync_message(peer);
+        }
         let state = &mut peer.state;
         let our_heads = self.heads.clone();
         if settled(&our_heads, state) {
@@ -1021,9 +1206,16 @@ impl Replica for ChangeLog {
             peer.withheld = withheld;
             peer.offered_from = their_last_sync;
         }
-        state
-            .sent_hashes
-            .extend(to_send.iter().map(|&i| self.entries[i as usize].hash));
+        let sending = to_send.iter().map(|&i| self.entries[i as usize].hash);
+        if state.sent_hashes.is_empty() {
+            // Built in bulk (sorted, then filled leaf by leaf): a whole
+            // history at once is several times faster than one by one.
+            let mut hashes: Vec<ChangeHash> = sending.collect();
+            hashes.sort_unstable();
+            state.sent_hashes = hashes.into_iter().collect();
+        } else {
+            state.sent_hashes.extend(sending);
+        }
 
         let mut flags = MessageFlags::new();
         flags.set(MessageFlags::SUPPORTS_SYNC_RESET);
@@ -1044,25 +1236,21 @@ impl Replica for ChangeLog {
         // Version 2 peers take all changes as one chunk; version 1 peers a
         // list of change chunks.
         let (changes, version) = if v2 {
-            let chunks = match &self.loaded_snapshot {
-                _ if to_send.is_empty() => Vec::new(),
-                // As automerge sends `save()`: the compressed snapshot we
-                // loaded and whatever arrived after it, rather than every
-                // change uncompressed (for a long history, ~200 times the
-                // bytes).
-                Some((snapshot, covers)) if whole_document => {
-                    let after: Vec<u32> = (*covers..self.entries.len() as u32).collect();
-                    let mut chunk = snapshot.to_vec();
-                    chunk.extend_from_slice(&self.concat(&after));
-                    vec![chunk]
-                }
-                _ => vec![self.concat(&to_send)],
+            let chunks = if to_send.is_empty() {
+                Vec::new()
+            } else if whole_document {
+                // As automerge sends `save()`: with a loaded snapshot, that
+                // and whatever arrived after it, rather than every change
+                // uncompressed (for a long history, ~200 times the bytes).
+                vec![self.save()]
+            } else {
+                vec![self.concat(&to_send)]
             };
             (sync::ChunkList::from(chunks), MessageVersion::V2)
         } else {
             let chunks: Vec<Vec<u8>> = to_send
                 .iter()
-                .map(|&i| self.entry_bytes(&self.entries[i as usize]).to_vec())
+                .map(|&i| self.change_bytes(i).to_vec())
                 .collect();
             (sync::ChunkList::from(chunks), MessageVersion::V1)
         };
@@ -1087,6 +1275,12 @@ impl Replica for ChangeLog {
         peer: &mut PeerSync,
         message: sync::Message,
     ) -> Result<(), ReplicaError> {
+        if let Some(u) = &mut self.unopened {
+            if message.changes.is_empty() || peer.state.read_only {
+                return u.doc.receive_sync_message(peer, message);
+            }
+        }
+        self.open()?;
         let state = &mut peer.state;
         // Parse everything before touching the state: a message we refuse
         // leaves no trace.
@@ -1163,39 +1357,79 @@ impl Replica for ChangeLog {
     }
 
     fn load_chunk(&mut self, bytes: &[u8]) -> Result<(), ReplicaError> {
-        let incoming = Self::parse(bytes)?;
-        let was_empty = self.entries.is_empty() && self.queue.is_empty();
-        self.ingest(incoming)?;
-        // A snapshot that is the whole log so far is kept, to hand to
-        // peers that have nothing, when it is much smaller than the changes
-        // themselves (a long history; a short one is cheaper sent as is).
-        let worth_it = bytes.len().saturating_mul(2) < self.bytes.len();
-        let one_document =
-            || matches!(split_chunks(bytes).as_deref(), Ok([only]) if only.kind == CHUNK_DOCUMENT);
-        if was_empty && worth_it && self.queue.is_empty() && one_document() {
-            self.loaded_snapshot = Some((bytes.into(), self.entries.len() as u32));
+        let pieces = split_chunks(bytes)?;
+        self.open()?;
+        match pieces.split_first() {
+            Some((first, rest))
+                if first.kind == CHUNK_DOCUMENT
+                    && self.entries.is_empty()
+                    && self.queue.is_empty() =>
+            {
+                // Everything is parsed before the log changes.
+                let doc = load_document(first.bytes)?;
+                let rest = Self::parse_pieces(rest)?;
+                if rest.is_empty() && first.bytes.len() >= self.open_lazily_from {
+                    if !doc.get_heads().is_empty() {
+                        self.unopened = Some(Unopened {
+                            doc: FullDocument::from_document(doc),
+                            snapshot: first.bytes.into(),
+                        });
+                    }
+                    return Ok(());
+                }
+                let loaded = self.take_snapshot(first.bytes, &doc);
+                drop(doc);
+                let result = loaded.and_then(|()| self.ingest(rest));
+                if result.is_err() {
+                    *self = Self::new(self.actor.clone());
+                }
+                result.map(|_| ())
+            }
+            _ => self.ingest(Self::parse_pieces(&pieces)?).map(|_| ()),
         }
-        Ok(())
     }
 
     fn save(&self) -> Vec<u8> {
-        self.bytes.clone()
+        if let Some(u) = &self.unopened {
+            return u.snapshot.to_vec();
+        }
+        // Entries taken from a snapshot have no bytes in the arena: the
+        // snapshot stands for them, followed by every later change.
+        match &self.loaded {
+            Some(loaded) => {
+                let mut out = Vec::with_capacity(loaded.snapshot.len() + self.bytes.len());
+                out.extend_from_slice(&loaded.snapshot);
+                out.extend_from_slice(&self.bytes);
+                out
+            }
+            None => self.bytes.clone(),
+        }
     }
 
     fn save_after(&self, heads: &[ChangeHash]) -> Vec<u8> {
         if heads.is_empty() {
-            return self.bytes.clone();
+            return self.save();
+        }
+        if let Some(u) = &self.unopened {
+            return u.doc.save_after(heads);
         }
         self.concat(&self.indexes_after(heads))
     }
 
     fn document(&self) -> Option<&Automerge> {
+        if let Some(u) = &self.unopened {
+            return u.doc.document();
+        }
         self.materialized
             .get_or_init(|| self.materialize().map(Box::new))
             .as_deref()
     }
 
     fn document_mut(&mut self) -> Option<&mut Automerge> {
+        if let Err(e) = self.open() {
+            tracing::warn!(error = %e, "this document cannot be edited here");
+            return None;
+        }
         if self.materialized.get().is_none() {
             let doc = self.materialize().map(Box::new);
             let _ = self.materialized.set(doc);
@@ -1223,6 +1457,17 @@ impl Replica for ChangeLog {
         }
         result.map(|_| ())
     }
+}
+
+/// Loads a document chunk, checking that its heads match its contents.
+fn load_document(bytes: &[u8]) -> Result<Automerge, ReplicaError> {
+    Automerge::load_with_options(
+        bytes,
+        LoadOptions::new()
+            .on_partial_load(OnPartialLoad::Error)
+            .verification_mode(VerificationMode::Check),
+    )
+    .map_err(|e| ReplicaError::Corrupt(e.to_string()))
 }
 
 /// Automerge's rule for moving the shared heads forward after applying a
@@ -1570,7 +1815,7 @@ mod tests {
         relay
             .load_chunk(&source.save())
             .expect("loads the snapshot");
-        assert!(relay.loaded_snapshot.is_some());
+        assert!(relay.loaded.is_some());
         let before = source.heads();
         edit(source.as_mut(), "late", 1);
         relay
@@ -1586,11 +1831,12 @@ mod tests {
             .generate_sync_message(&mut at_relay)
             .expect("answers")
             .encode();
+        let every_change = relay.concat(&(0..relay.len() as u32).collect::<Vec<_>>());
         assert!(
-            reply.len() * 4 < relay.bytes.len(),
+            reply.len() * 4 < every_change.len(),
             "{} bytes for {} bytes of changes",
             reply.len(),
-            relay.bytes.len()
+            every_change.len()
         );
         client
             .receive_sync_message(
@@ -1853,5 +2099,136 @@ mod tests {
                 assert_eq!(ours, want, "round {round}, remembered set");
             }
         }
+    }
+
+    /// A log loaded from a snapshot of an interleaved history knows every
+    /// change at once but rebuilds their bytes only when single changes are
+    /// asked for; then they are automerge's own, in the log's order, also
+    /// after later changes arrived and with a materialized copy around.
+    #[test]
+    fn a_log_from_a_snapshot_rebuilds_changes_on_demand() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| xorshift(&mut x) % n;
+        for round in 0..16 {
+            // Odd rounds open the snapshot lazily (see `Unopened`).
+            let lazy = round % 2 == 1;
+            let mut peers: Vec<Box<dyn Replica>> = (1..=3).map(full).collect();
+            for step in 0..40 {
+                let p = next(3) as usize;
+                edit(peers[p].as_mut(), &format!("k{}", next(4)), step);
+                let q = next(3) as usize;
+                if q != p && next(2) == 0 {
+                    let bytes = peers[p].save();
+                    peers[q].load_chunk(&bytes).expect("merge");
+                }
+            }
+            for q in 1..3 {
+                let bytes = peers[q].save();
+                peers[0].load_chunk(&bytes).expect("merge");
+            }
+            let reference = peers[0].document().expect("doc").clone();
+            let mut log = ChangeLog::new(actor(9));
+            log.open_lazily_from = if lazy { 0 } else { usize::MAX };
+            log.load_chunk(&reference.save()).expect("loads");
+            assert_eq!(log.heads(), reference.get_heads());
+            assert_eq!(log.unopened.is_some(), lazy);
+            assert_eq!(log.len(), reference.get_changes(&[]).len());
+            // A peer with nothing is handed the snapshot; storage too.
+            assert_eq!(log.save(), reference.save());
+            if round % 3 == 1 {
+                // A materialized copy is the source of the rebuild.
+                assert_eq!(contents(&log), contents(peers[0].as_ref()));
+            }
+            log.open().expect("opens");
+            assert!(log.unopened.is_none());
+            let loaded = log.loaded.as_ref().expect("kept the snapshot");
+            assert_eq!(loaded.covers as usize, log.len());
+            assert!(loaded.bytes.get().is_none(), "nothing rebuilt yet");
+            assert_eq!(log.save(), reference.save());
+            if round % 3 == 2 {
+                // A later change arrives before anything is rebuilt.
+                let before = peers[1].heads();
+                peers[1].load_chunk(&reference.save()).expect("merge");
+                edit(peers[1].as_mut(), "late", 1);
+                log.load_chunk(&peers[1].save_after(&before))
+                    .expect("a later change");
+                assert!(log.loaded.as_ref().expect("loaded").bytes.get().is_none());
+            }
+            let everything = peers[if round % 3 == 2 { 1 } else { 0 }]
+                .document()
+                .expect("doc")
+                .get_changes(&[]);
+            for change in &everything {
+                let idx = log.index[&change.hash()];
+                assert_eq!(log.change_bytes(idx), change.raw_bytes(), "round {round}");
+            }
+            let hashes: Vec<ChangeHash> = everything.iter().map(|c| c.hash()).collect();
+            for _ in 0..5 {
+                let set = vec![hashes[next(hashes.len() as u64) as usize]];
+                let ours = ChangeLog::parse(&log.save_after(&set)).expect("valid changes");
+                let want: BTreeSet<ChangeHash> = reference_after(&everything, &set);
+                let got: BTreeSet<ChangeHash> = ours.iter().map(|c| c.hash).collect();
+                assert_eq!(got, want, "round {round}");
+            }
+            // What it saves loads back to the same document.
+            let mut back = ChangeLog::new(actor(8));
+            back.load_chunk(&log.save()).expect("reloads");
+            assert_eq!(back.heads(), log.heads());
+        }
+    }
+
+    /// Hashes of the changes in `all` that are not ancestors of `heads`.
+    fn reference_after(all: &[Change], heads: &[ChangeHash]) -> BTreeSet<ChangeHash> {
+        let mut doc = Automerge::new();
+        doc.apply_changes(all.to_vec()).expect("apply");
+        doc.get_changes(heads).iter().map(|c| c.hash()).collect()
+    }
+
+    /// A large snapshot is answered from by automerge until a change
+    /// arrives; then it becomes a log and goes on from there, with nothing
+    /// lost or repeated on either side.
+    #[test]
+    fn a_lazily_opened_snapshot_syncs_then_opens_on_the_first_change() {
+        let mut source = full(1);
+        let mut old = full(2);
+        for i in 0..200 {
+            edit(source.as_mut(), &format!("k{}", i % 9), i);
+            if i == 120 {
+                old.load_chunk(&source.save()).expect("an older copy");
+            }
+        }
+        let mut relay = ChangeLog::new(actor(9));
+        relay.open_lazily_from = 0;
+        relay.load_chunk(&source.save()).expect("loads");
+        assert!(relay.unopened.is_some());
+        assert!(relay.has_change(&source.heads()[0]));
+        assert!(!relay.has_change(&ChangeHash([7; 32])));
+        // A peer with part of the history catches up without opening it.
+        let (mut at_old, mut at_relay_old) = (PeerSync::default(), PeerSync::default());
+        sync(old.as_mut(), &mut at_old, &mut relay, &mut at_relay_old);
+        assert_eq!(old.heads(), source.heads());
+        assert!(relay.unopened.is_some(), "no change arrived");
+        assert!(relay.save_after(&source.heads()).is_empty());
+        // Its next edit opens the log, mid-session.
+        edit(old.as_mut(), "from old", 1);
+        sync(old.as_mut(), &mut at_old, &mut relay, &mut at_relay_old);
+        assert!(relay.unopened.is_none());
+        assert_eq!(relay.heads(), old.heads());
+        // A fresh peer gets everything, from the log.
+        let mut fresh = full(3);
+        let (mut at_fresh, mut at_relay_fresh) = (PeerSync::default(), PeerSync::default());
+        sync(
+            fresh.as_mut(),
+            &mut at_fresh,
+            &mut relay,
+            &mut at_relay_fresh,
+        );
+        assert_eq!(contents(fresh.as_ref()), contents(old.as_ref()));
+        // And what it stores reloads to the same document.
+        let mut back = ChangeLog::new(actor(8));
+        back.open_lazily_from = 0;
+        back.load_chunk(&relay.save()).expect("reloads");
+        assert_eq!(back.heads(), relay.heads());
+        assert_eq!(contents(&back), contents(old.as_ref()));
     }
 }

@@ -183,6 +183,18 @@ impl FullDocument {
     }
 }
 
+impl FullDocument {
+    /// Wraps a loaded document.
+    pub(super) fn from_document(doc: Automerge) -> Self {
+        Self { doc }
+    }
+
+    /// The document it holds.
+    pub(super) fn into_document(self) -> Automerge {
+        self.doc
+    }
+}
+
 impl Replica for FullDocument {
     fn kind(&self) -> ReplicaKind {
         ReplicaKind::FullDocument
