@@ -930,6 +930,11 @@ impl ChangeLog {
     /// Whether a peer's new summary starts at or after `before` (every
     /// earlier `last_sync` head is an ancestor of, or one of, the new ones).
     fn moves_forward(&self, before: &[ChangeHash], have: &[Have]) -> bool {
+        if let [one] = have {
+            if one.last_sync == before {
+                return true;
+            }
+        }
         let now = last_sync_of(have);
         if now == before {
             return true;
@@ -1011,6 +1016,11 @@ fn duplicate_seq(actor: &ActorId, seq: u64) -> ReplicaError {
 
 /// The heads a peer's summaries start from, sorted and deduplicated.
 fn last_sync_of(have: &[Have]) -> Vec<ChangeHash> {
+    if let [one] = have {
+        if one.last_sync.windows(2).all(|w| w[0] < w[1]) {
+            return one.last_sync.clone();
+        }
+    }
     let mut last_sync: Vec<ChangeHash> = have
         .iter()
         .flat_map(|h| h.last_sync.iter().copied())
@@ -1109,10 +1119,10 @@ impl Replica for ChangeLog {
             return u.doc.generate_sync_message(peer);
         }
         let state = &mut peer.state;
-        let our_heads = self.heads.clone();
-        if settled(&our_heads, state) {
+        if settled(&self.heads, state) {
             return None;
         }
+        let our_heads = self.heads.clone();
         let our_need = if state.read_only {
             Vec::new()
         } else {
@@ -1126,7 +1136,8 @@ impl Replica for ChangeLog {
         // The peer claims to have synced up to heads we do not hold: we
         // lost data since. Ask it to start over.
         if let Some(first) = state.their_have.as_ref().and_then(|h| h.first()) {
-            if !first.last_sync.iter().all(|h| self.has_change(h)) {
+            if first.last_sync != self.heads && !first.last_sync.iter().all(|h| self.has_change(h))
+            {
                 let mut flags = MessageFlags::new();
                 flags.set(MessageFlags::SUPPORTS_SYNC_RESET);
                 return Some(sync::Message {
@@ -1291,13 +1302,21 @@ impl Replica for ChangeLog {
             }
         }
         state.in_flight = false;
-        let before = self.heads.clone();
+        let had_changes = !message.changes.is_empty();
+        let before = if had_changes {
+            self.heads.clone()
+        } else {
+            Vec::new()
+        };
         if let Some(flags) = message.flags {
-            let mut caps = vec![Capability::MessageV2];
-            if flags.contains(MessageFlags::SUPPORTS_SYNC_RESET) {
-                caps.push(Capability::SyncReset);
+            let caps: &[Capability] = if flags.contains(MessageFlags::SUPPORTS_SYNC_RESET) {
+                &[Capability::MessageV2, Capability::SyncReset]
+            } else {
+                &[Capability::MessageV2]
+            };
+            if state.their_capabilities.as_deref() != Some(caps) {
+                state.their_capabilities = Some(caps.to_vec());
             }
-            state.their_capabilities = Some(caps);
             if flags.contains(MessageFlags::SYNC_RESET) {
                 state.sent_hashes.clear();
                 peer.offered = None;
@@ -1305,22 +1324,20 @@ impl Replica for ChangeLog {
             }
             state.peer_read_only = flags.contains(MessageFlags::READ_ONLY);
         }
-        let had_changes = !message.changes.is_empty();
         if had_changes && !state.read_only {
             self.ingest(incoming)?;
             state.shared_heads = advance_heads(&before, &self.heads, &state.shared_heads);
         }
         let message_heads = message.heads;
         self.forget_acknowledged(&message_heads, &mut state.sent_hashes);
-        if !had_changes && message_heads == before {
+        if !had_changes && message_heads == self.heads {
             state.last_sent_heads.clone_from(&message_heads);
         }
-        let known: Vec<ChangeHash> = message_heads
-            .iter()
-            .filter(|h| self.has_change(h))
-            .copied()
-            .collect();
-        if known.len() == message_heads.len() {
+        // A peer that is up to date (the common acknowledgement) names our
+        // own heads: no need to look each one up.
+        let all_known =
+            message_heads == self.heads || message_heads.iter().all(|h| self.has_change(h));
+        if all_known {
             state.shared_heads.clone_from(&message_heads);
             if message_heads.is_empty() {
                 // The peer lost everything: start over with it.
@@ -1331,7 +1348,7 @@ impl Replica for ChangeLog {
             }
         } else {
             let mut shared = std::mem::take(&mut state.shared_heads);
-            shared.extend(known);
+            shared.extend(message_heads.iter().filter(|h| self.has_change(h)));
             shared.sort();
             shared.dedup();
             state.shared_heads = shared;
@@ -1340,10 +1357,12 @@ impl Replica for ChangeLog {
         // sync state on its side), or from heads we do not know, is
         // answered in full again.
         let fresh_summary = message.have.is_empty()
-            || message
-                .have
-                .iter()
-                .any(|h| h.last_sync.is_empty() || !h.last_sync.iter().all(|x| self.has_change(x)));
+            || message.have.iter().any(|h| {
+                h.last_sync.is_empty()
+                    || (h.last_sync != self.heads
+                        && !(all_known && h.last_sync == message_heads)
+                        && !h.last_sync.iter().all(|x| self.has_change(x)))
+            });
         if fresh_summary
             || (peer.offered.is_some() && !self.moves_forward(&peer.offered_from, &message.have))
         {

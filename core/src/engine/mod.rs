@@ -1123,7 +1123,9 @@ impl Engine {
             is_request,
             "received sync message"
         );
-        let before = doc.replica.heads();
+        // Only changes move the heads (most messages are acknowledgements;
+        // copying the heads costs as much as the rest of receiving one).
+        let before = (!message.changes.is_empty()).then(|| doc.replica.heads());
         let replica = &mut doc.replica;
         let state = &mut dp.sync;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -1148,10 +1150,11 @@ impl Engine {
             Ok(Ok(())) => {}
         }
         self.persist_sync_state(id, peer);
-        let changed = self
-            .docs
-            .get(id)
-            .is_some_and(|d| d.replica.heads() != before);
+        let changed = before.is_some_and(|before| {
+            self.docs
+                .get(id)
+                .is_some_and(|d| d.replica.heads() != before)
+        });
         if changed {
             self.doc_changed(id, Origin::Remote(peer.clone()));
         } else {

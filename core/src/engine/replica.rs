@@ -317,10 +317,13 @@ pub(super) fn settled(ours: &[ChangeHash], state: &sync::State) -> bool {
         return false;
     }
     match &state.their_heads {
+        // Peers send their heads sorted; only an unsorted list is copied.
         Some(theirs) if theirs.len() == ours.len() => {
-            let mut theirs = theirs.clone();
-            theirs.sort();
-            theirs == ours
+            theirs == ours || {
+                let mut theirs = theirs.clone();
+                theirs.sort();
+                theirs == ours
+            }
         }
         _ => false,
     }
