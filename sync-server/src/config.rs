@@ -31,6 +31,10 @@ pub struct Config {
     /// that connection with code 1009.
     #[arg(long, env = "CONVERGE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    /// Most bytes waiting to be written to one connection; a peer that
+    /// reads too slowly to keep it under this is disconnected (code 1008).
+    #[arg(long, env = "CONVERGE_MAX_OUTBOUND_BYTES", default_value_t = converge_core::runtime::DEFAULT_MAX_OUTBOUND_BYTES)]
+    pub max_outbound_bytes: usize,
     /// Seconds between pings; a peer silent for two intervals is dropped.
     #[arg(long, env = "CONVERGE_PING_INTERVAL_SECS", default_value_t = 5)]
     pub ping_interval_secs: u64,
@@ -59,6 +63,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     max_message_bytes: Option<usize>,
+    max_outbound_bytes: Option<usize>,
     ping_interval_secs: Option<u64>,
     max_docs_in_memory: Option<usize>,
     sync_writes: Option<bool>,
@@ -133,6 +138,9 @@ impl Config {
         if let (true, Some(v)) = (defaulted("max_message_bytes"), file.max_message_bytes) {
             self.max_message_bytes = v;
         }
+        if let (true, Some(v)) = (defaulted("max_outbound_bytes"), file.max_outbound_bytes) {
+            self.max_outbound_bytes = v;
+        }
         if let (true, Some(v)) = (defaulted("ping_interval_secs"), file.ping_interval_secs) {
             self.ping_interval_secs = v;
         }
@@ -156,6 +164,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "max_message_bytes must be at least 1024, got {}",
                 self.max_message_bytes
+            )));
+        }
+        if self.max_outbound_bytes < 64 * 1024 {
+            return Err(ConfigError::Invalid(format!(
+                "max_outbound_bytes must be at least 65536, got {}",
+                self.max_outbound_bytes
             )));
         }
         if self.ping_interval_secs == 0 {
@@ -210,6 +224,8 @@ mod tests {
             load(&["--ping-interval-secs", "0"]),
             Err(ConfigError::Invalid(_))
         ));
+        let err = load(&["--max-outbound-bytes", "100"]).expect_err("too small a queue");
+        assert!(err.to_string().contains("max_outbound_bytes"), "{err}");
         let err = load(&["--config", "/nonexistent/converge.toml"]).expect_err("missing file");
         assert!(err.to_string().contains("cannot read config file"));
         let err = load(&["--replica", "half-document"]).expect_err("unknown replica");

@@ -49,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
     let mut repo_config = RepoConfig::new(Some(storage_id.clone()));
     repo_config.engine.policy = Arc::new(RelayPolicy);
     repo_config.engine.max_message_bytes = config.max_message_bytes;
+    repo_config.max_outbound_bytes = config.max_outbound_bytes;
     repo_config.engine.max_docs_in_memory = config.max_docs_in_memory;
     repo_config.engine.replica = config.replica.factory();
     let repo = Repo::start(repo_config, storage.clone());

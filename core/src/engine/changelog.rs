@@ -237,8 +237,9 @@ pub struct ChangeLog {
     blooms: RefCell<Vec<(usize, Have)>>,
     /// The snapshot this log was loaded from, if it started from one.
     loaded: Option<Loaded>,
-    /// A snapshot not yet taken apart; while set, the log is empty.
-    unopened: Option<Unopened>,
+    /// A snapshot not yet taken apart; while set, the log is empty. Boxed:
+    /// it holds an `Automerge`, several KiB inline, and is rarely set.
+    unopened: Option<Box<Unopened>>,
     /// From what size a snapshot is opened lazily.
     open_lazily_from: usize,
     /// The document, built on demand from the log.
@@ -298,10 +299,10 @@ impl ChangeLog {
         let doc = unopened.doc.into_document();
         if let Err(e) = self.take_snapshot(&unopened.snapshot, &doc) {
             *self = Self::new(self.actor.clone());
-            self.unopened = Some(Unopened {
+            self.unopened = Some(Box::new(Unopened {
                 doc: FullDocument::from_document(doc),
                 snapshot: unopened.snapshot,
-            });
+            }));
             return Err(e);
         }
         let doc = doc.with_actor(self.actor.clone());
@@ -1389,10 +1390,10 @@ impl Replica for ChangeLog {
                 let rest = Self::parse_pieces(rest)?;
                 if rest.is_empty() && first.bytes.len() >= self.open_lazily_from {
                     if !doc.get_heads().is_empty() {
-                        self.unopened = Some(Unopened {
+                        self.unopened = Some(Box::new(Unopened {
                             doc: FullDocument::from_document(doc),
                             snapshot: first.bytes.into(),
-                        });
+                        }));
                     }
                     return Ok(());
                 }
@@ -1990,6 +1991,14 @@ mod tests {
         edit(relay.as_mut(), "local", 3);
         sync(relay.as_mut(), &mut s1, client.as_mut(), &mut s2);
         assert_eq!(contents(client.as_ref()), "local=3,remote=2");
+    }
+
+    /// Relays hold one log per document in memory (a million stored, tens
+    /// of thousands hot): the rarely used parts stay boxed.
+    #[test]
+    fn a_log_stays_small_in_memory() {
+        let size = std::mem::size_of::<ChangeLog>();
+        assert!(size <= 512, "ChangeLog is {size} bytes inline");
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
 
 use automerge::sync;
 use automerge::transaction::CommitOptions;
@@ -195,6 +196,9 @@ struct Doc {
     store: DocStore,
     /// Document writes issued and not yet confirmed.
     unconfirmed_saves: usize,
+    /// After failed writes: how long the next retry waits, and whether one
+    /// is scheduled.
+    save_retry: Option<(Duration, bool)>,
     /// When the document was last touched (for eviction).
     last_used: Timestamp,
     /// The heads last reported in an [`Event::DocChanged`].
@@ -278,7 +282,14 @@ enum Timer {
     Handshake(ConnectionId),
     Request(DocumentId),
     Resync(DocumentId, PeerId),
+    RetrySave(DocumentId),
 }
+
+/// The first wait before writing a document again after a failed write;
+/// it doubles with every failure in a row, up to [`SAVE_RETRY_MAX`].
+const SAVE_RETRY_FIRST: Duration = Duration::from_millis(500);
+/// The longest wait between attempts to write a document.
+const SAVE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Engine {
     /// A new engine with no connections and no documents.
@@ -591,6 +602,14 @@ impl Engine {
                     }
                 }
                 Timer::Resync(id, peer) => self.resync(&id, &peer, at),
+                Timer::RetrySave(id) => {
+                    if let Some(d) = self.docs.get_mut(&id) {
+                        if let Some((_, scheduled)) = &mut d.save_retry {
+                            *scheduled = false;
+                        }
+                    }
+                    self.save_doc(&id);
+                }
             }
         }
     }
@@ -1643,14 +1662,23 @@ impl Engine {
             (Task::SaveDoc { doc }, result) => {
                 if let Some(d) = self.docs.get_mut(&doc) {
                     d.unconfirmed_saves = d.unconfirmed_saves.saturating_sub(1);
-                    if matches!(result, StorageResult::Failed(_)) {
-                        // Write it again with the next change. Only ever
-                        // move back: an earlier save may have failed too
-                        // (writes fail together when committed as a group),
-                        // and then not even the heads it started from are on
+                    if let StorageResult::Failed(reason) = &result {
+                        // Write it again, with the next change or after a
+                        // while, whichever comes first. Only ever move
+                        // back: an earlier save may have failed too (writes
+                        // fail together when committed as a group), and
+                        // then not even the heads it started from are on
                         // disk. Everything is rewritten.
                         d.store.saved_heads = Vec::new();
+                        let (wait, scheduled) = d.save_retry.unwrap_or((SAVE_RETRY_FIRST, false));
+                        tracing::warn!(document = %doc, %reason, retry_in = ?wait, "writing a document failed");
+                        if !scheduled {
+                            let at = self.now.plus(wait);
+                            self.timers.insert((at, Timer::RetrySave(doc.clone())));
+                        }
+                        d.save_retry = Some(((wait * 2).min(SAVE_RETRY_MAX), true));
                     } else if d.unconfirmed_saves == 0 && d.store.saved_heads == d.replica.heads() {
+                        d.save_retry = None;
                         self.out.events.push(Event::Saved {
                             document_id: doc,
                             heads: d.store.saved_heads.clone(),
@@ -1859,6 +1887,7 @@ impl Doc {
             pending: Vec::new(),
             store: DocStore::default(),
             unconfirmed_saves: 0,
+            save_retry: None,
             last_used: Timestamp(0),
             announced_heads: Vec::new(),
         }

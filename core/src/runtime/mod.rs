@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +37,69 @@ pub enum Outbound {
     Frame(Vec<u8>),
     /// Close the connection with this reason.
     Close(String),
+}
+
+/// What the repo sends down one connection: the frames in order, and — out
+/// of band, ahead of any frames still waiting — the news that the peer is
+/// cut off (it fell too far behind reading them).
+#[derive(Debug)]
+pub struct OutboundQueue {
+    /// The frames (and orderly closes), in order.
+    pub frames: OutboundFrames,
+    /// Resolves with a reason when the connection must end at once.
+    pub cut: oneshot::Receiver<String>,
+}
+
+/// The ordered part of an [`OutboundQueue`]; keeps count of the bytes
+/// waiting in it.
+#[derive(Debug)]
+pub struct OutboundFrames {
+    rx: mpsc::UnboundedReceiver<Outbound>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl OutboundFrames {
+    /// The next item; `None` once the repo let go of the connection.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        let item = self.rx.recv().await;
+        self.taken(item.as_ref());
+        item
+    }
+
+    /// The next item if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        let item = self.rx.try_recv().ok();
+        self.taken(item.as_ref());
+        item
+    }
+
+    fn taken(&self, item: Option<&Outbound>) {
+        if let Some(Outbound::Frame(bytes)) = item {
+            self.waiting.fetch_sub(bytes.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// The repo's end of one connection's queue.
+#[derive(Debug)]
+struct ConnTx {
+    tx: mpsc::UnboundedSender<Outbound>,
+    waiting: Arc<AtomicUsize>,
+    cut: Option<oneshot::Sender<String>>,
+}
+
+impl ConnTx {
+    /// Queues a frame, unless that would put more than `limit` bytes in
+    /// waiting; then returns it.
+    fn push(&self, frame: Vec<u8>, limit: usize) -> Result<(), Vec<u8>> {
+        let before = self.waiting.fetch_add(frame.len(), Ordering::Relaxed);
+        if before > 0 && before + frame.len() > limit {
+            self.waiting.fetch_sub(frame.len(), Ordering::Relaxed);
+            return Err(frame);
+        }
+        let _ = self.tx.send(Outbound::Frame(frame));
+        Ok(())
+    }
 }
 
 /// Why a repo call failed.
@@ -72,12 +135,7 @@ enum Msg {
     Change(DocumentId, Editor, oneshot::Sender<Result<(), ChangeError>>),
     Read(DocumentId, Reader),
     Inspect(Inspector),
-    Opened(
-        ConnectionId,
-        Direction,
-        mpsc::UnboundedSender<Outbound>,
-        Option<String>,
-    ),
+    Opened(ConnectionId, Direction, ConnTx, Option<String>),
     Sessions(oneshot::Sender<Vec<Session>>),
     Bytes(ConnectionId, Vec<u8>),
     Closed(ConnectionId),
@@ -105,7 +163,15 @@ pub struct Session {
 pub struct RepoConfig {
     /// The engine's configuration (peer id, policy, limits…).
     pub engine: EngineConfig,
+    /// Most bytes of frames waiting to be written to one connection. A peer
+    /// that reads more slowly than it is sent to is disconnected when its
+    /// queue would grow past this (a single frame of any allowed size still
+    /// goes out when nothing else waits).
+    pub max_outbound_bytes: usize,
 }
+
+/// The default for [`RepoConfig::max_outbound_bytes`].
+pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 16 << 20;
 
 impl RepoConfig {
     /// A client repo with a random peer id. `storage_id` should be stable
@@ -118,6 +184,7 @@ impl RepoConfig {
         });
         Self {
             engine: EngineConfig::new(peer, storage_id, seed.rotate_left(17)),
+            max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
         }
     }
 }
@@ -208,6 +275,7 @@ impl Repo {
         // its queue and releases the store, with or without `shutdown`.
         let (storage_tx, storage_thread) = spawn_storage_thread(storage.clone(), tx.downgrade());
         let actor = Actor {
+            max_outbound_bytes: config.max_outbound_bytes,
             engine: Engine::new(config.engine),
             remotes: BTreeMap::new(),
             sessions: BTreeMap::new(),
@@ -335,11 +403,24 @@ impl Repo {
         &self,
         direction: Direction,
         remote: Option<String>,
-    ) -> Result<(ConnectionId, mpsc::UnboundedReceiver<Outbound>), RepoError> {
+    ) -> Result<(ConnectionId, OutboundQueue), RepoError> {
         let conn = ConnectionId(self.inner.next_conn.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::unbounded_channel();
-        self.send(Msg::Opened(conn, direction, tx, remote))?;
-        Ok((conn, rx))
+        let (cut_tx, cut_rx) = oneshot::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let sender = ConnTx {
+            tx,
+            waiting: waiting.clone(),
+            cut: Some(cut_tx),
+        };
+        self.send(Msg::Opened(conn, direction, sender, remote))?;
+        Ok((
+            conn,
+            OutboundQueue {
+                frames: OutboundFrames { rx, waiting },
+                cut: cut_rx,
+            },
+        ))
     }
 
     /// Every connection that completed the handshake: a session each.
@@ -618,7 +699,8 @@ struct Actor {
     remotes: BTreeMap<ConnectionId, String>,
     sessions: BTreeMap<ConnectionId, Session>,
     clock: Clock,
-    conns: BTreeMap<ConnectionId, mpsc::UnboundedSender<Outbound>>,
+    conns: BTreeMap<ConnectionId, ConnTx>,
+    max_outbound_bytes: usize,
     pending: BTreeMap<CommandId, oneshot::Sender<CommandResult>>,
     next_cmd: u64,
     events: broadcast::Sender<Event>,
@@ -750,8 +832,8 @@ impl Actor {
                 Msg::Shutdown(done) => {
                     // Close every connection so transports wind down (and
                     // release what they hold) while storage drains.
-                    for (_, tx) in std::mem::take(&mut self.conns) {
-                        let _ = tx.send(Outbound::Close("shutting down".into()));
+                    for (_, conn) in std::mem::take(&mut self.conns) {
+                        let _ = conn.tx.send(Outbound::Close("shutting down".into()));
                     }
                     self.shutdown = Some(done);
                     continue;
@@ -763,14 +845,32 @@ impl Actor {
 
     fn act(&mut self, out: Output) -> Option<Timestamp> {
         for send in out.sends {
-            if let Some(tx) = self.conns.get(&send.conn) {
-                let _ = tx.send(Outbound::Frame(wire::encode(&send.message)));
+            let Some(conn) = self.conns.get(&send.conn) else {
+                continue;
+            };
+            if conn
+                .push(wire::encode(&send.message), self.max_outbound_bytes)
+                .is_err()
+            {
+                // The peer reads more slowly than it is sent to: cut it off
+                // (ahead of what waits) rather than hold ever more for it
+                // or drop frames and leave it silently out of sync.
+                if let Some(mut conn) = self.conns.remove(&send.conn) {
+                    let reason = format!(
+                        "outbound queue over {} bytes: the peer reads too slowly",
+                        self.max_outbound_bytes
+                    );
+                    tracing::warn!(conn = %send.conn, %reason, "disconnecting a slow peer");
+                    if let Some(cut) = conn.cut.take() {
+                        let _ = cut.send(reason);
+                    }
+                }
             }
         }
         for close in out.closes {
-            if let Some(tx) = self.conns.remove(&close.conn) {
+            if let Some(conn) = self.conns.remove(&close.conn) {
                 tracing::info!(conn = %close.conn, reason = %close.reason, "closing connection");
-                let _ = tx.send(Outbound::Close(close.reason));
+                let _ = conn.tx.send(Outbound::Close(close.reason));
             }
         }
         for task in out.storage {

@@ -84,7 +84,7 @@ where
     St: Stream<Item = Incoming> + Unpin,
     Si: Sink<Outgoing> + Unpin,
 {
-    let Ok((conn, mut outbound)) = repo.open_connection(direction, remote) else {
+    let Ok((conn, queue)) = repo.open_connection(direction, remote) else {
         return Ended {
             reason: "repo stopped".into(),
         };
@@ -97,6 +97,17 @@ where
     // Milliseconds since `started` when the peer was last heard from;
     // shared by the reading and writing halves below.
     let last_seen = AtomicU64::new(0);
+    let mut outbound = queue.frames;
+    // Resolves only when the repo cuts the peer off; a repo that merely let
+    // go of the connection closes it in order, through the queue.
+    let cut = queue.cut;
+    let cut = async move {
+        match cut.await {
+            Ok(reason) => reason,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::pin!(cut);
 
     // Reading and writing run side by side, so a write that waits on a slow
     // peer never stops us reading (two peers writing big frames to each
@@ -141,20 +152,26 @@ where
                                 sink.feed(Outgoing::Binary(bytes)).await?;
                                 while budget > 0 {
                                     match outbound.try_recv() {
-                                        Ok(Outbound::Frame(more)) => {
+                                        Some(Outbound::Frame(more)) => {
                                             budget = budget.saturating_sub(more.len());
                                             sink.feed(Outgoing::Binary(more)).await?;
                                         }
-                                        Ok(Outbound::Close(reason)) => {
+                                        Some(Outbound::Close(reason)) => {
                                             close = Some(reason);
                                             break;
                                         }
-                                        Err(_) => break,
+                                        None => break,
                                     }
                                 }
                                 sink.flush().await
                             };
-                            match tokio::time::timeout(WRITE_TIMEOUT, burst).await {
+                            // A write stuck on a slow peer still yields to
+                            // the repo cutting that peer off.
+                            let written = tokio::select! {
+                                written = tokio::time::timeout(WRITE_TIMEOUT, burst) => written,
+                                reason = &mut cut => return Stop::Close(close_code::POLICY, reason),
+                            };
+                            match written {
                                 Ok(Ok(())) => {}
                                 Ok(Err(_)) => return Stop::Gone("write failed".into()),
                                 Err(_) => return Stop::Gone("peer stopped reading (write timed out)".into()),
@@ -166,6 +183,7 @@ where
                         Some(Outbound::Close(reason)) => return Stop::Close(close_code::POLICY, reason),
                         None => return Stop::Close(close_code::NORMAL, "shutting down".into()),
                     },
+                    reason = &mut cut => return Stop::Close(close_code::POLICY, reason),
                     _ = ticker.tick(), if ping_every.is_some() => {
                         let seen = Duration::from_millis(last_seen.load(Ordering::Relaxed));
                         if started.elapsed().saturating_sub(seen) > period * 2 {

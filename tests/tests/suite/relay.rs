@@ -26,6 +26,8 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 /// A relay running in this process on a random port.
 pub(crate) struct Relay {
     pub(crate) url: String,
+    /// The relay's repo (sessions, inspection).
+    pub(crate) repo: Repo,
     stop: Option<oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -33,15 +35,20 @@ pub(crate) struct Relay {
 impl Relay {
     /// A relay as `converge-server` runs by default (change-log replicas).
     pub(crate) async fn start(dir: &Path) -> Relay {
-        Self::start_with(dir, 64 << 20, ReplicaKind::ChangeLog).await
+        Self::start_with(dir, 64 << 20, ReplicaKind::ChangeLog, None).await
     }
 
     /// A relay holding documents as `replica`.
     pub(crate) async fn start_kind(dir: &Path, replica: ReplicaKind) -> Relay {
-        Self::start_with(dir, 64 << 20, replica).await
+        Self::start_with(dir, 64 << 20, replica, None).await
     }
 
-    async fn start_with(dir: &Path, max_message_bytes: usize, replica: ReplicaKind) -> Relay {
+    async fn start_with(
+        dir: &Path,
+        max_message_bytes: usize,
+        replica: ReplicaKind,
+        max_outbound_bytes: Option<usize>,
+    ) -> Relay {
         // A previous relay on this directory may still be letting go of it
         // (its connection tasks end asynchronously); wait for the lock.
         let mut attempts = 0;
@@ -60,6 +67,9 @@ impl Relay {
         config.engine.policy = Arc::new(RelayPolicy);
         config.engine.max_message_bytes = max_message_bytes;
         config.engine.replica = replica.factory();
+        if let Some(limit) = max_outbound_bytes {
+            config.max_outbound_bytes = limit;
+        }
         let repo = Repo::start(config, storage.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -73,6 +83,7 @@ impl Relay {
             storage: storage.clone(),
         };
         let tracker = converge_server::api::spawn_metadata_tracker(&repo, storage.clone());
+        let relay_repo = repo.clone();
         let done = tokio::spawn(async move {
             let _ = serve(listener, state, async {
                 let _ = stopped.await;
@@ -84,6 +95,7 @@ impl Relay {
         });
         Relay {
             url,
+            repo: relay_repo,
             stop: Some(stop),
             done,
         }
@@ -396,7 +408,7 @@ async fn ephemeral_messages_pass_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_close_only_their_connection() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let relay = Relay::start_with(dir.path(), 64 * 1024, ReplicaKind::ChangeLog).await;
+    let relay = Relay::start_with(dir.path(), 64 * 1024, ReplicaKind::ChangeLog, None).await;
 
     let good = rust_client();
     let _good_conn = ws::connect(good.clone(), relay.url.clone());
@@ -489,6 +501,129 @@ async fn malformed_frames_close_only_their_connection() {
         .await
         .expect("change");
     wait_until(&seen, "other client", "still", "working").await;
+    relay.stop().await;
+}
+
+/// A peer that asks for a document and then stops reading is cut off once
+/// more than the outbound limit waits for it (instead of the relay holding
+/// everything sent its way), and everyone else carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_is_cut_off_and_others_carry_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay =
+        Relay::start_with(dir.path(), 64 << 20, ReplicaKind::ChangeLog, Some(1 << 20)).await;
+    let writer = rust_client();
+    let _writer_conn = ws::connect(writer.clone(), relay.url.clone());
+    let reader = rust_client();
+    let _reader_conn = ws::connect(reader.clone(), relay.url.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let handle = writer.create(None).await.expect("create");
+    let id = handle.id().clone();
+
+    // The slow peer joins, asks for the document, then reads no more.
+    let (mut slow, _) = tokio_tungstenite::connect_async(&relay.url)
+        .await
+        .expect("connect");
+    let me = PeerId::new("slowpoke").expect("valid");
+    let join = Message::Join {
+        sender_id: me.clone(),
+        metadata: None,
+        supported_protocol_versions: Some(vec!["1".into()]),
+    };
+    slow.send(WsMessage::Binary(wire::encode(&join).into()))
+        .await
+        .expect("join");
+    let relay_id = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), slow.next())
+            .await
+            .expect("an answer to join")
+            .expect("open")
+            .expect("frame");
+        if let WsMessage::Binary(bytes) = frame {
+            if let Ok(Message::Peer { sender_id, .. }) = wire::decode(&bytes) {
+                break sender_id;
+            }
+        }
+    };
+    let hello = automerge::sync::SyncDoc::generate_sync_message(
+        &automerge::Automerge::new(),
+        &mut automerge::sync::State::new(),
+    )
+    .expect("a first message");
+    let ask = Message::Request(wire::DocMessage {
+        sender_id: me,
+        target_id: relay_id,
+        document_id: id.clone(),
+        data: hello.encode(),
+    });
+    slow.send(WsMessage::Binary(wire::encode(&ask).into()))
+        .await
+        .expect("request");
+    let slow_is_on = |sessions: Vec<converge_core::runtime::Session>| {
+        sessions.iter().any(|s| s.peer_id.to_string() == "slowpoke")
+    };
+    assert!(slow_is_on(relay.repo.sessions().await.expect("sessions")));
+
+    // Far more than socket buffers hold, in changes the relay forwards.
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for i in 0..400 {
+        let text: String = (0..64 * 1024)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                char::from(b'a' + (seed % 26) as u8)
+            })
+            .collect();
+        handle
+            .change(move |d| {
+                let mut tx = d.transaction();
+                tx.put(ROOT, format!("k{}", i % 8), text).expect("put");
+                tx.commit();
+            })
+            .await
+            .expect("change");
+    }
+
+    // The relay let go of it (well within the 30 s a single stuck write
+    // may take)...
+    let mut cut = false;
+    for _ in 0..100 {
+        if !slow_is_on(relay.repo.sessions().await.expect("sessions")) {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cut, "the peer that stopped reading is still connected");
+    // ...and reading now, the slow peer finds its connection ended rather
+    // than every frame still waiting for it.
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match slow.next().await {
+                Some(Ok(WsMessage::Close(frame))) => return frame.map(|f| f.reason.to_string()),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the slow peer was never cut off");
+    if let Some(reason) = ended {
+        assert!(reason.contains("too slowly"), "{reason}");
+    }
+
+    // Meanwhile the others kept syncing.
+    let seen = find_with_retry(&reader, &id).await;
+    handle
+        .change(|d| {
+            let mut tx = d.transaction();
+            tx.put(ROOT, "after", "still served").expect("put");
+            tx.commit();
+        })
+        .await
+        .expect("change");
+    wait_until(&seen, "reader", "after", "still served").await;
     relay.stop().await;
 }
 

@@ -427,3 +427,95 @@ async fn queued_edits_run_in_order_and_are_saved_together() {
     );
     repo.shutdown().await;
 }
+
+/// Storage whose writes fail while `broken` is set (a full or unplugged
+/// disk); reads always work.
+#[derive(Debug, Default)]
+struct Flaky {
+    inner: converge_core::storage::MemoryStorage,
+    broken: std::sync::atomic::AtomicBool,
+    failed_writes: std::sync::atomic::AtomicUsize,
+}
+
+impl Storage for Flaky {
+    fn get(
+        &self,
+        key: &StorageKey,
+    ) -> Result<Option<Vec<u8>>, converge_core::storage::StorageError> {
+        self.inner.get(key)
+    }
+    fn range(
+        &self,
+        prefix: &StorageKey,
+    ) -> Result<Vec<(StorageKey, Vec<u8>)>, converge_core::storage::StorageError> {
+        self.inner.range(prefix)
+    }
+    fn batch(&self, ops: Vec<BatchOp>) -> Result<(), converge_core::storage::StorageError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.broken.load(SeqCst) {
+            self.failed_writes.fetch_add(1, SeqCst);
+            return Err(converge_core::storage::StorageError::Backend(
+                "no space left on device".into(),
+            ));
+        }
+        self.inner.batch(ops)
+    }
+}
+
+/// A write that fails is tried again on its own, with nothing else
+/// changing, once storage works again; until then the document is not
+/// reported saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_writes_are_retried_without_another_change() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let storage = Arc::new(Flaky::default());
+    let repo = Repo::start(RepoConfig::new(None), storage.clone());
+    let mut events = repo.events();
+    storage.broken.store(true, SeqCst);
+    let id = write(&repo, "kept").await;
+    // Writing it fails; then, with nothing else happening, it is tried
+    // again (and fails again), with nothing reported saved.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut first_failures = 0;
+    while first_failures == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing was written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        first_failures = storage.failed_writes.load(SeqCst);
+    }
+    while storage.failed_writes.load(SeqCst) == first_failures {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "writes were not retried"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while let Ok(event) = events.try_recv() {
+        assert!(
+            !matches!(event, Event::Saved { ref document_id, .. } if *document_id == id),
+            "reported saved while storage failed"
+        );
+    }
+    // The disk comes back: with no further edit, the document is written
+    // and reported saved.
+    storage.broken.store(false, SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Ok(Event::Saved { document_id, .. }) if document_id == id => return,
+                Ok(_) => {}
+                Err(e) => panic!("events ended: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("saved once storage works again");
+    repo.shutdown().await;
+    // Its contents are on "disk": a new repo over the same storage reads them.
+    let again = Repo::start(RepoConfig::new(None), storage.clone());
+    let handle = again.find(&id).await.expect("found after the retry");
+    assert_eq!(read_str(&handle, "value").await.as_deref(), Some("kept"));
+    again.shutdown().await;
+}
