@@ -31,8 +31,9 @@ pub struct Config {
     /// that connection with code 1009.
     #[arg(long, env = "CONVERGE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_message_bytes: usize,
-    /// Most bytes waiting to be written to one connection; a peer that
-    /// reads too slowly to keep it under this is disconnected (code 1008).
+    /// Most bytes that may wait to be written to one connection for more
+    /// than 10 s; a peer that reads too slowly to keep under this is
+    /// disconnected (code 1008).
     #[arg(long, env = "CONVERGE_MAX_OUTBOUND_BYTES", default_value_t = converge_core::runtime::DEFAULT_MAX_OUTBOUND_BYTES)]
     pub max_outbound_bytes: usize,
     /// Seconds between pings; a peer silent for two intervals is dropped.

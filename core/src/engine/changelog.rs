@@ -201,6 +201,10 @@ struct Loaded {
 struct Unopened {
     doc: FullDocument,
     snapshot: Box<[u8]>,
+    /// A peer with nothing was answered already. Automerge answers each one
+    /// with a fresh `save()` of the whole document; from the second on, the
+    /// log is opened instead and hands out the stored snapshot.
+    answered_a_fresh_peer: bool,
 }
 
 /// Snapshots from this size on are opened lazily (see [`Unopened`]).
@@ -302,6 +306,7 @@ impl ChangeLog {
             self.unopened = Some(Box::new(Unopened {
                 doc: FullDocument::from_document(doc),
                 snapshot: unopened.snapshot,
+                answered_a_fresh_peer: unopened.answered_a_fresh_peer,
             }));
             return Err(e);
         }
@@ -313,7 +318,15 @@ impl ChangeLog {
     /// The bytes of the change at log index `idx`.
     fn change_bytes(&self, idx: u32) -> &[u8] {
         if let Some(loaded) = self.loaded.as_ref().filter(|l| idx < l.covers) {
-            let (bytes, ends) = loaded.bytes.get_or_init(|| self.rebuild_loaded(loaded));
+            // A failed rebuild is not kept: the next call tries again.
+            let built = match loaded.bytes.get() {
+                Some(built) => built,
+                None => match self.rebuild_loaded(loaded) {
+                    Some(built) => loaded.bytes.get_or_init(|| built),
+                    None => return &[],
+                },
+            };
+            let (bytes, ends) = built;
             let i = idx as usize;
             let start = if i == 0 { 0 } else { ends[i - 1] };
             return &bytes[start..ends[i]];
@@ -325,7 +338,7 @@ impl ChangeLog {
     /// Rebuilds the bytes of the changes taken from the loaded snapshot, in
     /// log order, from the materialized document when there is one (it
     /// holds them all), else by loading the snapshot again.
-    fn rebuild_loaded(&self, loaded: &Loaded) -> (Vec<u8>, Vec<usize>) {
+    fn rebuild_loaded(&self, loaded: &Loaded) -> Option<(Vec<u8>, Vec<usize>)> {
         let covers = loaded.covers as usize;
         let reloaded;
         let doc = match self.materialized.get().and_then(Option::as_deref) {
@@ -344,7 +357,7 @@ impl ChangeLog {
                         // memory could get here. Peers then get empty
                         // changes and refuse them; nothing is stored.
                         tracing::error!(error = %e, "cannot reload a loaded snapshot");
-                        return (Vec::new(), vec![0; covers]);
+                        return None;
                     }
                 }
             }
@@ -365,7 +378,7 @@ impl ChangeLog {
             }
             ends.push(bytes.len());
         }
-        (bytes, ends)
+        Some((bytes, ends))
     }
 
     fn entry_deps(&self, e: &Entry) -> &[u32] {
@@ -1288,7 +1301,11 @@ impl Replica for ChangeLog {
         message: sync::Message,
     ) -> Result<(), ReplicaError> {
         if let Some(u) = &mut self.unopened {
-            if message.changes.is_empty() || peer.state.read_only {
+            let fresh = message.heads.is_empty();
+            if (message.changes.is_empty() || peer.state.read_only)
+                && !(fresh && u.answered_a_fresh_peer)
+            {
+                u.answered_a_fresh_peer |= fresh;
                 return u.doc.receive_sync_message(peer, message);
             }
         }
@@ -1388,11 +1405,14 @@ impl Replica for ChangeLog {
                 // Everything is parsed before the log changes.
                 let doc = load_document(first.bytes)?;
                 let rest = Self::parse_pieces(rest)?;
+                // A copy materialized from the empty log is out of date.
+                self.materialized = OnceCell::new();
                 if rest.is_empty() && first.bytes.len() >= self.open_lazily_from {
                     if !doc.get_heads().is_empty() {
                         self.unopened = Some(Box::new(Unopened {
                             doc: FullDocument::from_document(doc),
                             snapshot: first.bytes.into(),
+                            answered_a_fresh_peer: false,
                         }));
                     }
                     return Ok(());
@@ -2258,5 +2278,59 @@ mod tests {
         back.load_chunk(&relay.save()).expect("reloads");
         assert_eq!(back.heads(), relay.heads());
         assert_eq!(contents(&back), contents(old.as_ref()));
+    }
+
+    /// A log read while still empty (a materialized empty document) and
+    /// then loaded from a snapshot shows the loaded contents, and rebuilds
+    /// its changes from them, not from the stale empty copy.
+    #[test]
+    fn a_snapshot_loaded_after_a_read_replaces_the_empty_copy() {
+        let mut source = full(1);
+        for i in 0..50 {
+            edit(source.as_mut(), &format!("k{}", i % 5), i);
+        }
+        let mut log = ChangeLog::new(actor(9));
+        assert!(log.document().is_some(), "an empty document");
+        log.load_chunk(&source.save()).expect("loads");
+        assert_eq!(contents(&log), contents(source.as_ref()));
+        for change in source.document().expect("doc").get_changes(&[]) {
+            let idx = log.index[&change.hash()];
+            assert_eq!(log.change_bytes(idx), change.raw_bytes());
+        }
+    }
+
+    /// Automerge answers every peer with nothing by saving the whole
+    /// document again; an unopened snapshot lets it answer the first (a
+    /// cold start), and opens the log for the next, which is handed the
+    /// stored snapshot as it is.
+    #[test]
+    fn a_second_peer_with_nothing_opens_the_log_and_gets_the_stored_snapshot() {
+        let mut source = full(1);
+        for i in 0..100 {
+            edit(source.as_mut(), &format!("k{}", i % 5), i);
+        }
+        let stored = source.save();
+        let mut relay = ChangeLog::new(actor(9));
+        relay.open_lazily_from = 0;
+        relay.load_chunk(&stored).expect("loads");
+        let mut first = full(2);
+        let (mut a, mut b) = (PeerSync::default(), PeerSync::default());
+        sync(first.as_mut(), &mut a, &mut relay, &mut b);
+        assert!(relay.unopened.is_some(), "the first one is automerge's");
+        assert_eq!(contents(first.as_ref()), contents(source.as_ref()));
+
+        let mut second = full(3);
+        let (mut c, mut d) = (PeerSync::default(), PeerSync::default());
+        let hello = second.generate_sync_message(&mut c).expect("asks");
+        relay.receive_sync_message(&mut d, hello).expect("receives");
+        assert!(relay.unopened.is_none(), "the second one opens the log");
+        let reply = relay.generate_sync_message(&mut d).expect("answers");
+        let chunks: Vec<&[u8]> = reply.changes.iter().collect();
+        assert_eq!(chunks, vec![stored.as_slice()]);
+        second
+            .receive_sync_message(&mut c, reply)
+            .expect("takes it");
+        sync(second.as_mut(), &mut c, &mut relay, &mut d);
+        assert_eq!(contents(second.as_ref()), contents(source.as_ref()));
     }
 }

@@ -269,6 +269,9 @@ enum Task {
     LoadDoc(DocumentId),
     SaveDoc {
         doc: DocumentId,
+        /// The chunk written, and its size.
+        key: StorageKey,
+        len: usize,
     },
     Compact {
         doc: DocumentId,
@@ -1659,7 +1662,7 @@ impl Engine {
                     }
                 }
             }
-            (Task::SaveDoc { doc }, result) => {
+            (Task::SaveDoc { doc, key, len }, result) => {
                 if let Some(d) = self.docs.get_mut(&doc) {
                     d.unconfirmed_saves = d.unconfirmed_saves.saturating_sub(1);
                     if let StorageResult::Failed(reason) = &result {
@@ -1670,6 +1673,10 @@ impl Engine {
                         // then not even the heads it started from are on
                         // disk. Everything is rewritten.
                         d.store.saved_heads = Vec::new();
+                        // The chunk is not there: compaction must not
+                        // count or look for it.
+                        d.store.incremental_keys.retain(|k| *k != key);
+                        d.store.incremental_bytes = d.store.incremental_bytes.saturating_sub(len);
                         let (wait, scheduled) = d.save_retry.unwrap_or((SAVE_RETRY_FIRST, false));
                         tracing::warn!(document = %doc, %reason, retry_in = ?wait, "writing a document failed");
                         if !scheduled {
@@ -1840,9 +1847,14 @@ impl Engine {
         } else {
             None
         };
+        let len = incremental.len();
         self.storage(
-            StorageOp::Put(key, incremental),
-            Task::SaveDoc { doc: id.clone() },
+            StorageOp::Put(key.clone(), incremental),
+            Task::SaveDoc {
+                doc: id.clone(),
+                key,
+                len,
+            },
         );
         if let Some((replace, snapshot)) = replace {
             self.storage(

@@ -55,7 +55,36 @@ pub struct OutboundQueue {
 #[derive(Debug)]
 pub struct OutboundFrames {
     rx: mpsc::UnboundedReceiver<Outbound>,
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<Waiting>,
+}
+
+/// What is known about one connection's queue on both of its ends.
+#[derive(Debug)]
+struct Waiting {
+    /// Bytes of frames queued and not yet taken by the transport.
+    bytes: AtomicUsize,
+    /// The limit those bytes are held to (set when the repo queues).
+    limit: AtomicUsize,
+    /// When (ms after `since`) the queue was last seen at or under it.
+    under_at: AtomicU64,
+    since: Instant,
+}
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Self {
+            bytes: AtomicUsize::new(0),
+            limit: AtomicUsize::new(usize::MAX),
+            under_at: AtomicU64::new(0),
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Waiting {
+    fn now_ms(&self) -> u64 {
+        self.since.elapsed().as_millis() as u64
+    }
 }
 
 impl OutboundFrames {
@@ -75,7 +104,11 @@ impl OutboundFrames {
 
     fn taken(&self, item: Option<&Outbound>) {
         if let Some(Outbound::Frame(bytes)) = item {
-            self.waiting.fetch_sub(bytes.len(), Ordering::Relaxed);
+            let w = &self.waiting;
+            let left = w.bytes.fetch_sub(bytes.len(), Ordering::Relaxed) - bytes.len();
+            if left <= w.limit.load(Ordering::Relaxed) {
+                w.under_at.store(w.now_ms(), Ordering::Relaxed);
+            }
         }
     }
 }
@@ -84,20 +117,30 @@ impl OutboundFrames {
 #[derive(Debug)]
 struct ConnTx {
     tx: mpsc::UnboundedSender<Outbound>,
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<Waiting>,
     cut: Option<oneshot::Sender<String>>,
 }
 
 impl ConnTx {
-    /// Queues a frame, unless that would put more than `limit` bytes in
-    /// waiting; then returns it.
-    fn push(&self, frame: Vec<u8>, limit: usize) -> Result<(), Vec<u8>> {
-        let before = self.waiting.fetch_add(frame.len(), Ordering::Relaxed);
-        if before > 0 && before + frame.len() > limit {
-            self.waiting.fetch_sub(frame.len(), Ordering::Relaxed);
+    /// Queues a frame, unless more than `limit` bytes have been waiting for
+    /// longer than `grace`; then hands it back.
+    fn push(&self, frame: Vec<u8>, (limit, grace): (usize, Duration)) -> Result<(), Vec<u8>> {
+        let w = &self.waiting;
+        w.limit.store(limit, Ordering::Relaxed);
+        let len = frame.len();
+        let before = w.bytes.fetch_add(len, Ordering::Relaxed);
+        let now = w.now_ms();
+        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        if before == 0 || before + len <= limit {
+            w.under_at.store(now, Ordering::Relaxed);
+        } else if now.saturating_sub(w.under_at.load(Ordering::Relaxed)) > grace_ms {
+            w.bytes.fetch_sub(len, Ordering::Relaxed);
             return Err(frame);
         }
-        let _ = self.tx.send(Outbound::Frame(frame));
+        if self.tx.send(Outbound::Frame(frame)).is_err() {
+            // The transport is gone already; nothing waits.
+            w.bytes.fetch_sub(len, Ordering::Relaxed);
+        }
         Ok(())
     }
 }
@@ -163,15 +206,21 @@ pub struct Session {
 pub struct RepoConfig {
     /// The engine's configuration (peer id, policy, limits…).
     pub engine: EngineConfig,
-    /// Most bytes of frames waiting to be written to one connection. A peer
-    /// that reads more slowly than it is sent to is disconnected when its
-    /// queue would grow past this (a single frame of any allowed size still
-    /// goes out when nothing else waits).
+    /// Most bytes of frames that may wait to be written to one connection
+    /// for longer than [`RepoConfig::outbound_grace`]: a peer whose queue
+    /// stays above this that long reads more slowly than it is sent to and
+    /// is disconnected. (Bursts above it that drain in time are fine, and a
+    /// single frame of any allowed size goes out when nothing else waits.)
     pub max_outbound_bytes: usize,
+    /// How long a connection's queue may stay above
+    /// [`RepoConfig::max_outbound_bytes`].
+    pub outbound_grace: Duration,
 }
 
 /// The default for [`RepoConfig::max_outbound_bytes`].
 pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 16 << 20;
+/// The default for [`RepoConfig::outbound_grace`].
+pub const DEFAULT_OUTBOUND_GRACE: Duration = Duration::from_secs(10);
 
 impl RepoConfig {
     /// A client repo with a random peer id. `storage_id` should be stable
@@ -185,6 +234,7 @@ impl RepoConfig {
         Self {
             engine: EngineConfig::new(peer, storage_id, seed.rotate_left(17)),
             max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
+            outbound_grace: DEFAULT_OUTBOUND_GRACE,
         }
     }
 }
@@ -275,7 +325,7 @@ impl Repo {
         // its queue and releases the store, with or without `shutdown`.
         let (storage_tx, storage_thread) = spawn_storage_thread(storage.clone(), tx.downgrade());
         let actor = Actor {
-            max_outbound_bytes: config.max_outbound_bytes,
+            outbound_limit: (config.max_outbound_bytes, config.outbound_grace),
             engine: Engine::new(config.engine),
             remotes: BTreeMap::new(),
             sessions: BTreeMap::new(),
@@ -407,7 +457,7 @@ impl Repo {
         let conn = ConnectionId(self.inner.next_conn.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::unbounded_channel();
         let (cut_tx, cut_rx) = oneshot::channel();
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let waiting = Arc::new(Waiting::default());
         let sender = ConnTx {
             tx,
             waiting: waiting.clone(),
@@ -700,7 +750,7 @@ struct Actor {
     sessions: BTreeMap<ConnectionId, Session>,
     clock: Clock,
     conns: BTreeMap<ConnectionId, ConnTx>,
-    max_outbound_bytes: usize,
+    outbound_limit: (usize, Duration),
     pending: BTreeMap<CommandId, oneshot::Sender<CommandResult>>,
     next_cmd: u64,
     events: broadcast::Sender<Event>,
@@ -849,16 +899,17 @@ impl Actor {
                 continue;
             };
             if conn
-                .push(wire::encode(&send.message), self.max_outbound_bytes)
+                .push(wire::encode(&send.message), self.outbound_limit)
                 .is_err()
             {
                 // The peer reads more slowly than it is sent to: cut it off
                 // (ahead of what waits) rather than hold ever more for it
                 // or drop frames and leave it silently out of sync.
                 if let Some(mut conn) = self.conns.remove(&send.conn) {
+                    let (limit, grace) = self.outbound_limit;
                     let reason = format!(
-                        "outbound queue over {} bytes: the peer reads too slowly",
-                        self.max_outbound_bytes
+                        "over {limit} bytes waited more than {} s: the peer reads too slowly",
+                        grace.as_secs_f64()
                     );
                     tracing::warn!(conn = %send.conn, %reason, "disconnecting a slow peer");
                     if let Some(cut) = conn.cut.take() {

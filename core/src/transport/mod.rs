@@ -141,6 +141,9 @@ where
             let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
             loop {
                 tokio::select! {
+                    // Being cut off goes ahead of whatever still waits.
+                    biased;
+                    reason = &mut cut => return Stop::Close(close_code::POLICY, reason),
                     out = outbound.recv() => match out {
                         Some(Outbound::Frame(bytes)) => {
                             // Frames already queued behind this one go out
@@ -168,8 +171,9 @@ where
                             // A write stuck on a slow peer still yields to
                             // the repo cutting that peer off.
                             let written = tokio::select! {
-                                written = tokio::time::timeout(WRITE_TIMEOUT, burst) => written,
+                                biased;
                                 reason = &mut cut => return Stop::Close(close_code::POLICY, reason),
+                                written = tokio::time::timeout(WRITE_TIMEOUT, burst) => written,
                             };
                             match written {
                                 Ok(Ok(())) => {}
@@ -183,7 +187,6 @@ where
                         Some(Outbound::Close(reason)) => return Stop::Close(close_code::POLICY, reason),
                         None => return Stop::Close(close_code::NORMAL, "shutting down".into()),
                     },
-                    reason = &mut cut => return Stop::Close(close_code::POLICY, reason),
                     _ = ticker.tick(), if ping_every.is_some() => {
                         let seen = Duration::from_millis(last_seen.load(Ordering::Relaxed));
                         if started.elapsed().saturating_sub(seen) > period * 2 {
