@@ -41,8 +41,8 @@ use automerge::{
 };
 
 use super::replica::{
-    parse_change, settled, split_chunks, FullDocument, PeerSync, RawChunk, Replica, ReplicaError,
-    ReplicaKind, CHUNK_CHANGE, CHUNK_COMPRESSED_CHANGE, CHUNK_DOCUMENT,
+    load_document, parse_change, settled, split_chunks, FullDocument, PeerSync, RawChunk, Replica,
+    ReplicaError, ReplicaKind, CHUNK_CHANGE, CHUNK_COMPRESSED_CHANGE, CHUNK_DOCUMENT,
 };
 
 /// A vector clock: (actor index, highest sequence number), sorted by actor.
@@ -1497,17 +1497,6 @@ impl Replica for ChangeLog {
         }
         result.map(|_| ())
     }
-}
-
-/// Loads a document chunk, checking that its heads match its contents.
-fn load_document(bytes: &[u8]) -> Result<Automerge, ReplicaError> {
-    Automerge::load_with_options(
-        bytes,
-        LoadOptions::new()
-            .on_partial_load(OnPartialLoad::Error)
-            .verification_mode(VerificationMode::Check),
-    )
-    .map_err(|e| ReplicaError::Corrupt(e.to_string()))
 }
 
 /// Automerge's rule for moving the shared heads forward after applying a

@@ -235,15 +235,7 @@ impl Replica for FullDocument {
         let mut changes = Vec::new();
         for piece in split_chunks(bytes)? {
             match piece.kind {
-                CHUNK_DOCUMENT => documents.push(
-                    Automerge::load_with_options(
-                        piece.bytes,
-                        LoadOptions::new()
-                            .on_partial_load(OnPartialLoad::Error)
-                            .verification_mode(VerificationMode::Check),
-                    )
-                    .map_err(|e| ReplicaError::Corrupt(e.to_string()))?,
-                ),
+                CHUNK_DOCUMENT => documents.push(load_document(piece.bytes)?),
                 CHUNK_CHANGE | CHUNK_COMPRESSED_CHANGE => changes.push(parse_change(piece)?),
                 other => {
                     return Err(ReplicaError::Corrupt(format!(
@@ -342,6 +334,18 @@ pub struct RawChunk<'a> {
     pub kind: u8,
     /// The whole chunk, header included.
     pub bytes: &'a [u8],
+}
+
+/// Loads one document chunk strictly: a partial load is an error, and its
+/// heads must match its contents.
+pub(super) fn load_document(bytes: &[u8]) -> Result<Automerge, ReplicaError> {
+    Automerge::load_with_options(
+        bytes,
+        LoadOptions::new()
+            .on_partial_load(OnPartialLoad::Error)
+            .verification_mode(VerificationMode::Check),
+    )
+    .map_err(|e| ReplicaError::Corrupt(e.to_string()))
 }
 
 /// Parses one change chunk (plain or compressed) and checks its checksum:
