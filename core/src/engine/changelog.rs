@@ -1579,6 +1579,15 @@ mod tests {
         panic!("sync did not settle");
     }
 
+    /// A full document of `edits` edits by actor 1 over `keys` keys.
+    fn source_with(edits: i64, keys: i64) -> Box<dyn Replica> {
+        let mut source = full(1);
+        for i in 0..edits {
+            edit(source.as_mut(), &format!("k{}", i % keys), i);
+        }
+        source
+    }
+
     fn contents(r: &dyn Replica) -> String {
         let doc = r.document().expect("materializes");
         let mut keys: Vec<String> = doc.keys(ROOT).collect();
@@ -1836,10 +1845,7 @@ mod tests {
     /// not every change uncompressed.
     #[test]
     fn a_peer_with_nothing_gets_the_loaded_snapshot() {
-        let mut source = full(1);
-        for i in 0..300 {
-            edit(source.as_mut(), &format!("k{}", i % 7), i);
-        }
+        let mut source = source_with(300, 7);
         let mut relay = ChangeLog::new(actor(9));
         relay
             .load_chunk(&source.save())
@@ -1880,10 +1886,7 @@ mod tests {
 
     #[test]
     fn saves_load_back_into_either_kind() {
-        let mut source = full(1);
-        for i in 0..30 {
-            edit(source.as_mut(), &format!("k{}", i % 5), i);
-        }
+        let mut source = source_with(30, 5);
         let mut relay = log(9);
         relay
             .load_chunk(&source.save())
@@ -2274,10 +2277,7 @@ mod tests {
     /// its changes from them, not from the stale empty copy.
     #[test]
     fn a_snapshot_loaded_after_a_read_replaces_the_empty_copy() {
-        let mut source = full(1);
-        for i in 0..50 {
-            edit(source.as_mut(), &format!("k{}", i % 5), i);
-        }
+        let source = source_with(50, 5);
         let mut log = ChangeLog::new(actor(9));
         assert!(log.document().is_some(), "an empty document");
         log.load_chunk(&source.save()).expect("loads");
@@ -2294,10 +2294,7 @@ mod tests {
     /// stored snapshot as it is.
     #[test]
     fn a_second_peer_with_nothing_opens_the_log_and_gets_the_stored_snapshot() {
-        let mut source = full(1);
-        for i in 0..100 {
-            edit(source.as_mut(), &format!("k{}", i % 5), i);
-        }
+        let source = source_with(100, 5);
         let stored = source.save();
         let mut relay = ChangeLog::new(actor(9));
         relay.open_lazily_from = 0;

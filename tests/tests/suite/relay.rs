@@ -163,6 +163,18 @@ fn rust_client() -> Repo {
     Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()))
 }
 
+/// Sets a string in the document's root map, through the repo.
+async fn put(handle: &converge_core::runtime::DocHandle, key: &'static str, value: &'static str) {
+    handle
+        .change(move |d| {
+            let mut tx = d.transaction();
+            tx.put(ROOT, key, value).expect("put");
+            tx.commit();
+        })
+        .await
+        .expect("change");
+}
+
 fn doc_id(url: &str) -> DocumentId {
     url.parse().expect("automerge URL")
 }
@@ -283,14 +295,7 @@ async fn js_and_rust_clients_edit_concurrently_with(kind: ReplicaKind) {
     let rust = rust_client();
     let _conn = ws::connect(rust.clone(), relay.url.clone());
     let handle = find_with_retry(&rust, &doc_id(&url)).await;
-    handle
-        .change(|d| {
-            let mut tx = d.transaction();
-            tx.put(ROOT, "rust", "fromrust").expect("put");
-            tx.commit();
-        })
-        .await
-        .expect("change");
+    put(&handle, "rust", "fromrust").await;
     wait_until(&handle, "rust client", "js", "fromjs").await;
     let js_result = wait_for_output(js, "interop-edit").await;
     assert_eq!(js_result["doc"]["rust"], "fromrust");
@@ -338,14 +343,7 @@ async fn rust_client_syncs_through_the_reference_server() {
     .await
     .expect("connected to the reference server");
     let handle = rust.create(None).await.expect("create");
-    handle
-        .change(|d| {
-            let mut tx = d.transaction();
-            tx.put(ROOT, "from", "rust").expect("put");
-            tx.commit();
-        })
-        .await
-        .expect("change");
+    put(&handle, "from", "rust").await;
     let expected = dir.path().join("expected.json");
     std::fs::write(&expected, r#"{"from":"rust"}"#).expect("write");
     let found = node(
@@ -493,14 +491,7 @@ async fn malformed_frames_close_only_their_connection() {
 
     // The well-behaved clients never noticed.
     let seen = find_with_retry(&other, &id).await;
-    handle
-        .change(|d| {
-            let mut tx = d.transaction();
-            tx.put(ROOT, "still", "working").expect("put");
-            tx.commit();
-        })
-        .await
-        .expect("change");
+    put(&handle, "still", "working").await;
     wait_until(&seen, "other client", "still", "working").await;
     relay.stop().await;
 }
@@ -628,14 +619,7 @@ async fn a_peer_that_stops_reading_is_cut_off_and_others_carry_on() {
         sessions.iter().any(|s| s.peer_id == *reader.peer_id()),
         "a peer that keeps reading was cut off"
     );
-    handle
-        .change(|d| {
-            let mut tx = d.transaction();
-            tx.put(ROOT, "after", "still served").expect("put");
-            tx.commit();
-        })
-        .await
-        .expect("change");
+    put(&handle, "after", "still served").await;
     wait_until(&seen, "reader", "after", "still served").await;
     relay.stop().await;
 }
