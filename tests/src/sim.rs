@@ -108,6 +108,8 @@ pub struct Node {
     /// Messages sent on connections opened with [`Sim::open_raw`].
     pub raw_out: Vec<(ConnectionId, wire::Message)>,
     wake_at: Option<Timestamp>,
+    /// Messages that arrived while the node was held (see [`Sim::hold`]).
+    held: Option<Vec<Input>>,
 }
 
 #[derive(Debug)]
@@ -248,6 +250,7 @@ impl Sim {
             bytes_sent: 0,
             raw_out: Vec::new(),
             wake_at: None,
+            held: None,
         });
         id
     }
@@ -392,6 +395,7 @@ impl Sim {
         }
         self.nodes[n].generation += 1;
         self.nodes[n].wake_at = None;
+        self.nodes[n].held = None;
         self.nodes[n].storage_busy_until = self.now;
         for i in 0..self.links.len() {
             if self.links[i].dialer == n || self.links[i].listener == n {
@@ -692,7 +696,11 @@ impl Sim {
                         );
                     }
                     self.mix(bytes.len() as u64);
-                    self.feed(node, Input::Received { conn, bytes });
+                    let input = Input::Received { conn, bytes };
+                    match &mut self.nodes[node].held {
+                        Some(held) => held.push(input),
+                        None => self.feed(node, input),
+                    }
                 }
             }
             Ev::Closed {
@@ -823,6 +831,24 @@ impl Sim {
             }
         }
         result
+    }
+
+    /// From now on, messages arriving at node `n` wait until
+    /// [`Sim::release`] hands them over in one batch, as the runtime does
+    /// with whatever queued up while the engine was busy.
+    pub fn hold(&mut self, n: NodeId) {
+        self.nodes[n].held.get_or_insert_with(Vec::new);
+    }
+
+    /// Hands node `n` every message held since [`Sim::hold`], as one batch
+    /// (`Engine::handle_batch`), and stops holding.
+    pub fn release(&mut self, n: NodeId) {
+        let inputs = self.nodes[n].held.take().unwrap_or_default();
+        let now = self.now;
+        if let Some(engine) = self.nodes[n].engine.as_mut() {
+            let out = engine.handle_batch(now, inputs);
+            self.apply(n, out);
+        }
     }
 
     /// Runs events until none is left; panics (with the seed) if that takes

@@ -255,6 +255,9 @@ struct DocPeer {
     resync_at: Option<Timestamp>,
     /// Our heads when we last restarted the exchange.
     resynced_at_heads: Option<Vec<ChangeHash>>,
+    /// A message for this peer is due at the end of the current input or
+    /// batch and has not been generated yet.
+    reply_due: bool,
 }
 
 #[derive(Debug)]
@@ -493,6 +496,9 @@ impl Engine {
     /// Notes that `peer` may need a sync message for `id`; it is generated
     /// when the current input (or batch) is done.
     fn defer_sync(&mut self, id: &DocumentId, peer: &PeerId) {
+        if let Some(dp) = self.docs.get_mut(id).and_then(|d| d.peers.get_mut(peer)) {
+            dp.reply_due = true;
+        }
         self.deferred_sync.insert((id.clone(), peer.clone()));
     }
 
@@ -1148,11 +1154,22 @@ impl Engine {
         // Only changes move the heads (most messages are acknowledgements;
         // copying the heads costs as much as the rest of receiving one).
         let before = (!message.changes.is_empty()).then(|| doc.replica.heads());
+        // A message without changes naming our heads makes the sync state
+        // record those heads as told to the peer, so nothing more is sent.
+        // That holds when every earlier message has been answered; in a
+        // batch, the answer to an earlier message (say, the one that
+        // brought those heads) may still be due, and the peer would never
+        // learn we hold its changes. Keep what we really sent until then.
+        let sent_heads = (dp.reply_due && message.changes.is_empty() && !message.heads.is_empty())
+            .then(|| dp.sync.state.last_sent_heads.clone());
         let replica = &mut doc.replica;
         let state = &mut dp.sync;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             replica.receive_sync_message(state, message)
         }));
+        if let Some(heads) = sent_heads {
+            state.state.last_sent_heads = heads;
+        }
         match outcome {
             Err(_) => {
                 self.contain_panic(id, peer, true);
@@ -1233,6 +1250,7 @@ impl Engine {
                 persisted_heads,
                 resync_at: None,
                 resynced_at_heads: None,
+                reply_due: false,
             }),
         );
         self.peer_docs
@@ -1293,6 +1311,7 @@ impl Engine {
         let Some(dp) = doc.peers.get_mut(peer) else {
             return;
         };
+        dp.reply_due = false;
         // With nothing of our own we still answer a peer that offers the
         // document (that is how we get it); otherwise we ask for it, once,
         // if we are asking around and this peer has not said it lacks it.

@@ -711,3 +711,46 @@ async fn presence_between_rust_and_js_clients() {
     );
     relay.stop().await;
 }
+
+/// The Kotlin binding's `waitSynced` scenario, many times over real
+/// sockets: connect, create a document, edit it twice at once, and wait
+/// until the relay has acknowledged our heads. (Before the fix tested
+/// deterministically by `a_batched_relay_still_acknowledges_every_change`,
+/// about one round in 500 waited for the 15 s resync timer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_edits_are_acknowledged_by_the_relay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::start(dir.path()).await;
+    for round in 0..300u32 {
+        let client = rust_client();
+        let _conn = ws::connect(client.clone(), relay.url.clone());
+        if round % 3 == 1 {
+            // Sometimes let the connection come up first.
+            tokio::time::sleep(Duration::from_millis(u64::from(round % 7))).await;
+        }
+        let handle = client.create(None).await.expect("create");
+        put(&handle, "v", "0").await;
+        put(&handle, "v", "1").await;
+        let synced = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let s = handle
+                    .sync_status()
+                    .await
+                    .expect("alive")
+                    .expect("in memory");
+                if s.saved && !s.peers.is_empty() && s.peers.iter().all(|p| p.in_sync) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        if synced.is_err() {
+            let ours = handle.sync_status().await.expect("alive");
+            let relays = relay.repo.handle(handle.id().clone()).sync_status().await;
+            panic!("round {round}: not acknowledged: {ours:?}\nthe relay: {relays:?}");
+        }
+        client.shutdown().await;
+    }
+    relay.stop().await;
+}

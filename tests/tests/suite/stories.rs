@@ -2,7 +2,11 @@
 
 use automerge::transaction::Transactable;
 use automerge::{ReadDoc, ROOT};
-use converge_core::engine::{Command, CommandResult, ConnectionId, DocStatus, Event, Origin};
+use std::time::Duration;
+
+use converge_core::engine::{
+    Command, CommandResult, ConnectionId, DocStatus, EngineConfig, Event, Origin, ReplicaKind,
+};
 use converge_core::wire::{self, DocumentId, Message, PeerId};
 use converge_tests::scenario::text_on;
 use converge_tests::sim::{result, seed_document, NetConfig, Role, Sim};
@@ -407,4 +411,55 @@ fn handshake_rules() {
         .map(|(_, c)| c)
         .collect();
     assert_eq!(peers, vec![ConnectionId(903)]);
+}
+
+/// A relay that reads two of a client's messages in one batch — the change
+/// it lacked, then the client's "I am at these heads" — still tells the
+/// client it now holds that change. Automerge takes a changeless message
+/// naming our heads as proof the peer knows them; here the answer that
+/// would have told it was still due, and without it the client's sync
+/// status stayed behind until the resync timer (the Kotlin binding's
+/// `waitSynced` timing out).
+#[test]
+fn a_batched_relay_still_acknowledges_every_change() {
+    for kind in [ReplicaKind::FullDocument, ReplicaKind::ChangeLog] {
+        let net = NetConfig {
+            latency: (5, 5),
+            storage_latency: (1, 1),
+            ..NetConfig::default()
+        };
+        let mut sim = Sim::new(13, net);
+        let no_resync = |c: &mut EngineConfig| c.resync_interval = Duration::from_secs(600);
+        let relay = sim.add_node_with("relay", Role::Relay, |c| {
+            no_resync(c);
+            c.replica = kind.factory();
+        });
+        let alice = sim.add_node_with("alice", Role::Client, no_resync);
+        sim.link(alice, relay);
+        sim.run_until_quiescent(SETTLE);
+        let doc = sim.create(alice, &seed_document());
+        sim.run_until_quiescent(SETTLE);
+
+        assert!(type_text(&mut sim, alice, &doc, "a"));
+        // The relay takes the change and answers; the answer is on its way.
+        sim.advance(6);
+        sim.hold(relay);
+        assert!(type_text(&mut sim, alice, &doc, "b"));
+        // The answer reaches Alice, who replies with her heads; the relay
+        // gets that together with the second change.
+        sim.advance(12);
+        sim.release(relay);
+        sim.advance(50);
+
+        let status = sim.nodes[alice]
+            .engine
+            .as_ref()
+            .and_then(|e| e.sync_status(&doc))
+            .expect("alice holds the document");
+        assert!(
+            !status.peers.is_empty() && status.peers.iter().all(|p| p.in_sync),
+            "{kind:?}: the relay never acknowledged Alice's last change: {status:?}"
+        );
+        assert_eq!(text_on(&sim, relay, &doc), "ab", "{kind:?}");
+    }
 }
