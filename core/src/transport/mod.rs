@@ -18,7 +18,7 @@ use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::Instant;
 
 use crate::engine::Direction;
-use crate::runtime::{Outbound, Repo};
+use crate::runtime::{Next, Outbound, Repo};
 
 /// A frame read from a WebSocket, reduced to what matters here.
 #[derive(Debug)]
@@ -84,7 +84,7 @@ where
     St: Stream<Item = Incoming> + Unpin,
     Si: Sink<Outgoing> + Unpin,
 {
-    let Ok((conn, queue)) = repo.open_connection(direction, remote) else {
+    let Ok((conn, mut outbound)) = repo.open_connection(direction, remote) else {
         return Ended {
             reason: "repo stopped".into(),
         };
@@ -97,17 +97,8 @@ where
     // Milliseconds since `started` when the peer was last heard from;
     // shared by the reading and writing halves below.
     let last_seen = AtomicU64::new(0);
-    let mut outbound = queue.frames;
-    // Resolves only when the repo cuts the peer off; a repo that merely let
-    // go of the connection closes it in order, through the queue.
-    let cut = queue.cut;
-    let cut = async move {
-        match cut.await {
-            Ok(reason) => reason,
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::pin!(cut);
+    // Resolves when the repo cuts the peer off, to race writes with.
+    let cut = outbound.cut_signal();
 
     // Reading and writing run side by side, so a write that waits on a slow
     // peer never stops us reading (two peers writing big frames to each
@@ -141,11 +132,10 @@ where
             let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
             loop {
                 tokio::select! {
-                    // Being cut off goes ahead of whatever still waits.
-                    biased;
-                    reason = &mut cut => return Stop::Close(close_code::POLICY, reason),
-                    out = outbound.recv() => match out {
-                        Some(Outbound::Frame(bytes)) => {
+                    // (`next` puts being cut off ahead of what still waits.)
+                    next = outbound.next() => match next {
+                        Next::Cut(reason) => return Stop::Close(close_code::POLICY, reason),
+                        Next::Item(Outbound::Frame(bytes)) => {
                             // Frames already queued behind this one go out
                             // in the same write: under load a peer gets one
                             // syscall for a burst instead of one per frame.
@@ -154,7 +144,7 @@ where
                                 let mut budget = BURST_BYTES.saturating_sub(bytes.len());
                                 sink.feed(Outgoing::Binary(bytes)).await?;
                                 while budget > 0 {
-                                    match outbound.try_recv() {
+                                    match outbound.try_next() {
                                         Some(Outbound::Frame(more)) => {
                                             budget = budget.saturating_sub(more.len());
                                             sink.feed(Outgoing::Binary(more)).await?;
@@ -172,7 +162,7 @@ where
                             // the repo cutting that peer off.
                             let written = tokio::select! {
                                 biased;
-                                reason = &mut cut => return Stop::Close(close_code::POLICY, reason),
+                                reason = cut.cut() => return Stop::Close(close_code::POLICY, reason),
                                 written = tokio::time::timeout(WRITE_TIMEOUT, burst) => written,
                             };
                             match written {
@@ -184,8 +174,8 @@ where
                                 return Stop::Close(close_code::POLICY, reason);
                             }
                         }
-                        Some(Outbound::Close(reason)) => return Stop::Close(close_code::POLICY, reason),
-                        None => return Stop::Close(close_code::NORMAL, "shutting down".into()),
+                        Next::Item(Outbound::Close(reason)) => return Stop::Close(close_code::POLICY, reason),
+                        Next::Released => return Stop::Close(close_code::NORMAL, "shutting down".into()),
                     },
                     _ = ticker.tick(), if ping_every.is_some() => {
                         let seen = Duration::from_millis(last_seen.load(Ordering::Relaxed));
