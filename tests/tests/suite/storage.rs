@@ -154,6 +154,10 @@ async fn versions_survive_compaction(kind: ReplicaKind) {
         for i in 0..60i64 {
             put_n(&handle, i).await;
             versions.push((i, handle.heads().await.expect("heads")));
+            // Let each save land, so compactions can follow: one decided
+            // while an earlier one is still running is skipped, and with
+            // a slow disk the first could otherwise outlast all 60 edits.
+            handle.saved().await.expect("saved");
         }
         repo.shutdown().await;
         let chunks = storage
