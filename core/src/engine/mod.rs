@@ -386,6 +386,13 @@ impl Engine {
         })
     }
 
+    /// Whether every change of a document is written (`None` if it is not
+    /// in memory). The same test as [`SyncStatus::saved`], without the rest.
+    pub fn is_saved(&self, id: &DocumentId) -> Option<bool> {
+        let doc = self.docs.get(id)?;
+        Some(doc.unconfirmed_saves == 0 && doc.store.saved_heads == doc.replica.heads())
+    }
+
     /// The materialized document, if it is in memory in that form.
     pub fn document(&self, id: &DocumentId) -> Option<&Automerge> {
         self.docs.get(id).and_then(|d| d.replica.document())

@@ -267,6 +267,7 @@ enum Msg {
     Change(DocumentId, Editor, oneshot::Sender<Result<(), ChangeError>>),
     Read(DocumentId, Reader),
     Inspect(Inspector),
+    WhenSaved(DocumentId, oneshot::Sender<()>),
     Opened(ConnectionId, Direction, ConnTx, Option<String>),
     Sessions(oneshot::Sender<Vec<Session>>),
     Bytes(ConnectionId, Vec<u8>),
@@ -426,6 +427,7 @@ impl Repo {
             storage_tx: Some(storage_tx),
             storage_thread: Some(storage_thread),
             in_flight_storage: 0,
+            save_waiters: BTreeMap::new(),
             shutdown: None,
         };
         tokio::spawn(actor.run(rx));
@@ -657,21 +659,12 @@ impl DocHandle {
     /// Waits until every change made to the document so far is on disk
     /// (fsynced, if the storage syncs writes).
     pub async fn saved(&self) -> Result<(), RepoError> {
-        let mut events = self.repo.events();
-        loop {
-            if self.sync_status().await?.is_none_or(|s| s.saved) {
-                return Ok(());
-            }
-            loop {
-                match events.recv().await {
-                    Ok(Event::Saved { document_id, .. }) if document_id == self.id => break,
-                    Ok(_) => {}
-                    // Missed events: look at the status again.
-                    Err(broadcast::error::RecvError::Lagged(_)) => break,
-                    Err(broadcast::error::RecvError::Closed) => return Err(RepoError::Stopped),
-                }
-            }
-        }
+        // The actor answers when this document's saves are confirmed (at
+        // once if they are): only the waiters of that document wake, not
+        // every subscriber to every event.
+        let (tx, rx) = oneshot::channel();
+        self.repo.send(Msg::WhenSaved(self.id.clone(), tx))?;
+        rx.await.map_err(|_| RepoError::Stopped)
     }
 
     /// The document's heads.
@@ -834,6 +827,8 @@ struct Actor {
     storage_tx: Option<std::sync::mpsc::Sender<(TaskId, StorageOp)>>,
     storage_thread: Option<std::thread::JoinHandle<()>>,
     in_flight_storage: usize,
+    /// Callers of [`DocHandle::saved`] waiting for a document's writes.
+    save_waiters: BTreeMap<DocumentId, Vec<oneshot::Sender<()>>>,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -915,6 +910,18 @@ impl Actor {
                         .is_err()
                     {
                         tracing::error!("an engine inspection panicked; the repo carries on");
+                    }
+                    continue;
+                }
+                Msg::WhenSaved(doc, reply) => {
+                    // Not in memory means nothing of it waits to be written.
+                    if self.engine.is_saved(&doc).unwrap_or(true) {
+                        let _ = reply.send(());
+                    } else {
+                        let waiters = self.save_waiters.entry(doc).or_default();
+                        // Callers that gave up leave closed senders behind.
+                        waiters.retain(|w| !w.is_closed());
+                        waiters.push(reply);
                     }
                     continue;
                 }
@@ -1035,6 +1042,11 @@ impl Actor {
                 }
                 Event::PeerDisconnected { conn, .. } => {
                     self.sessions.remove(conn);
+                }
+                Event::Saved { document_id, .. } => {
+                    for waiter in self.save_waiters.remove(document_id).unwrap_or_default() {
+                        let _ = waiter.send(());
+                    }
                 }
                 _ => {}
             }

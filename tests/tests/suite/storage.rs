@@ -477,6 +477,11 @@ async fn failed_writes_are_retried_without_another_change() {
     let mut events = repo.events();
     storage.broken.store(true, SeqCst);
     let id = write(&repo, "kept").await;
+    // Someone waits for it to be on disk.
+    let waiting = tokio::spawn({
+        let handle = repo.handle(id.clone());
+        async move { handle.saved().await }
+    });
     // Writing it fails; then, with nothing else happening, it is tried
     // again (and fails again), with nothing reported saved.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -502,6 +507,10 @@ async fn failed_writes_are_retried_without_another_change() {
             "reported saved while storage failed"
         );
     }
+    assert!(
+        !waiting.is_finished(),
+        "saved() returned while storage failed"
+    );
     // The disk comes back: with no further edit, the document is written
     // and reported saved.
     storage.broken.store(false, SeqCst);
@@ -516,6 +525,11 @@ async fn failed_writes_are_retried_without_another_change() {
     })
     .await
     .expect("saved once storage works again");
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter is told")
+        .expect("task")
+        .expect("saved");
     repo.shutdown().await;
     // Its contents are on "disk": a new repo over the same storage reads them.
     let again = Repo::start(RepoConfig::new(None), storage.clone());
