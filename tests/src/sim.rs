@@ -65,6 +65,12 @@ pub struct NetConfig {
     pub detect_after: (u64, u64),
     /// How long before a dropped link is re-dialled, ms.
     pub redial_after: (u64, u64),
+    /// Chance that a message finds its node busy: it waits, with whatever
+    /// else arrives within `batch_window` ms, and all are handed over as
+    /// one batch (as the runtime does under load).
+    pub batch: f64,
+    /// How long a busy node lets messages gather, ms.
+    pub batch_window: (u64, u64),
 }
 
 impl Default for NetConfig {
@@ -77,6 +83,8 @@ impl Default for NetConfig {
             storage_latency: (1, 20),
             detect_after: (200, 2000),
             redial_after: (100, 1000),
+            batch: 0.0,
+            batch_window: (1, 10),
         }
     }
 }
@@ -154,6 +162,10 @@ enum Ev {
     },
     Redial {
         link: usize,
+    },
+    Release {
+        node: NodeId,
+        generation: u64,
     },
 }
 
@@ -697,6 +709,15 @@ impl Sim {
                     }
                     self.mix(bytes.len() as u64);
                     let input = Input::Received { conn, bytes };
+                    if self.nodes[node].held.is_none()
+                        && self.net.batch > 0.0
+                        && self.rng.random_bool(self.net.batch)
+                    {
+                        // Busy: gather for a while, then hand over at once.
+                        self.hold(node);
+                        let at = self.later(self.net.batch_window);
+                        self.schedule(at, Ev::Release { node, generation });
+                    }
                     match &mut self.nodes[node].held {
                         Some(held) => held.push(input),
                         None => self.feed(node, input),
@@ -729,6 +750,11 @@ impl Sim {
                         self.nodes[node].wake_at = None;
                     }
                     self.feed(node, Input::Tick);
+                }
+            }
+            Ev::Release { node, generation } => {
+                if self.nodes[node].generation == generation {
+                    self.release(node);
                 }
             }
             Ev::Redial { link } => {
