@@ -108,7 +108,12 @@ pub fn build_world(
     docs: usize,
     relay_replica: ReplicaKind,
 ) -> (Sim, Vec<DocumentId>) {
-    let mut sim = Sim::new(seed, NetConfig::default());
+    // Half the worlds have busy nodes that take messages in batches.
+    let net = NetConfig {
+        batch: if seed % 4 < 2 { 0.3 } else { 0.0 },
+        ..NetConfig::default()
+    };
+    let mut sim = Sim::new(seed, net);
     // One world in three gives the relay a hot set of one document, so
     // eviction and reloading are exercised under every kind of fault.
     let relay = sim.add_node_with("relay", Role::Relay, |cfg| {

@@ -678,7 +678,7 @@ impl Sim {
                             Ok(wire::Message::Sync(d)) | Ok(wire::Message::Request(d)) => {
                                 match automerge::sync::Message::decode(&d.data) {
                                     Ok(sm) => format!(
-                                        "doc={} heads={:?} need={:?} have={:?} changes={}",
+                                        "doc={} heads={:?} need={:?} have={:?} changes={:?}",
                                         &d.document_id.to_string()[..6],
                                         sm.heads
                                             .iter()
@@ -692,7 +692,26 @@ impl Sim {
                                             .iter()
                                             .map(|h| h.last_sync.len())
                                             .collect::<Vec<_>>(),
-                                        sm.changes.len()
+                                        sm.changes
+                                            .iter()
+                                            .map(|c| {
+                                                match automerge::Change::from_bytes(c.to_vec()) {
+                                                    Ok(c) => hex::encode(&c.hash().0[..3]),
+                                                    Err(_) => match automerge::Automerge::load(c) {
+                                                        Ok(d) => format!(
+                                                            "doc{:?}",
+                                                            d.get_changes(&[])
+                                                                .iter()
+                                                                .map(|c| hex::encode(
+                                                                    &c.hash().0[..3]
+                                                                ))
+                                                                .collect::<Vec<_>>()
+                                                        ),
+                                                        Err(_) => format!("?{}", c.len()),
+                                                    },
+                                                }
+                                            })
+                                            .collect::<Vec<_>>()
                                     ),
                                     Err(e) => e.to_string(),
                                 }

@@ -1212,6 +1212,17 @@ impl Replica for ChangeLog {
                 }
                 _ => (Vec::new(), Vec::new()),
             };
+        // Like automerge, a version 2 peer that lacks more than a third of
+        // the history gets the whole document instead: it costs little more
+        // than the changes, and covers any the peer's summary wrongly
+        // claimed (a Bloom filter's false positives), saving a round trip.
+        let whole_document =
+            whole_document || (v2 && answerable && to_send.len() > self.entries.len() / 3);
+        let (to_send, withheld) = if whole_document {
+            ((0..self.entries.len() as u32).collect(), Vec::new())
+        } else {
+            (to_send, withheld)
+        };
 
         let heads_unchanged = state.last_sent_heads == our_heads;
         let heads_equal = state.their_heads.as_ref() == Some(&our_heads);
@@ -1882,6 +1893,54 @@ mod tests {
         sync(client.as_mut(), &mut at_client, &mut relay, &mut at_relay);
         assert_eq!(client.heads(), relay.heads());
         assert_eq!(contents(client.as_ref()), contents(source.as_ref()));
+    }
+
+    /// A version 2 peer that lacks more than a third of the history gets
+    /// the whole document, as automerge answers; one that lacks less gets
+    /// just those changes. Both answers are automerge's, byte for byte.
+    #[test]
+    fn a_peer_lacking_over_a_third_gets_the_whole_document_like_from_automerge() {
+        for (known, whole) in [(20usize, true), (26, true), (27, false), (38, false)] {
+            let source = source_with(40, 6);
+            let history = source.document().expect("full").get_changes(&[]);
+            // The peer holds the first `known` changes.
+            let upto: Vec<u8> = history[..known]
+                .iter()
+                .flat_map(|c| c.raw_bytes().to_vec())
+                .collect();
+            let mut relays: Vec<Box<dyn Replica>> = vec![full(9), log(9)];
+            let mut answers = Vec::new();
+            for relay in relays.iter_mut() {
+                relay.load_chunk(&source.save()).expect("relay loads");
+                let mut p = full(2);
+                p.load_chunk(&upto).expect("peer loads its part");
+                let (mut at_p, mut at_relay) = (PeerSync::default(), PeerSync::default());
+                // The relay speaks first; the peer's answer summarises what
+                // it has, and the relay answers that.
+                let hello = relay.generate_sync_message(&mut at_relay).expect("hello");
+                p.receive_sync_message(&mut at_p, hello)
+                    .expect("peer receives");
+                let summary = p.generate_sync_message(&mut at_p).expect("summary");
+                relay
+                    .receive_sync_message(&mut at_relay, summary)
+                    .expect("relay receives");
+                let reply = relay.generate_sync_message(&mut at_relay).expect("reply");
+                let is_whole = reply.changes.len() == 1
+                    && Automerge::load(reply.changes.iter().next().expect("chunk"))
+                        .is_ok_and(|d| d.get_changes(&[]).len() == history.len());
+                assert_eq!(
+                    is_whole,
+                    whole,
+                    "{known} known, {} relay",
+                    relay.kind().name()
+                );
+                answers.push(reply.encode());
+            }
+            assert_eq!(
+                answers[0], answers[1],
+                "{known} known: the log answers as automerge"
+            );
+        }
     }
 
     #[test]
