@@ -334,10 +334,24 @@ fn main() -> anyhow::Result<()> {
             // and drop the ones that do not answer (the Node server does
             // after a few seconds), which would shrink what is measured.
             let closed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            // A connection reset while it opens is tried again, as a real
+            // client would (the Node server now and then resets one); a
+            // connection is counted only once it holds the document.
+            let mut retries = 0u32;
             for n in 0..conns {
-                let mut c = Client::connect(&url, 3_000_000 + n)
-                    .await
-                    .with_context(|| format!("connection {n}"))?;
+                let mut attempt = 0;
+                let mut c = loop {
+                    match Client::connect(&url, 3_000_000 + n).await {
+                        Ok(c) => break c,
+                        Err(e) if attempt < 3 => {
+                            eprintln!("connection {n}: {e:#}; trying again");
+                            attempt += 1;
+                            retries += 1;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => return Err(e.context(format!("connection {n}"))),
+                    }
+                };
                 c.subscribe(&seed, floor).await?;
                 tokio::spawn(c.stay_idle(closed.clone()));
             }
@@ -347,7 +361,7 @@ fn main() -> anyhow::Result<()> {
             let closed = closed.load(std::sync::atomic::Ordering::Relaxed);
             println!(
                 "{}",
-                serde_json::json!({ "held": conns, "closed_by_server": closed })
+                serde_json::json!({ "held": conns, "closed_by_server": closed, "connect_retries": retries })
             );
             anyhow::ensure!(
                 closed == 0,
