@@ -206,6 +206,12 @@ struct Doc {
 }
 
 impl Doc {
+    /// Every change is written: no write is waiting for its result, and the
+    /// last one written holds the current heads.
+    fn is_saved(&self) -> bool {
+        self.unconfirmed_saves == 0 && self.store.saved_heads == self.replica.heads()
+    }
+
     /// Forgets a peer's sync state for this document. An emptied map gives
     /// back its node: a cold document in memory should cost little.
     fn remove_peer(&mut self, peer: &PeerId) -> Option<Box<DocPeer>> {
@@ -380,7 +386,7 @@ impl Engine {
             })
             .collect();
         Some(SyncStatus {
-            saved: doc.unconfirmed_saves == 0 && doc.store.saved_heads == ours,
+            saved: doc.is_saved(),
             heads: ours,
             peers,
         })
@@ -389,8 +395,7 @@ impl Engine {
     /// Whether every change of a document is written (`None` if it is not
     /// in memory). The same test as [`SyncStatus::saved`], without the rest.
     pub fn is_saved(&self, id: &DocumentId) -> Option<bool> {
-        let doc = self.docs.get(id)?;
-        Some(doc.unconfirmed_saves == 0 && doc.store.saved_heads == doc.replica.heads())
+        self.docs.get(id).map(Doc::is_saved)
     }
 
     /// The materialized document, if it is in memory in that form.
@@ -541,9 +546,8 @@ impl Engine {
                     && d.peers.is_empty()
                     && d.pending.is_empty()
                     && d.waiting_finds.is_empty()
-                    && d.unconfirmed_saves == 0
                     && !d.store.compacting
-                    && d.store.saved_heads == d.replica.heads()
+                    && d.is_saved()
             })
             .map(|(id, d)| (d.last_used, id.clone()))
             .collect();
@@ -1710,7 +1714,7 @@ impl Engine {
                             self.timers.insert((at, Timer::RetrySave(doc.clone())));
                         }
                         d.save_retry = Some(((wait * 2).min(SAVE_RETRY_MAX), true));
-                    } else if d.unconfirmed_saves == 0 && d.store.saved_heads == d.replica.heads() {
+                    } else if d.is_saved() {
                         d.save_retry = None;
                         self.out.events.push(Event::Saved {
                             document_id: doc,
