@@ -261,6 +261,7 @@ def main():
                 continue
             # A second try if the first fails: the Node server now and then
             # resets a connection as it opens (also seen in P1 runs).
+            began = time.time()
             for _ in range(2):
                 server = start()
                 try:
@@ -269,7 +270,8 @@ def main():
                     server.stop()
                 if r[key] == r[key]:
                     break
-            print(f"  {name:9} idle: {r[key] / 1024:.1f} KiB per connection ({count} connections)", flush=True)
+            print(f"  {name:9} idle: {r[key] / 1024:.1f} KiB per connection ({count} connections,"
+                  f" {time.time() - began:.0f} s)", flush=True)
         results[name] = r
     extra = other_scenarios()
     write_report(results, hot_points, many_points, secs, conns, extra)
