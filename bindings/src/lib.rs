@@ -643,31 +643,12 @@ impl Context {
         let ctx = self.ctx.clone();
         self.rt
             .run(async move {
-                let deadline =
-                    tokio::time::Instant::now() + std::time::Duration::from_millis(timeout_ms);
-                let mut events = ctx.handle().repo().events();
-                loop {
-                    let status = Context::status(ctx.clone()).await?;
-                    if status.saved
-                        && !status.peers.is_empty()
-                        && status.peers.iter().all(|p| p.in_sync)
-                    {
-                        return Ok(true);
-                    }
-                    // Re-check on any event, and at least every 50 ms.
-                    let tick = tokio::time::sleep(std::time::Duration::from_millis(50));
-                    tokio::select! {
-                        event = events.recv() => {
-                            if let Err(tokio::sync::broadcast::error::RecvError::Closed) = event {
-                                return Err(ConvergeError::Internal {
-                                    reason: "the repo was closed".to_owned(),
-                                });
-                            }
-                        }
-                        _ = tick => {}
-                        _ = tokio::time::sleep_until(deadline) => return Ok(false),
-                    }
-                }
+                ctx.handle()
+                    .wait_synced(std::time::Duration::from_millis(timeout_ms))
+                    .await?
+                    .ok_or_else(|| ConvergeError::NotFound {
+                        reason: format!("{} is not loaded", ctx.url()),
+                    })
             })
             .await
     }

@@ -149,6 +149,14 @@ pub struct SyncStatus {
     pub peers: Vec<PeerSyncStatus>,
 }
 
+impl SyncStatus {
+    /// Saved, and at least one peer is connected and every connected peer
+    /// has our heads.
+    pub fn synced(&self) -> bool {
+        self.saved && !self.peers.is_empty() && self.peers.iter().all(|p| p.in_sync)
+    }
+}
+
 /// One peer's view of a document, as its sync messages told us.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerSyncStatus {

@@ -656,6 +656,31 @@ impl DocHandle {
             .await
     }
 
+    /// Waits until the document is [synced](SyncStatus::synced): saved,
+    /// and every connected peer (at least one) has our heads. Looks again
+    /// on every repo event and at least every 50 ms. `Ok(None)` if the
+    /// document is not in memory, `Ok(Some(false))` if `timeout` passed.
+    pub async fn wait_synced(&self, timeout: Duration) -> Result<Option<bool>, RepoError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut events = self.repo.events();
+        loop {
+            match self.sync_status().await? {
+                None => return Ok(None),
+                Some(status) if status.synced() => return Ok(Some(true)),
+                Some(_) => {}
+            }
+            tokio::select! {
+                event = events.recv() => {
+                    if let Err(broadcast::error::RecvError::Closed) = event {
+                        return Err(RepoError::Stopped);
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(Some(false)),
+            }
+        }
+    }
+
     /// Waits until every change made to the document so far is on disk
     /// (fsynced, if the storage syncs writes).
     pub async fn saved(&self) -> Result<(), RepoError> {

@@ -731,21 +731,12 @@ async fn fresh_edits_are_acknowledged_by_the_relay() {
         let handle = client.create(None).await.expect("create");
         put(&handle, "v", "0").await;
         put(&handle, "v", "1").await;
-        let synced = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                let s = handle
-                    .sync_status()
-                    .await
-                    .expect("alive")
-                    .expect("in memory");
-                if s.saved && !s.peers.is_empty() && s.peers.iter().all(|p| p.in_sync) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-        if synced.is_err() {
+        let synced = handle
+            .wait_synced(Duration::from_secs(10))
+            .await
+            .expect("alive")
+            .expect("in memory");
+        if !synced {
             let ours = handle.sync_status().await.expect("alive");
             let relays = relay.repo.handle(handle.id().clone()).sync_status().await;
             panic!("round {round}: not acknowledged: {ours:?}\nthe relay: {relays:?}");
