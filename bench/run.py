@@ -40,8 +40,14 @@ QUICK = os.environ.get("CONVERGE_BENCH_QUICK") == "1"
 P99_GOAL_MS = 100.0
 # Past this p99 a server is saturated: the sweep stops there.
 SATURATED_MS = 1000.0
+# Receivers wait this long after the typists stop. A delivery missing then
+# counts as infinitely late; anything faster than SATURATED_MS still lands
+# in time, so no verdict changes, and saturated runs end sooner.
+DRAIN_S = SATURATED_MS / 1000 + 0.2
 RATE = 6.0
 LOADGEN_CPU, SERVER_CPU = "0", "1"
+# P6: how long samod and the Node server get per run to load documents.
+PEER_TOUCH_SECS = 6
 
 
 STARTED = time.time()
@@ -141,7 +147,7 @@ def servers():
 
 def p1(server, name, typists, docs, secs):
     args = [BENCH, "p1", "--url", server.url, "--typists", str(typists), "--docs", str(docs),
-            "--secs", str(secs), "--warmup", "0.5", "--rate", str(RATE)]
+            "--secs", str(secs), "--warmup", "0.5", "--drain", str(DRAIN_S), "--rate", str(RATE)]
     if name == "floor":
         args.append("--floor")
     try:
@@ -167,50 +173,63 @@ def sweep(start, name, per_doc, points, secs):
     Then each threshold is settled with medians of RUNS runs, each point on
     a fresh server (a saturated run leaves a backlog behind): starting from
     the coarse estimate, step down while the median fails and up while the
-    next point's median passes."""
+    next point's median passes. Only the median's side of the limit matters,
+    so a point stops once a majority of its RUNS runs fall on one side: the
+    remaining runs could not move the median across."""
     def docs_for(typists):
         return 1 if per_doc is None else max(1, typists // per_doc)
     coarse = {}
     server = start()
     try:
         for typists in points:
+            began = time.time()
             coarse[typists] = p99_of(p1(server, name, typists, docs_for(typists), secs))
-            print(f"  {name:13} typists={typists:5} docs={docs_for(typists):4} p99={coarse[typists]:8.1f} ms (coarse)",
-                  flush=True)
+            print(f"  {name:13} typists={typists:5} docs={docs_for(typists):4} p99={coarse[typists]:8.1f} ms (coarse,"
+                  f" {time.time() - began:.1f} s)", flush=True)
             if coarse[typists] >= SATURATED_MS:
                 break
     finally:
         server.stop()
-    medians = {}
-    def median_at(i):
+    runs_at = {}
+    majority = RUNS // 2 + 1
+    def under(i, limit):
         typists = points[i]
-        if typists not in medians:
+        runs = runs_at.setdefault(typists, [])
+        def decided():
+            return max(sum(r < limit for r in runs), sum(r >= limit for r in runs)) >= majority
+        if not decided():
+            began = time.time()
             server = start()
             try:
-                runs = [p99_of(p1(server, name, typists, docs_for(typists), secs)) for _ in range(RUNS)]
+                while not decided():
+                    runs.append(p99_of(p1(server, name, typists, docs_for(typists), secs)))
             finally:
                 server.stop()
-            medians[typists] = statistics.median(runs)
-            print(f"  {name:13} typists={typists:5} docs={docs_for(typists):4} p99 median={medians[typists]:8.1f} ms"
-                  f"  runs={[round(r, 1) for r in runs]}", flush=True)
-        return medians[typists]
+            below = sum(r < limit for r in runs)
+            verdict = f"< {limit:.0f} ms" if below >= majority else f">= {limit:.0f} ms"
+            print(f"  {name:13} typists={typists:5} docs={docs_for(typists):4} median p99 {verdict}"
+                  f"  runs={[round(r, 1) for r in runs]} ({time.time() - began:.1f} s)", flush=True)
+        return sum(r < limit for r in runs) >= majority
     def last_under(limit):
         i = max((i for i, t in enumerate(points) if t in coarse and coarse[t] < limit), default=-1)
-        while i >= 0 and median_at(i) >= limit:
+        while i >= 0 and not under(i, limit):
             i -= 1
-        while i + 1 < len(points) and median_at(i + 1) < limit:
+        while i + 1 < len(points) and under(i + 1, limit):
             i += 1
         return points[i] if i >= 0 else 0
     best, saturation = last_under(P99_GOAL_MS), last_under(SATURATED_MS)
-    # The curve: medians where measured, single coarse runs elsewhere.
-    curve = [(t, medians.get(t, coarse.get(t)), t in medians) for t in points if t in medians or t in coarse]
+    # The curve: the median of the settling runs where there are any (at
+    # least a majority of RUNS), the single coarse run elsewhere.
+    curve = [(t, statistics.median(runs_at[t]) if runs_at.get(t) else coarse.get(t), len(runs_at.get(t, [])))
+             for t in points if runs_at.get(t) or t in coarse]
     return best, saturation, curve
 
 
 def idle_density(server, name, conns):
     import select
     before = server.rss_kb()
-    args = [BENCH, "idle", "--url", server.url, "--conns", str(conns), "--hold", "3"]
+    # Held 2 s past `ready`: RSS is read 1.5 s after it.
+    args = [BENCH, "idle", "--url", server.url, "--conns", str(conns), "--hold", "2"]
     if name == "floor":
         args.append("--floor")
     proc = subprocess.Popen(pinned(LOADGEN_CPU, args), stdout=subprocess.PIPE, text=True)
@@ -252,26 +271,29 @@ def main():
             r["idle_bytes"] = r["idle_bytes_large"] = float("nan")
             results[name] = r
             continue
-        # Idle density on a fresh process each time: RSS grown by the
-        # typing runs would hide what connections cost. One run per size:
-        # the figure barely moves between runs.
+        # Idle density on a fresh process each run: RSS grown by the
+        # typing runs would hide what connections cost.
         for key, count in (("idle_bytes", conns[0]), ("idle_bytes_large", conns[1])):
             if key == "idle_bytes_large" and name in ("samod", "node"):
                 r[key] = float("nan")
                 continue
-            # A second try if the first fails: the Node server now and then
-            # resets a connection as it opens (also seen in P1 runs).
             began = time.time()
-            for _ in range(2):
-                server = start()
-                try:
-                    r[key] = idle_density(server, name, count)
-                finally:
-                    server.stop()
-                if r[key] == r[key]:
-                    break
-            print(f"  {name:9} idle: {r[key] / 1024:.1f} KiB per connection ({count} connections,"
-                  f" {time.time() - began:.0f} s)", flush=True)
+            runs = []
+            for _ in range(RUNS):
+                # A second try if a run fails: the Node server now and then
+                # resets a connection as it opens (also seen in P1 runs).
+                for _ in range(2):
+                    server = start()
+                    try:
+                        v = idle_density(server, name, count)
+                    finally:
+                        server.stop()
+                    if v == v:
+                        runs.append(v)
+                        break
+            r[key] = statistics.median(runs) if len(runs) * 2 > RUNS else float("nan")
+            print(f"  {name:9} idle: median {r[key] / 1024:.1f} KiB per connection ({count} connections,"
+                  f" runs={[round(v / 1024, 1) for v in runs]} KiB, {time.time() - began:.0f} s)", flush=True)
         results[name] = r
     extra = other_scenarios()
     write_report(results, hot_points, many_points, secs, conns, extra)
@@ -340,8 +362,14 @@ def other_scenarios():
         print(f"  {extra['p7']}", flush=True)
         section("p3: reconnect after divergence")
         base = "2000" if QUICK else "20000"
-        extra["p3"] = run_json(pinned(LOADGEN_CPU, [BENCH, "reconnect", "--file", trace, "--base", base,
-                                                   "--n", "1,10,100,1000"]))
+        # Bytes and round trips are the same every run; the times are medians.
+        runs = [run_json(pinned(LOADGEN_CPU, [BENCH, "reconnect", "--file", trace, "--base", base,
+                                              "--n", "1,10,100,1000"])) for _ in range(n)]
+        extra["p3"] = runs[0]
+        for i, row in enumerate(extra["p3"]["rows"]):
+            row["ms"] = statistics.median(r["rows"][i]["ms"] for r in runs)
+            if any(r["rows"][i]["bytes"] != row["bytes"] for r in runs):
+                print(f"  p3: bytes differ between runs for {row}", flush=True)
     section("p4: durable appends: Converge vs RocksDB alone")
     p4 = []
     for writers in (1, 64):
@@ -405,35 +433,54 @@ def many_documents():
     into its RocksDB by `converge-server bench-populate`), then 10k touched
     (each asked for by a client), then 20k more: with the default hot set of
     10k documents, memory must stop growing. The peers get 20k documents in
-    their NodeFS layout and 30 s to touch up to 10k (they are much slower to
-    load documents); their figure is memory per touched document."""
+    their NodeFS layout and PEER_TOUCH_SECS to touch up to 10k (they are
+    much slower to load documents); their figure is memory per touched
+    document. Each figure is the median of RUNS runs, each on a fresh server
+    over the same stored documents."""
     stored = 20_000 if QUICK else 1_000_000
     first, more = (2_000, 4_000) if QUICK else (10_000, 20_000)
     out = {}
     for name in ("converge", "samod", "node"):
         data = tempfile.mkdtemp(prefix=f"bench-p6-{name}-")
+        began = time.time()
         try:
             if name == "converge":
                 run_json([SERVER, "bench-populate", "--dir", data, "--docs", str(stored)], timeout=900)
-                server = converge_server("converge", "change-log", 3139, data_dir=data)
             else:
                 run_json([BENCH, "populate-files", "--dir", data, "--docs", "20000"], timeout=900)
-                server = (samod_server if name == "samod" else node_server)(3139, data_dir=data)
-            try:
-                time.sleep(1)
-                row = {"stored": stored if name == "converge" else 20_000, "rss_start_kb": server.rss_kb()}
-                touch = run_json(pinned(LOADGEN_CPU, [BENCH, "touch", "--url", server.url, "--count", str(first),
-                                                      "--max-secs", "600" if name == "converge" else "30"]),
-                                 timeout=900)
-                row.update(touched=touch["touched"], rate=touch["touched"] / touch["secs"],
-                           rss_touched_kb=server.rss_kb(), error=touch.get("error"))
+            populated = time.time() - began
+            runs = []
+            for _ in range(RUNS):
                 if name == "converge":
-                    touch = run_json(pinned(LOADGEN_CPU, [BENCH, "touch", "--url", server.url, "--from",
-                                                          str(stored // 2), "--count", str(more)]), timeout=900)
-                    row.update(touched_more=touch["touched"], rss_more_kb=server.rss_kb())
-                out[name] = row
-            finally:
-                server.stop()
+                    server = converge_server("converge", "change-log", 3139, data_dir=data)
+                else:
+                    server = (samod_server if name == "samod" else node_server)(3139, data_dir=data)
+                try:
+                    time.sleep(1)
+                    run = {"rss_start_kb": server.rss_kb()}
+                    touch = run_json(pinned(LOADGEN_CPU, [
+                        BENCH, "touch", "--url", server.url, "--count", str(first),
+                        "--max-secs", "600" if name == "converge" else str(PEER_TOUCH_SECS)]), timeout=900)
+                    run.update(touched=touch["touched"], rate=touch["touched"] / touch["secs"],
+                               rss_touched_kb=server.rss_kb(), error=touch.get("error"))
+                    run["per_doc_kb"] = ((run["rss_touched_kb"] - run["rss_start_kb"]) / run["touched"]
+                                         if run["touched"] else float("nan"))
+                    if name == "converge":
+                        touch = run_json(pinned(LOADGEN_CPU, [BENCH, "touch", "--url", server.url, "--from",
+                                                              str(stored // 2), "--count", str(more)]), timeout=900)
+                        run.update(touched_more=touch["touched"], rss_more_kb=server.rss_kb())
+                    runs.append(run)
+                finally:
+                    server.stop()
+            row = {"stored": stored if name == "converge" else 20_000,
+                   "error": next((r["error"] for r in runs if r.get("error")), None)}
+            for key in ("rss_start_kb", "touched", "rate", "rss_touched_kb", "per_doc_kb", "touched_more", "rss_more_kb"):
+                if key in runs[0]:
+                    row[key] = statistics.median(r[key] for r in runs)
+            out[name] = row
+            print(f"  {name}: per touched document {[round(r['per_doc_kb'], 1) for r in runs]} KiB,"
+                  f" touched {[r['touched'] for r in runs]} (populated in {populated:.0f} s,"
+                  f" {time.time() - began:.0f} s in all)", flush=True)
         finally:
             shutil.rmtree(data, ignore_errors=True)
     return out
@@ -548,7 +595,9 @@ def write_report(results, hot_points, many_points, secs, conns, extra):
         f"medians of {RUNS} runs, measured in the same run. P1 sweeps each server once (one",
         f"run per point, until it saturates), then settles each threshold with the median of {RUNS}",
         "runs per point on a fresh server, stepping down while the median fails and up while the next",
-        "point's passes.",
+        f"point's passes. A point stops as soon as {RUNS // 2 + 1} of its runs fall on the same side of the limit:",
+        "the rest could not move the median across it, so the verdict is that of all",
+        f"{RUNS}; the table below gives the median of the runs made.",
         "",
         f"Machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}.",
         "Server pinned to CPU 1, load generator to CPU 0 (`taskset`).",
@@ -588,7 +637,7 @@ def write_report(results, hot_points, many_points, secs, conns, extra):
         f"the Node server's typists on one document and {ratio(f['many_sat'], n['many_sat'])} over many",
         "documents: what any relay can reach here, measured with this load generator.",
         "",
-        f"P2: one run per server and size: N clients each join and sync one document, then stay idle",
+        f"P2: median of {RUNS} runs per server and size, each on a fresh server: N clients each join and sync one document, then stay idle",
         "(answering pings); the figure is the server's RSS growth divided by N, and the run fails if",
         f"the server dropped any connection. samod and the Node server are measured at {conns[0]:,}:",
         f"neither accepts {conns[1]:,} connections within the bench's 4-minute wait.",
@@ -606,17 +655,18 @@ def write_report(results, hot_points, many_points, secs, conns, extra):
                 cells.append("")
             else:
                 v = "∞" if point[1] == float("inf") else f"{point[1]:.1f} ms"
-                cells.append(v if point[2] else v + " (1 run)")
+                cells.append(v + (f" ({point[2]} runs)" if point[2] else " (1 run)"))
         if any(cells):
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
     lines += ["", "![p99 against typists](bench/p1-hot.png)", ""]
     if "p3" in extra:
-        p3 = extra["p3"]
+        p3, n = extra["p3"], 1 if QUICK else RUNS
         lines += ["## P3 reconnect after divergence", "",
                   f"A client and a relay share a document of {p3['base_changes']} keystroke changes (the editing",
                   "trace's start) and are in sync; each side then gets n new keystroke changes and they",
                   "reconnect. Floor: the new changes' raw bytes plus 32 bytes per head. Measured in process",
-                  "(`converge-bench reconnect`); the full-document relay is automerge's own sync code.", "",
+                  "(`converge-bench reconnect`); the full-document relay is automerge's own sync code.",
+                  f"Bytes and round trips are the same in every run; ms is the median of {n} runs.", "",
                   "| n each side | relay | sync state | bytes | round trips | floor bytes | bytes / floor | ms |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in p3["rows"]:
@@ -662,20 +712,21 @@ def write_report(results, hot_points, many_points, secs, conns, extra):
         def mib(kb):
             return f"{kb / 1024:.0f} MiB"
         def per_doc(r):
-            return f"{(r['rss_touched_kb'] - r['rss_start_kb']) / max(r['touched'], 1):.1f} KiB" if r["touched"] else "—"
+            return f"{r['per_doc_kb']:.1f} KiB" if r["per_doc_kb"] == r["per_doc_kb"] else "—"
         lines += ["## P6 many documents, bounded memory", "",
                   "Server RSS with many documents stored: at start, after clients have asked for N of them",
                   "(100 per connection, 4 connections at a time), and for Converge after 20k more (its hot set",
                   "is 10k documents by default: `--max-docs-in-memory`; colder ones are dropped and re-read",
                   "when asked for). Converge's documents are written into its RocksDB directly",
                   "(`converge-server bench-populate`); samod and the Node server get 20k documents in their",
-                  "NodeFS layout and 30 s to touch up to 10k.", "",
+                  f"NodeFS layout and {PEER_TOUCH_SECS} s to touch up to 10k. Medians of {RUNS} runs, each on a fresh",
+                  "server over the same stored documents.", "",
                   "| server | stored | touched | touch rate | RSS at start | RSS after touching | per touched doc | RSS after 20k more |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, r in p6.items():
             more = mib(r["rss_more_kb"]) if "rss_more_kb" in r else "—"
             note = f" (stopped: {r['error'][:60]})" if r.get("error") else ""
-            lines.append(f"| {name} | {r['stored']:,} | {r['touched']:,}{note} | {r['rate']:.0f}/s | {mib(r['rss_start_kb'])} | "
+            lines.append(f"| {name} | {r['stored']:,} | {r['touched']:,.0f}{note} | {r['rate']:.0f}/s | {mib(r['rss_start_kb'])} | "
                          f"{mib(r['rss_touched_kb'])} | {per_doc(r)} | {more} |")
         lines.append("")
     if "p7" in extra:
