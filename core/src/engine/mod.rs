@@ -202,8 +202,15 @@ struct Doc {
     stored_sync_states: BTreeMap<String, Vec<u8>>,
     pending: Vec<PendingMessage>,
     store: DocStore,
-    /// Document writes issued and not yet confirmed.
-    unconfirmed_saves: usize,
+    /// Document writes issued so far; each is numbered with the count.
+    saves_issued: u64,
+    /// The numbers of the writes not yet confirmed.
+    unconfirmed_saves: BTreeSet<u64>,
+    /// `WhenSaved` commands still waiting, each with the write that must
+    /// be confirmed, with every write before it; `None` until the next
+    /// write is issued (the changes are not written yet, or a write failed
+    /// and everything is to be written again).
+    save_waiters: Vec<(CommandId, Option<u64>)>,
     /// After failed writes: how long the next retry waits, and whether one
     /// is scheduled.
     save_retry: Option<(Duration, bool)>,
@@ -217,7 +224,7 @@ impl Doc {
     /// Every change is written: no write is waiting for its result, and the
     /// last one written holds the current heads.
     fn is_saved(&self) -> bool {
-        self.unconfirmed_saves == 0 && self.store.saved_heads == self.replica.heads()
+        self.unconfirmed_saves.is_empty() && self.store.saved_heads == self.replica.heads()
     }
 
     /// Forgets a peer's sync state for this document. An emptied map gives
@@ -286,6 +293,8 @@ enum Task {
     LoadDoc(DocumentId),
     SaveDoc {
         doc: DocumentId,
+        /// The write's number (see `Doc::saves_issued`).
+        seq: u64,
         /// The chunk written, and its size.
         key: StorageKey,
         len: usize,
@@ -554,6 +563,7 @@ impl Engine {
                     && d.peers.is_empty()
                     && d.pending.is_empty()
                     && d.waiting_finds.is_empty()
+                    && d.save_waiters.is_empty()
                     && !d.store.compacting
                     && d.is_saved()
             })
@@ -692,7 +702,44 @@ impl Engine {
                     .completed
                     .push((cmd, CommandResult::Broadcast(sent)));
             }
+            Command::WhenSaved { document_id } => self.when_saved(cmd, document_id),
         }
+    }
+
+    fn when_saved(&mut self, cmd: CommandId, id: DocumentId) {
+        match self.docs.get_mut(&id) {
+            Some(doc) if !doc.is_saved() => {
+                // The current heads are being written by the last write
+                // issued, or else will be by the next one.
+                let target =
+                    (doc.store.saved_heads == doc.replica.heads()).then_some(doc.saves_issued);
+                doc.save_waiters.push((cmd, target));
+                self.answer_save_waiters(&id);
+            }
+            _ => self.out.completed.push((cmd, CommandResult::Saved(id))),
+        }
+    }
+
+    /// Answers the `WhenSaved` commands whose write is confirmed along with
+    /// every write before it (all of them once the document is saved).
+    fn answer_save_waiters(&mut self, id: &DocumentId) {
+        let Some(doc) = self.docs.get_mut(id) else {
+            return;
+        };
+        if doc.save_waiters.is_empty() {
+            return;
+        }
+        let everything = doc.is_saved();
+        let oldest_unconfirmed = doc.unconfirmed_saves.first().copied();
+        let completed = &mut self.out.completed;
+        doc.save_waiters.retain(|&(cmd, target)| {
+            let done =
+                everything || matches!(target, Some(t) if oldest_unconfirmed.is_none_or(|u| u > t));
+            if done {
+                completed.push((cmd, CommandResult::Saved(id.clone())));
+            }
+            !done
+        });
     }
 
     fn create(&mut self, cmd: CommandId, initial: Option<Vec<u8>>) {
@@ -1700,10 +1747,16 @@ impl Engine {
                     }
                 }
             }
-            (Task::SaveDoc { doc, key, len }, result) => {
+            (Task::SaveDoc { doc, seq, key, len }, result) => {
                 if let Some(d) = self.docs.get_mut(&doc) {
-                    d.unconfirmed_saves = d.unconfirmed_saves.saturating_sub(1);
+                    d.unconfirmed_saves.remove(&seq);
                     if let StorageResult::Failed(reason) = &result {
+                        // Whoever needed this write waits for the rewrite.
+                        for (_, target) in &mut d.save_waiters {
+                            if target.is_some_and(|t| t >= seq) {
+                                *target = None;
+                            }
+                        }
                         // Write it again, with the next change or after a
                         // while, whichever comes first. Only ever move
                         // back: an earlier save may have failed too (writes
@@ -1725,10 +1778,11 @@ impl Engine {
                     } else if d.is_saved() {
                         d.save_retry = None;
                         self.out.events.push(Event::Saved {
-                            document_id: doc,
+                            document_id: doc.clone(),
                             heads: d.store.saved_heads.clone(),
                         });
                     }
+                    self.answer_save_waiters(&doc);
                 }
             }
             _ => {}
@@ -1743,6 +1797,12 @@ impl Engine {
             return;
         };
         tracing::error!(document = %id, %reason, "cannot read document from storage");
+        // Nothing of a document being loaded waits to be written.
+        for (cmd, _) in doc.save_waiters {
+            self.out
+                .completed
+                .push((cmd, CommandResult::Saved(id.clone())));
+        }
         for cmd in doc.waiting_finds {
             self.out.completed.push((
                 cmd,
@@ -1852,13 +1912,19 @@ impl Engine {
         let incremental = doc.replica.save_after(&doc.store.saved_heads);
         doc.store.saved_heads = heads;
         if incremental.is_empty() {
+            self.answer_save_waiters(id);
             return;
         }
         let name = hex::encode(&Sha256::digest(&incremental)[..16]);
         let key = StorageKey::doc_chunk(id, ChunkKind::Incremental, &name);
         doc.store.incremental_bytes += incremental.len();
         doc.store.incremental_keys.push(key.clone());
-        doc.unconfirmed_saves += 1;
+        doc.saves_issued += 1;
+        let seq = doc.saves_issued;
+        doc.unconfirmed_saves.insert(seq);
+        for (_, target) in &mut doc.save_waiters {
+            target.get_or_insert(seq);
+        }
         // Compaction happens off the engine: the storage side merges the
         // chunks into a snapshot and swaps them atomically. The changes are
         // already durable as incrementals, so compaction can fail or be
@@ -1890,6 +1956,7 @@ impl Engine {
             StorageOp::Put(key.clone(), incremental),
             Task::SaveDoc {
                 doc: id.clone(),
+                seq,
                 key,
                 len,
             },
@@ -1936,7 +2003,9 @@ impl Doc {
             stored_sync_states: BTreeMap::new(),
             pending: Vec::new(),
             store: DocStore::default(),
-            unconfirmed_saves: 0,
+            saves_issued: 0,
+            unconfirmed_saves: BTreeSet::new(),
+            save_waiters: Vec::new(),
             save_retry: None,
             last_used: Timestamp(0),
             announced_heads: Vec::new(),

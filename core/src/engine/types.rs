@@ -199,6 +199,12 @@ pub enum Command {
         /// The payload.
         data: Vec<u8>,
     },
+    /// Answer once every change the document holds now is on disk. Later
+    /// changes (local or from peers) do not hold the answer back.
+    WhenSaved {
+        /// Which document.
+        document_id: DocumentId,
+    },
 }
 
 /// How a [`Command`] ended.
@@ -213,6 +219,9 @@ pub enum CommandResult {
     Unavailable(DocumentId),
     /// `Broadcast` sent to this many peers.
     Broadcast(usize),
+    /// `WhenSaved`: what the document held when asked is on disk (or it
+    /// was not in memory, so nothing of it was waiting to be written).
+    Saved(DocumentId),
     /// The command could not be carried out.
     Failed(String),
 }

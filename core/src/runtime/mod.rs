@@ -267,7 +267,6 @@ enum Msg {
     Change(DocumentId, Editor, oneshot::Sender<Result<(), ChangeError>>),
     Read(DocumentId, Reader),
     Inspect(Inspector),
-    WhenSaved(DocumentId, oneshot::Sender<()>),
     Opened(ConnectionId, Direction, ConnTx, Option<String>),
     Sessions(oneshot::Sender<Vec<Session>>),
     Bytes(ConnectionId, Vec<u8>),
@@ -427,7 +426,6 @@ impl Repo {
             storage_tx: Some(storage_tx),
             storage_thread: Some(storage_thread),
             in_flight_storage: 0,
-            save_waiters: BTreeMap::new(),
             shutdown: None,
         };
         tokio::spawn(actor.run(rx));
@@ -684,12 +682,18 @@ impl DocHandle {
     /// Waits until every change made to the document so far is on disk
     /// (fsynced, if the storage syncs writes).
     pub async fn saved(&self) -> Result<(), RepoError> {
-        // The actor answers when this document's saves are confirmed (at
-        // once if they are): only the waiters of that document wake, not
-        // every subscriber to every event.
-        let (tx, rx) = oneshot::channel();
-        self.repo.send(Msg::WhenSaved(self.id.clone(), tx))?;
-        rx.await.map_err(|_| RepoError::Stopped)
+        // The engine answers once the writes holding today's changes are
+        // confirmed; changes arriving meanwhile do not delay the answer.
+        match self
+            .repo
+            .command(Command::WhenSaved {
+                document_id: self.id.clone(),
+            })
+            .await?
+        {
+            CommandResult::Saved(_) => Ok(()),
+            other => Err(RepoError::Failed(format!("unexpected result {other:?}"))),
+        }
     }
 
     /// The document's heads.
@@ -852,8 +856,6 @@ struct Actor {
     storage_tx: Option<std::sync::mpsc::Sender<(TaskId, StorageOp)>>,
     storage_thread: Option<std::thread::JoinHandle<()>>,
     in_flight_storage: usize,
-    /// Callers of [`DocHandle::saved`] waiting for a document's writes.
-    save_waiters: BTreeMap<DocumentId, Vec<oneshot::Sender<()>>>,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -935,18 +937,6 @@ impl Actor {
                         .is_err()
                     {
                         tracing::error!("an engine inspection panicked; the repo carries on");
-                    }
-                    continue;
-                }
-                Msg::WhenSaved(doc, reply) => {
-                    // Not in memory means nothing of it waits to be written.
-                    if self.engine.is_saved(&doc).unwrap_or(true) {
-                        let _ = reply.send(());
-                    } else {
-                        let waiters = self.save_waiters.entry(doc).or_default();
-                        // Callers that gave up leave closed senders behind.
-                        waiters.retain(|w| !w.is_closed());
-                        waiters.push(reply);
                     }
                     continue;
                 }
@@ -1067,11 +1057,6 @@ impl Actor {
                 }
                 Event::PeerDisconnected { conn, .. } => {
                     self.sessions.remove(conn);
-                }
-                Event::Saved { document_id, .. } => {
-                    for waiter in self.save_waiters.remove(document_id).unwrap_or_default() {
-                        let _ = waiter.send(());
-                    }
                 }
                 _ => {}
             }

@@ -537,3 +537,125 @@ async fn failed_writes_are_retried_without_another_change() {
     assert_eq!(read_str(&handle, "value").await.as_deref(), Some("kept"));
     again.shutdown().await;
 }
+
+/// `WhenSaved` (what `DocHandle::saved` asks) answers once the writes
+/// holding the document's changes at the time of asking are confirmed, even
+/// while later writes are outstanding: under a steady stream of edits there
+/// may never be a moment with nothing left to write. A failed write holds
+/// the answer back until everything has been written again.
+#[test]
+fn when_saved_answers_for_the_changes_made_before_it() {
+    use converge_core::engine::{
+        Command, CommandId, CommandResult, Engine, EngineConfig, Input, Output, Timestamp,
+    };
+    use converge_core::storage::{StorageOp, StorageResult, TaskId};
+    use converge_core::wire::{PeerId, StorageId};
+
+    fn writes(out: &Output) -> Vec<TaskId> {
+        out.storage
+            .iter()
+            .filter(|t| matches!(t.op, StorageOp::Put(..)))
+            .map(|t| t.id)
+            .collect()
+    }
+    fn answered(out: &Output) -> Vec<u64> {
+        out.completed
+            .iter()
+            .filter(|(_, r)| matches!(r, CommandResult::Saved(_)))
+            .map(|(c, _)| c.0)
+            .collect()
+    }
+    let mut cfg = EngineConfig::new(
+        PeerId::new("writer").expect("peer id"),
+        Some(StorageId::new("writer-storage").expect("storage id")),
+        7,
+    );
+    // Incremental chunks only: one write per save, nothing compacted.
+    cfg.compact_after_bytes = usize::MAX;
+    let mut engine = Engine::new(cfg);
+    let now = Timestamp(1_000);
+    let out = engine.handle(
+        now,
+        Input::Command(CommandId(1), Command::Create { initial: None }),
+    );
+    let Some((_, CommandResult::Created(id))) = out.completed.first().cloned() else {
+        panic!("not created: {:?}", out.completed);
+    };
+    for t in &out.storage {
+        engine.handle(
+            now,
+            Input::Storage {
+                task: t.id,
+                result: StorageResult::Written,
+            },
+        );
+    }
+    let edit = |engine: &mut Engine, n: i64| {
+        let ((), out) = engine
+            .change(now, &id, |d| {
+                let mut tx = d.transaction();
+                tx.put(ROOT, "n", n).expect("put");
+                tx.commit();
+            })
+            .expect("change");
+        let w = writes(&out);
+        assert_eq!(w.len(), 1, "one write per edit");
+        w[0]
+    };
+    let done = |task| Input::Storage {
+        task,
+        result: StorageResult::Written,
+    };
+    let ask = |c| {
+        Input::Command(
+            CommandId(c),
+            Command::WhenSaved {
+                document_id: id.clone(),
+            },
+        )
+    };
+
+    // Asked while the first write is out; a second edit follows.
+    let w1 = edit(&mut engine, 1);
+    assert!(answered(&engine.handle(now, ask(10))).is_empty());
+    let w2 = edit(&mut engine, 2);
+    // The first write lands: the caller's changes are on disk, though the
+    // document as a whole is not.
+    assert_eq!(answered(&engine.handle(now, done(w1))), vec![10]);
+    assert_eq!(engine.is_saved(&id), Some(false));
+
+    // Asked while the second is out; it fails after a third was issued on
+    // top of it, so the third landing proves nothing.
+    assert!(answered(&engine.handle(now, ask(11))).is_empty());
+    let w3 = edit(&mut engine, 3);
+    let failed = engine.handle(
+        now,
+        Input::Storage {
+            task: w2,
+            result: StorageResult::Failed("disk full".into()),
+        },
+    );
+    assert!(answered(&failed).is_empty());
+    assert!(answered(&engine.handle(now, done(w3))).is_empty());
+    // The retry writes everything again; once it lands, the caller is told.
+    let retry_at = failed.next_wakeup.expect("a retry is scheduled");
+    let retry = engine.handle(retry_at, Input::Tick);
+    let w4 = writes(&retry);
+    assert_eq!(w4.len(), 1, "the retry rewrites the document");
+    assert!(answered(&retry).is_empty());
+    assert_eq!(answered(&engine.handle(retry_at, done(w4[0]))), vec![11]);
+
+    // Nothing waiting to be written, or not in memory: answered at once.
+    assert_eq!(answered(&engine.handle(retry_at, ask(12))), vec![12]);
+    let elsewhere = converge_core::wire::DocumentId::from_random([9; 16]);
+    let out = engine.handle(
+        retry_at,
+        Input::Command(
+            CommandId(13),
+            Command::WhenSaved {
+                document_id: elsewhere,
+            },
+        ),
+    );
+    assert_eq!(answered(&out), vec![13]);
+}
