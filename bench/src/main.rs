@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use futures::stream::{self, StreamExt as _, TryStreamExt as _};
 
 use client::{Client, Role, Seed, Shared};
 use converge_core::wire::DocumentId;
@@ -342,24 +343,29 @@ fn main() -> anyhow::Result<()> {
             // A connection reset while it opens is tried again, as a real
             // client would (the Node server now and then resets one); a
             // connection is counted only once it holds the document.
-            let mut retries = 0u32;
-            for n in 0..conns {
-                let mut attempt = 0;
-                let mut c = loop {
-                    match Client::connect(&url, 3_000_000 + n).await {
-                        Ok(c) => break c,
-                        Err(e) if attempt < 3 => {
-                            eprintln!("connection {n}: {e:#}; trying again");
-                            attempt += 1;
-                            retries += 1;
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+            let (url, closed, seed) = (&url, &closed, &seed);
+            let retries: Vec<u32> = stream::iter(0..conns)
+                .map(|n| async move {
+                    let mut attempt = 0;
+                    let mut c = loop {
+                        match Client::connect(url, 3_000_000 + n).await {
+                            Ok(c) => break c,
+                            Err(e) if attempt < 3 => {
+                                eprintln!("connection {n}: {e:#}; trying again");
+                                attempt += 1;
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            Err(e) => return Err(e.context(format!("connection {n}"))),
                         }
-                        Err(e) => return Err(e.context(format!("connection {n}"))),
-                    }
-                };
-                c.subscribe(&seed, floor).await?;
-                tokio::spawn(c.stay_idle(closed.clone()));
-            }
+                    };
+                    c.subscribe(seed, floor).await?;
+                    tokio::spawn(c.stay_idle(closed.clone()));
+                    anyhow::Ok(attempt)
+                })
+                .buffer_unordered(OPENING)
+                .try_collect()
+                .await?;
+            let retries: u32 = retries.iter().sum();
             println!("ready {conns}");
             tokio::time::sleep(Duration::from_secs_f64(hold)).await;
             drop(creator);
@@ -415,38 +421,53 @@ struct P1 {
     floor: bool,
 }
 
+/// How many connections open at once: one at a time, thousands of them
+/// take longer than the run they are for.
+const OPENING: usize = 32;
+
 async fn p1(cfg: P1) -> anyhow::Result<serde_json::Value> {
     let shared = Arc::new(Shared::new());
-    let mut seeds = Vec::new();
-    for d in 0..cfg.docs {
-        let seed = Seed::new(d)?;
-        if !cfg.floor {
-            let mut creator = Client::connect(&cfg.url, 1_000_000 + d).await?;
-            creator.upload(&seed).await.context("uploading a seed")?;
-        }
-        seeds.push(seed);
+    let seeds = (0..cfg.docs)
+        .map(Seed::new)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if !cfg.floor {
+        stream::iter(seeds.iter().zip(0u64..))
+            .map(|(seed, d)| {
+                let url = &cfg.url;
+                async move {
+                    let mut creator = Client::connect(url, 1_000_000 + d).await?;
+                    creator.upload(seed).await.context("uploading a seed")
+                }
+            })
+            .buffer_unordered(OPENING)
+            .try_collect::<Vec<()>>()
+            .await?;
     }
     // Typists round-robin over documents; observers on every document.
-    let mut clients = Vec::new();
     let mut per_doc = vec![0u64; cfg.docs as usize];
     for t in 0..cfg.typists {
         per_doc[(t % cfg.docs) as usize] += 1;
     }
-    let mut n = 0;
+    let mut members = Vec::new();
     for (d, seed) in seeds.iter().enumerate() {
-        let members = per_doc[d] + cfg.observers;
-        for i in 0..members {
-            let typing = i < per_doc[d];
+        let count = per_doc[d] + cfg.observers;
+        for i in 0..count {
             let role = Role {
-                typing_rate: typing.then_some(cfg.rate),
-                receivers: members.saturating_sub(1),
+                typing_rate: (i < per_doc[d]).then_some(cfg.rate),
+                receivers: count.saturating_sub(1),
                 reply: !cfg.floor,
             };
-            let client = Client::connect(&cfg.url, n).await?;
-            clients.push((client, seed.clone(), role, n));
-            n += 1;
+            members.push((seed.clone(), role));
         }
     }
+    let clients: Vec<_> = stream::iter(members.into_iter().zip(0u64..))
+        .map(|((seed, role), n)| {
+            let url = &cfg.url;
+            async move { anyhow::Ok((Client::connect(url, n).await?, seed, role, n)) }
+        })
+        .buffered(OPENING)
+        .try_collect()
+        .await?;
     let start = Instant::now();
     let measure_at = start + Duration::from_secs_f64(cfg.warmup);
     let stop_sending = measure_at + Duration::from_secs_f64(cfg.secs);

@@ -7,7 +7,7 @@
 // Like the official automerge-repo-sync-server it never announces documents
 // (sharePolicy -> false) but serves any document a peer asks for.
 //
-// stdout: {"ready":true,"port":N,"peerId":...} once listening.
+// stdout: {"ready":true,"port":N,"peerId":...} once it accepts connections.
 // Runs until SIGTERM/SIGINT, then saves, closes and exits 0.
 
 import os from "node:os"
@@ -43,10 +43,18 @@ const repo = new Repo({
   sharePolicy: async () => false,
 })
 
-wss.on("listening", () => {
+// The Repo hooks its adapter up to the server asynchronously; until then
+// nothing answers a connection and the socket is dropped. Ready means both
+// listening and hooked up.
+const announce = () => {
+  if (wss.listenerCount("connection") === 0) {
+    setTimeout(announce, 5)
+    return
+  }
   const actual = wss.address().port
   process.stdout.write(JSON.stringify({ ready: true, port: actual, peerId: repo.peerId }) + "\n")
-})
+}
+wss.on("listening", announce)
 
 let stopping = false
 async function stop(signal) {
