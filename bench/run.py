@@ -201,21 +201,20 @@ def sweep(start, name, per_doc, points, secs):
     def under(i, limit):
         typists = points[i]
         runs = runs_at.setdefault(typists, [])
-        def decided():
-            return max(sum(r < limit for r in runs), sum(r >= limit for r in runs)) >= majority
-        if not decided():
+        def below():
+            return sum(r < limit for r in runs)
+        if max(below(), len(runs) - below()) < majority:
             began = time.time()
             server = start()
             try:
-                while not decided():
+                while max(below(), len(runs) - below()) < majority:
                     runs.append(p99_of(p1(server, name, typists, docs_for(typists), secs)))
             finally:
                 server.stop()
-            below = sum(r < limit for r in runs)
-            verdict = f"< {limit:.0f} ms" if below >= majority else f">= {limit:.0f} ms"
+            verdict = f"< {limit:.0f} ms" if below() >= majority else f">= {limit:.0f} ms"
             print(f"  {name:13} typists={typists:5} docs={docs_for(typists):4} median p99 {verdict}"
                   f"  runs={[round(r, 1) for r in runs]} ({time.time() - began:.1f} s)", flush=True)
-        return sum(r < limit for r in runs) >= majority
+        return below() >= majority
     def last_under(limit):
         i = max((i for i, t in enumerate(points) if t in coarse and coarse[t] < limit), default=-1)
         while i >= 0 and not under(i, limit):

@@ -714,7 +714,6 @@ impl Engine {
                 let target =
                     (doc.store.saved_heads == doc.replica.heads()).then_some(doc.saves_issued);
                 doc.save_waiters.push((cmd, target));
-                self.answer_save_waiters(&id);
             }
             _ => self.out.completed.push((cmd, CommandResult::Saved(id))),
         }
