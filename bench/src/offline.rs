@@ -16,6 +16,7 @@ use converge_core::storage::MemoryStorage;
 use serde_json::json;
 
 /// One keystroke: at `pos`, delete `del` characters and insert `ins`.
+#[derive(Clone)]
 pub struct Edit {
     pos: usize,
     del: isize,
@@ -71,62 +72,31 @@ pub async fn trace(edits: &[Edit]) -> anyhow::Result<serde_json::Value> {
     let raw_time = started.elapsed();
     let raw_text = raw.text(&text)?;
 
-    // Converge: the same keystrokes through the repo's actor, twice. First
-    // as an editor hands them over: each queued as it happens, results
-    // collected behind (at most WINDOW outstanding). Then waiting for each
-    // one's result before the next: the round trip through the actor.
-    const WINDOW: usize = 256;
+    // Converge: the same keystrokes through the repo's actor. Queued, as an
+    // editor hands them over: each queued as it happens, results collected
+    // behind (at most WINDOW outstanding); once from this thread, outside
+    // the repo's runtime (as a UI thread or a foreign-language caller would),
+    // once from a task on that runtime (as async Rust embedding it would).
+    // Then awaited: each result before the next keystroke, the round trip
+    // through the actor.
+    let edits: Arc<Vec<Edit>> = Arc::new(edits.to_vec());
     let mut texts = Vec::new();
     let mut times = Vec::new();
-    for pipelined in [true, false] {
-        let repo = Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()));
-        let handle = repo.create(None).await?;
-        let text = handle
-            .change(|d| {
-                let mut tx = d.transaction();
-                let t = tx.put_object(ROOT, "text", ObjType::Text).expect("text");
-                tx.commit();
-                t
-            })
-            .await?;
-        let started = Instant::now();
-        let mut outstanding = std::collections::VecDeque::new();
-        for e in edits {
-            let (pos, del, ins) = (e.pos, e.del, e.ins.clone());
-            let text = text.clone();
-            let done = handle.change(move |d| {
-                let mut tx = d.transaction();
-                splice(&mut tx, &text, &Edit { pos, del, ins });
-                tx.commit();
-            });
-            if pipelined {
-                outstanding.push_back(done);
-                if outstanding.len() > WINDOW {
-                    if let Some(front) = outstanding.pop_front() {
-                        front.await?;
-                    }
-                }
-            } else {
-                done.await?;
-            }
-        }
-        for done in outstanding {
-            done.await?;
-        }
-        times.push(started.elapsed());
-        texts.push(
-            handle
-                .with_doc(move |d| d.text(&text).unwrap_or_default())
-                .await?
-                .unwrap_or_default(),
-        );
-        repo.shutdown().await;
+    for (queued, on_runtime) in [(true, false), (true, true), (false, false)] {
+        let run = apply_through_repo(edits.clone(), queued);
+        let (time, text) = if on_runtime {
+            tokio::spawn(run).await??
+        } else {
+            run.await?
+        };
+        times.push(time);
+        texts.push(text);
     }
     anyhow::ensure!(
         texts.iter().all(|t| *t == raw_text),
         "the runs ended with different text"
     );
-    let (ours_time, awaited_time) = (times[0], times[1]);
+    let (ours_time, on_runtime_time, awaited_time) = (times[0], times[1], times[2]);
     let per = |d: Duration| d.as_secs_f64() * 1e6 / edits.len().max(1) as f64;
     Ok(json!({
         "scenario": "p7",
@@ -134,9 +104,62 @@ pub async fn trace(edits: &[Edit]) -> anyhow::Result<serde_json::Value> {
         "chars": raw_text.chars().count(),
         "raw_us_per_edit": per(raw_time),
         "ours_us_per_edit": per(ours_time),
+        "on_runtime_us_per_edit": per(on_runtime_time),
         "awaited_us_per_edit": per(awaited_time),
         "ratio": ours_time.as_secs_f64() / raw_time.as_secs_f64(),
+        "on_runtime_ratio": on_runtime_time.as_secs_f64() / raw_time.as_secs_f64(),
     }))
+}
+
+/// Applies the keystrokes to a fresh in-memory repo, queued (at most
+/// WINDOW results outstanding) or each awaited; returns the time taken and
+/// the resulting text.
+async fn apply_through_repo(
+    edits: Arc<Vec<Edit>>,
+    queued: bool,
+) -> anyhow::Result<(Duration, String)> {
+    const WINDOW: usize = 256;
+    let repo = Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()));
+    let handle = repo.create(None).await?;
+    let text = handle
+        .change(|d| {
+            let mut tx = d.transaction();
+            let t = tx.put_object(ROOT, "text", ObjType::Text).expect("text");
+            tx.commit();
+            t
+        })
+        .await?;
+    let started = Instant::now();
+    let mut outstanding = std::collections::VecDeque::new();
+    for e in edits.iter() {
+        let (pos, del, ins) = (e.pos, e.del, e.ins.clone());
+        let text = text.clone();
+        let done = handle.change(move |d| {
+            let mut tx = d.transaction();
+            splice(&mut tx, &text, &Edit { pos, del, ins });
+            tx.commit();
+        });
+        if queued {
+            outstanding.push_back(done);
+            if outstanding.len() > WINDOW {
+                if let Some(front) = outstanding.pop_front() {
+                    front.await?;
+                }
+            }
+        } else {
+            done.await?;
+        }
+    }
+    for done in outstanding {
+        done.await?;
+    }
+    let time = started.elapsed();
+    let result = handle
+        .with_doc(move |d| d.text(&text).unwrap_or_default())
+        .await?
+        .unwrap_or_default();
+    repo.shutdown().await;
+    Ok((time, result))
 }
 
 /// Bytes and round trips of one sync exchange until both sides are quiet.
