@@ -703,7 +703,12 @@ def write_report(results, hot_points, many_points, secs, conns, extra):
         lines += ["## P5 cold start", "",
                   "Process start to the first reply carrying a stored document, with 10,000 small documents",
                   "stored (Converge: uploaded through the protocol, then restarted; samod and the Node server:",
-                  "written in their shared NodeFS layout by `converge-bench populate-files`).", "",
+                  "written in their shared NodeFS layout by `converge-bench populate-files`).",
+                  "The Node server's figure is bimodal: its WebSocket server listens before automerge-repo has",
+                  "hooked its adapter up, and a connection accepted in between hangs until the adapter's 5 s",
+                  "keep-alive drops it; the client then reconnects. Single runs land near 0.5 s or near 5.5 s,",
+                  "and the median of 5 falls on either side from one `make bench` to the next.",
+                  "",
                   "| Converge | samod | Node reference server | ours / samod | ours / node |", "|---|---|---|---|---|",
                   f"| {p5['converge']:.0f} ms | {p5['samod']:.0f} ms | {p5['node']:.0f} ms | "
                   f"{ratio(p5['converge'], p5['samod'])} | {ratio(p5['converge'], p5['node'])} |", ""]
