@@ -340,39 +340,26 @@ fn main() -> anyhow::Result<()> {
             // and drop the ones that do not answer (the Node server does
             // after a few seconds), which would shrink what is measured.
             let closed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            // A connection reset while it opens is tried again, as a real
-            // client would (the Node server now and then resets one); a
-            // connection is counted only once it holds the document.
             let (url, closed, seed) = (&url, &closed, &seed);
-            let retries: Vec<u32> = stream::iter(0..conns)
+            stream::iter(0..conns)
                 .map(|n| async move {
-                    let mut attempt = 0;
-                    let mut c = loop {
-                        match Client::connect(url, 3_000_000 + n).await {
-                            Ok(c) => break c,
-                            Err(e) if attempt < 3 => {
-                                eprintln!("connection {n}: {e:#}; trying again");
-                                attempt += 1;
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                            }
-                            Err(e) => return Err(e.context(format!("connection {n}"))),
-                        }
-                    };
+                    let mut c = Client::connect(url, 3_000_000 + n)
+                        .await
+                        .with_context(|| format!("connection {n}"))?;
                     c.subscribe(seed, floor).await?;
                     tokio::spawn(c.stay_idle(closed.clone()));
-                    anyhow::Ok(attempt)
+                    anyhow::Ok(())
                 })
                 .buffer_unordered(OPENING)
-                .try_collect()
+                .try_collect::<Vec<()>>()
                 .await?;
-            let retries: u32 = retries.iter().sum();
             println!("ready {conns}");
             tokio::time::sleep(Duration::from_secs_f64(hold)).await;
             drop(creator);
             let closed = closed.load(std::sync::atomic::Ordering::Relaxed);
             println!(
                 "{}",
-                serde_json::json!({ "held": conns, "closed_by_server": closed, "connect_retries": retries })
+                serde_json::json!({ "held": conns, "closed_by_server": closed })
             );
             anyhow::ensure!(
                 closed == 0,

@@ -409,12 +409,6 @@ impl Engine {
         })
     }
 
-    /// Whether every change of a document is written (`None` if it is not
-    /// in memory). The same test as [`SyncStatus::saved`], without the rest.
-    pub fn is_saved(&self, id: &DocumentId) -> Option<bool> {
-        self.docs.get(id).map(Doc::is_saved)
-    }
-
     /// The materialized document, if it is in memory in that form.
     pub fn document(&self, id: &DocumentId) -> Option<&Automerge> {
         self.docs.get(id).and_then(|d| d.replica.document())

@@ -622,7 +622,7 @@ fn when_saved_answers_for_the_changes_made_before_it() {
     // The first write lands: the caller's changes are on disk, though the
     // document as a whole is not.
     assert_eq!(answered(&engine.handle(now, done(w1))), vec![10]);
-    assert_eq!(engine.is_saved(&id), Some(false));
+    assert_eq!(engine.sync_status(&id).map(|s| s.saved), Some(false));
 
     // Asked while the second is out; it fails after a third was issued on
     // top of it, so the third landing proves nothing.
