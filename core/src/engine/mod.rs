@@ -32,6 +32,7 @@
 //!   Automerge, which is caught and contained.
 
 mod changelog;
+mod durability;
 mod policy;
 mod replica;
 mod rng;
@@ -40,12 +41,10 @@ pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::time::Duration;
 
 use automerge::sync;
 use automerge::transaction::CommitOptions;
 use automerge::{ActorId, Automerge, ChangeHash};
-use sha2::{Digest, Sha256};
 
 pub use changelog::ChangeLog;
 pub use policy::{AnnounceAll, RelayPolicy, SharePolicy};
@@ -59,12 +58,13 @@ pub use types::{
 };
 
 use crate::storage::{
-    ChunkKind, DocKey, Snapshot, StorageKey, StorageOp, StorageResult, StorageTask, TaskId,
+    ChunkKind, DocKey, StorageKey, StorageOp, StorageResult, StorageTask, TaskId,
 };
 use crate::wire::{
     self, DecodeError, DocMessage, DocumentId, EphemeralMessage, Message, PeerId, PeerMetadata,
     SessionId, PROTOCOL_VERSION,
 };
+use durability::{Durability, Save, Waiter};
 use rng::Rng;
 
 /// Most messages buffered for a document while it loads from storage.
@@ -201,19 +201,8 @@ struct Doc {
     /// Sync states read from storage, by remote storage id, not yet in use.
     stored_sync_states: BTreeMap<String, Vec<u8>>,
     pending: Vec<PendingMessage>,
-    store: DocStore,
-    /// Document writes issued so far; each is numbered with the count.
-    saves_issued: u64,
-    /// The numbers of the writes not yet confirmed.
-    unconfirmed_saves: BTreeSet<u64>,
-    /// `WhenSaved` commands still waiting, each with the write that must
-    /// be confirmed, with every write before it; `None` until the next
-    /// write is issued (the changes are not written yet, or a write failed
-    /// and everything is to be written again).
-    save_waiters: Vec<(CommandId, Option<u64>)>,
-    /// After failed writes: how long the next retry waits, and whether one
-    /// is scheduled.
-    save_retry: Option<(Duration, bool)>,
+    /// What is on disk, the writes in flight and who waits for them.
+    durable: Durability,
     /// When the document was last touched (for eviction).
     last_used: Timestamp,
     /// The heads last reported in an [`Event::DocChanged`].
@@ -224,7 +213,7 @@ impl Doc {
     /// Every change is written: no write is waiting for its result, and the
     /// last one written holds the current heads.
     fn is_saved(&self) -> bool {
-        self.unconfirmed_saves.is_empty() && self.store.saved_heads == self.replica.heads()
+        self.durable.is_saved(&self.replica.heads())
     }
 
     /// Forgets a peer's sync state for this document. An emptied map gives
@@ -236,25 +225,6 @@ impl Doc {
         }
         removed
     }
-}
-
-/// What storage holds for a document, as far as the engine knows.
-#[derive(Debug, Default)]
-struct DocStore {
-    /// Heads covered by chunks already written (or being written).
-    saved_heads: Vec<ChangeHash>,
-    snapshot_keys: Vec<StorageKey>,
-    snapshot_bytes: usize,
-    incremental_keys: Vec<StorageKey>,
-    incremental_bytes: usize,
-    /// How many bytes of incremental chunks the snapshot has absorbed so
-    /// far. Snapshots compress history far below the size of its changes,
-    /// so comparing new chunks with the snapshot alone would re-read a
-    /// growing document every few hundred changes; comparing them with what
-    /// was compacted doubles the interval each time (linear total work).
-    compacted_bytes: usize,
-    /// A compaction is under way (at most one at a time).
-    compacting: bool,
 }
 
 #[derive(Debug)]
@@ -293,7 +263,7 @@ enum Task {
     LoadDoc(DocumentId),
     SaveDoc {
         doc: DocumentId,
-        /// The write's number (see `Doc::saves_issued`).
+        /// The write's number (see [`Durability`]).
         seq: u64,
         /// The chunk written, and its size.
         key: StorageKey,
@@ -313,12 +283,6 @@ enum Timer {
     Resync(DocumentId, PeerId),
     RetrySave(DocumentId),
 }
-
-/// The first wait before writing a document again after a failed write;
-/// it doubles with every failure in a row, up to [`SAVE_RETRY_MAX`].
-const SAVE_RETRY_FIRST: Duration = Duration::from_millis(500);
-/// The longest wait between attempts to write a document.
-const SAVE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Engine {
     /// A new engine with no connections and no documents.
@@ -557,8 +521,7 @@ impl Engine {
                     && d.peers.is_empty()
                     && d.pending.is_empty()
                     && d.waiting_finds.is_empty()
-                    && d.save_waiters.is_empty()
-                    && !d.store.compacting
+                    && d.durable.is_idle()
                     && d.is_saved()
             })
             .map(|(id, d)| (d.last_used, id.clone()))
@@ -636,9 +599,7 @@ impl Engine {
                 Timer::Resync(id, peer) => self.resync(&id, &peer, at),
                 Timer::RetrySave(id) => {
                     if let Some(d) = self.docs.get_mut(&id) {
-                        if let Some((_, scheduled)) = &mut d.save_retry {
-                            *scheduled = false;
-                        }
+                        d.durable.retry_fired();
                     }
                     self.save_doc(&id);
                 }
@@ -701,38 +662,33 @@ impl Engine {
     }
 
     fn when_saved(&mut self, cmd: CommandId, id: DocumentId) {
-        match self.docs.get_mut(&id) {
-            Some(doc) if !doc.is_saved() => {
-                // The current heads are being written by the last write
-                // issued, or else will be by the next one.
-                let target =
-                    (doc.store.saved_heads == doc.replica.heads()).then_some(doc.saves_issued);
-                doc.save_waiters.push((cmd, target));
+        let released = match self.docs.get_mut(&id) {
+            Some(doc) => {
+                let heads = doc.replica.heads();
+                doc.durable.wait(Waiter::Command(cmd), &heads)
             }
-            _ => self.out.completed.push((cmd, CommandResult::Saved(id))),
-        }
+            None => Some(Waiter::Command(cmd)),
+        };
+        self.deliver(&id, released);
     }
 
-    /// Answers the `WhenSaved` commands whose write is confirmed along with
-    /// every write before it (all of them once the document is saved).
-    fn answer_save_waiters(&mut self, id: &DocumentId) {
-        let Some(doc) = self.docs.get_mut(id) else {
-            return;
-        };
-        if doc.save_waiters.is_empty() {
-            return;
-        }
-        let everything = doc.is_saved();
-        let oldest_unconfirmed = doc.unconfirmed_saves.first().copied();
-        let completed = &mut self.out.completed;
-        doc.save_waiters.retain(|&(cmd, target)| {
-            let done =
-                everything || matches!(target, Some(t) if oldest_unconfirmed.is_none_or(|u| u > t));
-            if done {
-                completed.push((cmd, CommandResult::Saved(id.clone())));
+    /// Answers `WhenSaved` commands and sends held messages whose writes
+    /// are confirmed. A held message whose connection is gone is dropped:
+    /// the peer's sync state went with it.
+    fn deliver(&mut self, id: &DocumentId, waiters: impl IntoIterator<Item = Waiter>) {
+        for waiter in waiters {
+            match waiter {
+                Waiter::Command(cmd) => self
+                    .out
+                    .completed
+                    .push((cmd, CommandResult::Saved(id.clone()))),
+                Waiter::Send(send) => {
+                    if self.connections.contains_key(&send.conn) {
+                        self.out.sends.push(send);
+                    }
+                }
             }
-            !done
-        });
+        }
     }
 
     fn create(&mut self, cmd: CommandId, initial: Option<Vec<u8>>) {
@@ -1424,7 +1380,21 @@ impl Engine {
         } else {
             Message::Sync(doc_message)
         };
-        self.send_to_peer(peer, message);
+        let Some(conn) = self.peers.get(peer).copied() else {
+            return;
+        };
+        // A message may carry changes storage has not confirmed yet: it
+        // leaves once they are on disk, so that no peer ever holds a change
+        // a crash here could lose.
+        let send = Send { conn, message };
+        let released = match self.docs.get_mut(id) {
+            Some(doc) => {
+                let heads = doc.replica.heads();
+                doc.durable.wait(Waiter::Send(send), &heads)
+            }
+            None => Some(Waiter::Send(send)),
+        };
+        self.deliver(id, released);
     }
 
     /// Automerge panicked on something this peer sent. Close the peer's
@@ -1726,57 +1696,38 @@ impl Engine {
             (Task::LoadDoc(id), _) => self.loaded(&id, Vec::new()),
             (Task::Compact { doc, replaced }, result) => {
                 if let Some(d) = self.docs.get_mut(&doc) {
-                    d.store.compacting = false;
-                    match result {
-                        StorageResult::Compacted { key, bytes } => {
-                            d.store.snapshot_keys.push(key);
-                            d.store.snapshot_bytes = bytes;
-                        }
-                        _ => {
-                            // Nothing was replaced; keep tracking the chunks
-                            // so a later compaction includes them.
-                            d.store.snapshot_keys.extend(replaced);
-                        }
-                    }
+                    let snapshot = match result {
+                        StorageResult::Compacted { key, bytes } => Some((key, bytes)),
+                        _ => None,
+                    };
+                    d.durable.compaction_done(snapshot, replaced);
                 }
             }
             (Task::SaveDoc { doc, seq, key, len }, result) => {
-                if let Some(d) = self.docs.get_mut(&doc) {
-                    d.unconfirmed_saves.remove(&seq);
-                    if let StorageResult::Failed(reason) = &result {
-                        // Whoever needed this write waits for the rewrite.
-                        for (_, target) in &mut d.save_waiters {
-                            if target.is_some_and(|t| t >= seq) {
-                                *target = None;
-                            }
-                        }
-                        // Write it again, with the next change or after a
-                        // while, whichever comes first. Only ever move
-                        // back: an earlier save may have failed too (writes
-                        // fail together when committed as a group), and
-                        // then not even the heads it started from are on
-                        // disk. Everything is rewritten.
-                        d.store.saved_heads = Vec::new();
-                        // The chunk is not there: compaction must not
-                        // count or look for it.
-                        d.store.incremental_keys.retain(|k| *k != key);
-                        d.store.incremental_bytes = d.store.incremental_bytes.saturating_sub(len);
-                        let (wait, scheduled) = d.save_retry.unwrap_or((SAVE_RETRY_FIRST, false));
-                        tracing::warn!(document = %doc, %reason, retry_in = ?wait, "writing a document failed");
-                        if !scheduled {
-                            let at = self.now.plus(wait);
-                            self.timers.insert((at, Timer::RetrySave(doc.clone())));
-                        }
-                        d.save_retry = Some(((wait * 2).min(SAVE_RETRY_MAX), true));
-                    } else if d.is_saved() {
-                        d.save_retry = None;
-                        self.out.events.push(Event::Saved {
-                            document_id: doc.clone(),
-                            heads: d.store.saved_heads.clone(),
-                        });
-                    }
-                    self.answer_save_waiters(&doc);
+                let Some(d) = self.docs.get_mut(&doc) else {
+                    return;
+                };
+                let failed = match &result {
+                    StorageResult::Failed(reason) => Some(reason),
+                    _ => None,
+                };
+                let done = d
+                    .durable
+                    .write_done(seq, &key, len, failed.is_none(), &*d.replica);
+                if let Some(reason) = failed {
+                    tracing::warn!(document = %doc, %reason, retry_in = ?done.retry_in, "writing a document failed");
                 }
+                if let Some(wait) = done.retry_in {
+                    let at = self.now.plus(wait);
+                    self.timers.insert((at, Timer::RetrySave(doc.clone())));
+                }
+                if let Some(heads) = done.saved {
+                    self.out.events.push(Event::Saved {
+                        document_id: doc.clone(),
+                        heads,
+                    });
+                }
+                self.deliver(&doc, done.released);
             }
             _ => {}
         }
@@ -1791,10 +1742,12 @@ impl Engine {
         };
         tracing::error!(document = %id, %reason, "cannot read document from storage");
         // Nothing of a document being loaded waits to be written.
-        for (cmd, _) in doc.save_waiters {
-            self.out
-                .completed
-                .push((cmd, CommandResult::Saved(id.clone())));
+        for waiter in doc.durable.into_waiters() {
+            if let Waiter::Command(cmd) = waiter {
+                self.out
+                    .completed
+                    .push((cmd, CommandResult::Saved(id.clone())));
+            }
         }
         for cmd in doc.waiting_finds {
             self.out.completed.push((
@@ -1840,17 +1793,20 @@ impl Engine {
             };
             corrupt.push((key.clone(), reason));
         }
-        doc.store.snapshot_bytes = snapshots.iter().map(|(_, b)| b.len()).sum();
-        doc.store.snapshot_keys = snapshots.into_iter().map(|(k, _)| k).collect();
-        doc.store.incremental_bytes = incrementals.iter().map(|(_, b)| b.len()).sum();
-        doc.store.incremental_keys = incrementals.into_iter().map(|(k, _)| k).collect();
-        doc.store.saved_heads = doc.replica.heads();
+        let sizes = |chunks: Vec<(StorageKey, Vec<u8>)>| {
+            chunks
+                .into_iter()
+                .map(|(k, b)| (k, b.len()))
+                .collect::<Vec<_>>()
+        };
+        let heads = doc.replica.heads();
+        doc.durable
+            .loaded(sizes(snapshots), sizes(incrementals), heads);
         for (key, reason) in corrupt {
             tracing::error!(document = %id, %key, %reason, "skipping corrupt chunk");
             // Keep the damaged chunk out of compaction so it is never
             // deleted: someone may want to recover it by hand.
-            doc.store.snapshot_keys.retain(|k| *k != key);
-            doc.store.incremental_keys.retain(|k| *k != key);
+            doc.durable.keep_chunk(&key);
             self.out.events.push(Event::CorruptChunk {
                 document_id: id.clone(),
                 key,
@@ -1890,71 +1846,31 @@ impl Engine {
         }
     }
 
-    /// Writes whatever changed since the last save: an incremental chunk,
-    /// or — once the incrementals would outweigh the snapshot — a new
-    /// snapshot replacing all of them in one atomic batch. Every version
-    /// stays reachable: a snapshot holds the full history.
+    /// Writes whatever changed since the last save (see
+    /// [`Durability::save`]).
     fn save_doc(&mut self, id: &DocumentId) {
         let Some(doc) = self.docs.get_mut(id) else {
             return;
         };
-        let heads = doc.replica.heads();
-        if heads == doc.store.saved_heads {
-            return;
-        }
-        let incremental = doc.replica.save_after(&doc.store.saved_heads);
-        doc.store.saved_heads = heads;
-        if incremental.is_empty() {
-            self.answer_save_waiters(id);
-            return;
-        }
-        let name = hex::encode(&Sha256::digest(&incremental)[..16]);
-        let key = StorageKey::doc_chunk(id, ChunkKind::Incremental, &name);
-        doc.store.incremental_bytes += incremental.len();
-        doc.store.incremental_keys.push(key.clone());
-        doc.saves_issued += 1;
-        let seq = doc.saves_issued;
-        doc.unconfirmed_saves.insert(seq);
-        for (_, target) in &mut doc.save_waiters {
-            target.get_or_insert(seq);
-        }
-        // Compaction happens off the engine: the storage side merges the
-        // chunks into a snapshot and swaps them atomically. The changes are
-        // already durable as incrementals, so compaction can fail or be
-        // lost in a crash without losing anything.
-        let compact = !doc.store.compacting
-            && doc.store.incremental_keys.len() > 1
-            && doc.store.incremental_bytes
-                >= doc.store.snapshot_bytes.max(doc.store.compacted_bytes)
-            && doc.store.incremental_bytes >= self.cfg.compact_after_bytes;
-        let replace = if compact {
-            doc.store.compacting = true;
-            doc.store.compacted_bytes = doc.store.compacted_bytes.max(doc.store.snapshot_bytes)
-                + doc.store.incremental_bytes;
-            doc.store.incremental_bytes = 0;
-            let mut keys = std::mem::take(&mut doc.store.snapshot_keys);
-            keys.append(&mut doc.store.incremental_keys);
-            // Saved heads are the replica's heads here: the snapshot holds
-            // exactly what the replaced chunks and this save hold.
-            let snapshot = doc.replica.snapshot().map(|bytes| Snapshot {
-                heads: doc.store.saved_heads.clone(),
-                bytes,
-            });
-            Some((keys, snapshot))
-        } else {
-            None
+        let plan = match doc
+            .durable
+            .save(id, &*doc.replica, self.cfg.compact_after_bytes)
+        {
+            Save::Nothing => return,
+            Save::Released(waiters) => return self.deliver(id, waiters),
+            Save::Write(plan) => plan,
         };
-        let len = incremental.len();
+        let len = plan.chunk.len();
         self.storage(
-            StorageOp::Put(key.clone(), incremental),
+            StorageOp::Put(plan.key.clone(), plan.chunk),
             Task::SaveDoc {
                 doc: id.clone(),
-                seq,
-                key,
+                seq: plan.seq,
+                key: plan.key,
                 len,
             },
         );
-        if let Some((replace, snapshot)) = replace {
+        if let Some((replace, snapshot)) = plan.compact {
             self.storage(
                 StorageOp::Compact {
                     doc: id.clone(),
@@ -1995,11 +1911,7 @@ impl Doc {
             peers: BTreeMap::new(),
             stored_sync_states: BTreeMap::new(),
             pending: Vec::new(),
-            store: DocStore::default(),
-            saves_issued: 0,
-            unconfirmed_saves: BTreeSet::new(),
-            save_waiters: Vec::new(),
-            save_retry: None,
+            durable: Durability::default(),
             last_used: Timestamp(0),
             announced_heads: Vec::new(),
         }

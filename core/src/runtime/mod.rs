@@ -975,8 +975,15 @@ impl Actor {
                     self.engine.handle(now, Input::Disconnected { conn })
                 }
                 Msg::Storage(task, result) => {
-                    self.in_flight_storage = self.in_flight_storage.saturating_sub(1);
-                    self.engine.handle(now, Input::Storage { task, result })
+                    // A group commit finishes many tasks at once: answer them
+                    // together, so the messages they held leave as one batch.
+                    let mut inputs = vec![Input::Storage { task, result }];
+                    take_more(&mut rx, &mut carried, &mut inputs, |msg| match msg {
+                        Msg::Storage(task, result) => Ok(Input::Storage { task, result }),
+                        other => Err(other),
+                    });
+                    self.in_flight_storage = self.in_flight_storage.saturating_sub(inputs.len());
+                    self.engine.handle_batch(now, inputs)
                 }
                 Msg::Shutdown(done) => {
                     // Close every connection so transports wind down (and
