@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use super::replica::Replica;
 use super::types::{CommandId, Send};
 use crate::storage::{ChunkKind, Snapshot, StorageKey};
-use crate::wire::DocumentId;
+use crate::wire::{DocumentId, PeerId};
 
 /// The first wait before writing a document again after a failed write;
 /// it doubles with every failure in a row, up to [`SAVE_RETRY_MAX`].
@@ -35,8 +35,9 @@ pub(super) const SAVE_RETRY_MAX: Duration = Duration::from_secs(30);
 pub(super) enum Waiter {
     /// A `WhenSaved` command.
     Command(CommandId),
-    /// A sync message that may carry changes not yet written.
-    Send(Send),
+    /// A sync message that may carry changes not yet written, and the
+    /// peer it is for.
+    Send(PeerId, Send),
 }
 
 /// The writes asked of storage by one save.
@@ -317,7 +318,7 @@ mod tests {
     use super::*;
     use crate::engine::replica::{full_document_factory, Replica};
     use crate::engine::types::ConnectionId;
-    use crate::wire::{Message, PeerId};
+    use crate::wire::Message;
     use automerge::{transaction::Transactable, ActorId, ROOT};
 
     fn replica() -> Box<dyn Replica> {
@@ -337,12 +338,14 @@ mod tests {
     }
 
     fn held(n: u64) -> Waiter {
-        Waiter::Send(Send {
-            conn: ConnectionId(n),
-            message: Message::Leave {
-                sender_id: PeerId::new("relay").expect("valid id"),
+        let relay = PeerId::new("relay").expect("valid id");
+        Waiter::Send(
+            relay.clone(),
+            Send {
+                conn: ConnectionId(n),
+                message: Message::Leave { sender_id: relay },
             },
-        })
+        )
     }
 
     fn write(d: &mut Durability, r: &dyn Replica) -> SavePlan {

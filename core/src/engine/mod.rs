@@ -249,6 +249,14 @@ struct DocPeer {
     /// A message for this peer is due at the end of the current input or
     /// batch and has not been generated yet.
     reply_due: bool,
+    /// A message to it, on this connection, waits for a write (see
+    /// [`Durability`]). No other is generated meanwhile: when it leaves, one
+    /// message carries whatever accumulated, instead of one per change,
+    /// each with its own summary of everything not yet acknowledged. A
+    /// message held for an earlier connection holds nothing back.
+    held: Option<ConnectionId>,
+    /// It was due another message while one was held.
+    due_after_held: bool,
 }
 
 #[derive(Debug)]
@@ -682,9 +690,17 @@ impl Engine {
                     .out
                     .completed
                     .push((cmd, CommandResult::Saved(id.clone()))),
-                Waiter::Send(send) => {
-                    if self.connections.contains_key(&send.conn) {
+                Waiter::Send(peer, send) => {
+                    let conn = send.conn;
+                    if self.peers.get(&peer) == Some(&conn) {
                         self.out.sends.push(send);
+                    }
+                    let dp = self.docs.get_mut(id).and_then(|d| d.peers.get_mut(&peer));
+                    if let Some(dp) = dp.filter(|dp| dp.held == Some(conn)) {
+                        dp.held = None;
+                        if std::mem::take(&mut dp.due_after_held) {
+                            self.defer_sync(id, &peer);
+                        }
                     }
                 }
             }
@@ -1266,6 +1282,8 @@ impl Engine {
                 resync_at: None,
                 resynced_at_heads: None,
                 reply_due: false,
+                held: None,
+                due_after_held: false,
             }),
         );
         self.peer_docs
@@ -1326,6 +1344,12 @@ impl Engine {
         let Some(dp) = doc.peers.get_mut(peer) else {
             return;
         };
+        if dp.held.is_some() && dp.held == self.peers.get(peer).copied() {
+            // Still due (receiving relies on knowing that): generated once
+            // the held message leaves.
+            dp.due_after_held = true;
+            return;
+        }
         dp.reply_due = false;
         // With nothing of our own we still answer a peer that offers the
         // document (that is how we get it); otherwise we ask for it, once,
@@ -1386,13 +1410,19 @@ impl Engine {
         // A message may carry changes storage has not confirmed yet: it
         // leaves once they are on disk, so that no peer ever holds a change
         // a crash here could lose.
-        let send = Send { conn, message };
+        let send = Waiter::Send(peer.clone(), Send { conn, message });
         let released = match self.docs.get_mut(id) {
             Some(doc) => {
                 let heads = doc.replica.heads();
-                doc.durable.wait(Waiter::Send(send), &heads)
+                let released = doc.durable.wait(send, &heads);
+                if released.is_none() {
+                    if let Some(dp) = doc.peers.get_mut(peer) {
+                        dp.held = Some(conn);
+                    }
+                }
+                released
             }
-            None => Some(Waiter::Send(send)),
+            None => Some(send),
         };
         self.deliver(id, released);
     }

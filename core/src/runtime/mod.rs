@@ -271,7 +271,6 @@ enum Msg {
     Sessions(oneshot::Sender<Vec<Session>>),
     Bytes(ConnectionId, Vec<u8>),
     Closed(ConnectionId),
-    Storage(TaskId, StorageResult),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -409,10 +408,11 @@ impl Repo {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
         let peer_id = config.engine.peer_id.clone();
-        // The storage thread holds only a weak sender: when every handle is
-        // dropped the channel closes, the actor ends, and the thread drains
-        // its queue and releases the store, with or without `shutdown`.
-        let (storage_tx, storage_thread) = spawn_storage_thread(storage.clone(), tx.downgrade());
+        // When every handle is dropped the channel closes and the actor
+        // ends, dropping the storage queue's sender: the thread drains its
+        // queue and releases the store, with or without `shutdown`.
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let (storage_tx, storage_thread) = spawn_storage_thread(storage.clone(), results_tx);
         let actor = Actor {
             outbound_limit: (config.max_outbound_bytes, config.outbound_grace),
             engine: Engine::new(config.engine),
@@ -424,6 +424,7 @@ impl Repo {
             next_cmd: 0,
             events: events.clone(),
             storage_tx: Some(storage_tx),
+            storage_results: results_rx,
             storage_thread: Some(storage_thread),
             in_flight_storage: 0,
             shutdown: None,
@@ -773,7 +774,7 @@ const MAX_STORAGE_GROUP: usize = 256;
 
 fn spawn_storage_thread(
     storage: Arc<dyn Storage>,
-    results: mpsc::WeakUnboundedSender<MsgBox>,
+    results: mpsc::UnboundedSender<(TaskId, StorageResult)>,
 ) -> (
     std::sync::mpsc::Sender<(TaskId, StorageOp)>,
     std::thread::JoinHandle<()>,
@@ -806,10 +807,8 @@ fn spawn_storage_thread(
                 });
                 // Once the actor is gone nobody wants the results, but the
                 // remaining writes still go to the store.
-                if let Some(results) = results.upgrade() {
-                    for (task, result) in ids.into_iter().zip(outcomes) {
-                        let _ = results.send(MsgBox(Msg::Storage(task, result)));
-                    }
+                for (task, result) in ids.into_iter().zip(outcomes) {
+                    let _ = results.send((task, result));
                 }
             }
         })
@@ -854,6 +853,10 @@ struct Actor {
     next_cmd: u64,
     events: broadcast::Sender<Event>,
     storage_tx: Option<std::sync::mpsc::Sender<(TaskId, StorageOp)>>,
+    /// Finished storage tasks, on their own channel: they are answered
+    /// ahead of everything queued, since the messages they release (see
+    /// the engine's durability machine) should not wait behind new work.
+    storage_results: mpsc::UnboundedReceiver<(TaskId, StorageResult)>,
     storage_thread: Option<std::thread::JoinHandle<()>>,
     in_flight_storage: usize,
     shutdown: Option<oneshot::Sender<()>>,
@@ -877,11 +880,20 @@ impl Actor {
                 }
                 return;
             }
+            if let Ok(first) = self.storage_results.try_recv() {
+                wake = self.storage_done(first);
+                continue;
+            }
             let msg = match (carried.take(), wake) {
                 (Some(m), _) => Some(m),
                 (None, Some(at)) => {
                     let deadline = tokio::time::Instant::from_std(self.clock.instant_of(at));
                     tokio::select! {
+                        biased;
+                        Some(done) = self.storage_results.recv() => {
+                            wake = self.storage_done(done);
+                            continue;
+                        }
                         m = rx.recv() => m,
                         _ = tokio::time::sleep_until(deadline) => {
                             let out = self.engine.handle(self.clock.now(), Input::Tick);
@@ -890,7 +902,14 @@ impl Actor {
                         }
                     }
                 }
-                (None, None) => rx.recv().await,
+                (None, None) => tokio::select! {
+                    biased;
+                    Some(done) = self.storage_results.recv() => {
+                        wake = self.storage_done(done);
+                        continue;
+                    }
+                    m = rx.recv() => m,
+                },
             };
             let Some(MsgBox(msg)) = msg else { return };
             let now = self.clock.now();
@@ -974,17 +993,6 @@ impl Actor {
                     self.remotes.remove(&conn);
                     self.engine.handle(now, Input::Disconnected { conn })
                 }
-                Msg::Storage(task, result) => {
-                    // A group commit finishes many tasks at once: answer them
-                    // together, so the messages they held leave as one batch.
-                    let mut inputs = vec![Input::Storage { task, result }];
-                    take_more(&mut rx, &mut carried, &mut inputs, |msg| match msg {
-                        Msg::Storage(task, result) => Ok(Input::Storage { task, result }),
-                        other => Err(other),
-                    });
-                    self.in_flight_storage = self.in_flight_storage.saturating_sub(inputs.len());
-                    self.engine.handle_batch(now, inputs)
-                }
                 Msg::Shutdown(done) => {
                     // Close every connection so transports wind down (and
                     // release what they hold) while storage drains.
@@ -997,6 +1005,25 @@ impl Actor {
             };
             wake = self.act(out);
         }
+    }
+
+    /// Answers finished storage tasks: `first` and whatever else finished
+    /// with it. A group commit finishes many at once; answered together, the
+    /// messages they held leave as one batch.
+    fn storage_done(&mut self, first: (TaskId, StorageResult)) -> Option<Timestamp> {
+        let mut inputs = vec![Input::Storage {
+            task: first.0,
+            result: first.1,
+        }];
+        while inputs.len() < MAX_BATCH {
+            let Ok((task, result)) = self.storage_results.try_recv() else {
+                break;
+            };
+            inputs.push(Input::Storage { task, result });
+        }
+        self.in_flight_storage = self.in_flight_storage.saturating_sub(inputs.len());
+        let out = self.engine.handle_batch(self.clock.now(), inputs);
+        self.act(out)
     }
 
     fn act(&mut self, out: Output) -> Option<Timestamp> {
