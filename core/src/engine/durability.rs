@@ -76,8 +76,6 @@ pub(super) struct WriteDone {
     /// The write failed: schedule a retry after this long (`None` if one is
     /// already scheduled).
     pub retry_in: Option<Duration>,
-    /// The write failed (whether or not a retry is to be scheduled).
-    pub failed: bool,
 }
 
 /// The durability state of one document.
@@ -234,7 +232,6 @@ impl Durability {
                 done.saved = Some(self.saved_heads.clone());
             }
         } else {
-            done.failed = true;
             // Whoever needed this write waits for the rewrite.
             for (_, target) in &mut self.waiters {
                 if target.is_some_and(|t| t >= seq) {
@@ -348,11 +345,16 @@ mod tests {
         )
     }
 
-    fn write(d: &mut Durability, r: &dyn Replica) -> SavePlan {
-        match d.save(&id(), r, usize::MAX) {
+    /// A save that must write, compacting past `compact_after` bytes.
+    fn write_compacting(d: &mut Durability, r: &dyn Replica, compact_after: usize) -> SavePlan {
+        match d.save(&id(), r, compact_after) {
             Save::Write(plan) => plan,
             other => panic!("expected a write, got {other:?}"),
         }
+    }
+
+    fn write(d: &mut Durability, r: &dyn Replica) -> SavePlan {
+        write_compacting(d, r, usize::MAX)
     }
 
     #[test]
@@ -411,7 +413,6 @@ mod tests {
         let first = write(&mut d, &*r);
         assert_eq!(d.wait(held(1), &r.heads()), None);
         let done = d.write_done(first.seq, &first.key, first.chunk.len(), false, &*r);
-        assert!(done.failed);
         assert_eq!(done.retry_in, Some(SAVE_RETRY_FIRST));
         assert!(done.released.is_empty());
         assert!(!d.is_saved(&r.heads()));
@@ -450,23 +451,17 @@ mod tests {
         let mut d = Durability::default();
         let mut r = replica();
         edit(&mut r, 1);
-        let Save::Write(first) = d.save(&id(), &*r, 0) else {
-            panic!("expected a write")
-        };
+        let first = write_compacting(&mut d, &*r, 0);
         // One chunk alone is never compacted.
         assert!(first.compact.is_none());
         edit(&mut r, 2);
-        let Save::Write(second) = d.save(&id(), &*r, 0) else {
-            panic!("expected a write")
-        };
+        let second = write_compacting(&mut d, &*r, 0);
         let (replaced, _) = second.compact.expect("a compaction");
         assert_eq!(replaced, vec![first.key.clone(), second.key.clone()]);
         assert!(!d.is_idle());
         edit(&mut r, 3);
         // One compaction at a time.
-        let Save::Write(third) = d.save(&id(), &*r, 0) else {
-            panic!("expected a write")
-        };
+        let third = write_compacting(&mut d, &*r, 0);
         assert!(third.compact.is_none());
         d.compaction_done(None, replaced);
         assert!(d.is_idle());

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod context;
 mod presence;
+mod storage_thread;
 
 pub use context::{Context, ContextEvent, Subscription, View};
 pub use presence::{Presence, PresenceConfig, PresenceEvent};
@@ -29,6 +30,7 @@ use crate::engine::{
 };
 use crate::storage::{Storage, StorageKey, StorageOp, StorageResult, TaskId};
 use crate::wire::{self, DocumentId, PeerId, StorageId};
+use storage_thread::spawn_storage_thread;
 
 /// What a connection task is told to do by the repo.
 #[derive(Debug)]
@@ -767,53 +769,6 @@ impl Clock {
     fn instant_of(&self, t: Timestamp) -> Instant {
         self.start + Duration::from_millis(t.0.saturating_sub(self.epoch_ms))
     }
-}
-
-/// Most storage tasks taken from the queue and performed as one group.
-const MAX_STORAGE_GROUP: usize = 256;
-
-fn spawn_storage_thread(
-    storage: Arc<dyn Storage>,
-    results: mpsc::UnboundedSender<(TaskId, StorageResult)>,
-) -> (
-    std::sync::mpsc::Sender<(TaskId, StorageOp)>,
-    std::thread::JoinHandle<()>,
-) {
-    let (tx, rx) = std::sync::mpsc::channel::<(TaskId, StorageOp)>();
-    let handle = std::thread::Builder::new()
-        .name("converge-storage".into())
-        .spawn(move || {
-            // One thread, tasks in order: a later write never overtakes an
-            // earlier one, which compaction relies on. Whatever queued up
-            // while the last tasks ran is taken at once, so writes that
-            // arrive together are committed together (group commit).
-            while let Ok(first) = rx.recv() {
-                let mut tasks = vec![first];
-                while tasks.len() < MAX_STORAGE_GROUP {
-                    match rx.try_recv() {
-                        Ok(next) => tasks.push(next),
-                        Err(_) => break,
-                    }
-                }
-                let (ids, ops): (Vec<TaskId>, Vec<StorageOp>) = tasks.into_iter().unzip();
-                let count = ids.len();
-                // A panic in the store (or in Automerge during compaction)
-                // fails these tasks instead of silently killing the thread.
-                let outcomes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    storage.perform_many(ops)
-                }))
-                .unwrap_or_else(|_| {
-                    vec![StorageResult::Failed("storage task panicked".into()); count]
-                });
-                // Once the actor is gone nobody wants the results, but the
-                // remaining writes still go to the store.
-                for (task, result) in ids.into_iter().zip(outcomes) {
-                    let _ = results.send((task, result));
-                }
-            }
-        })
-        .unwrap_or_else(|e| panic!("cannot start the storage thread: {e}"));
-    (tx, handle)
 }
 
 /// Most network messages (or local edits) handed to the engine as one batch.
