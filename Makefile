@@ -16,7 +16,7 @@ LISTEN ?= 127.0.0.1:3030
 DATA_DIR ?= ./converge-data
 NPM_STAMP := tests/js/node_modules/.converge-installed
 
-.PHONY: test run check fmt lint unit fixtures-live deps deps-rust deps-node deps-python deps-kotlin \
+.PHONY: test run check fmt lint sans-io unit fixtures-live deps deps-rust deps-node deps-python deps-kotlin \
 	build-debug bindings bindings-tests python-tests kotlin-tests bench-ffi bench bench-smoke
 
 test: deps lint unit fixtures-live bindings-tests bench-smoke
@@ -53,9 +53,19 @@ $(NPM_STAMP): tests/js/package.json tests/js/package-lock.json
 fmt:
 	$(CARGO) fmt --all
 
-lint:
+lint: sans-io
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# converge-proto is the sans-IO crate: nothing in its dependency tree may do
+# networking, async IO or RocksDB. (Automerge itself brings getrandom, for
+# actor ids the engine always replaces with ones from its seeded generator.)
+SANS_IO_FORBIDDEN := tokio tokio-tungstenite tungstenite axum hyper mio socket2 rocksdb librocksdb-sys async-nats libp2p
+sans-io: deps-rust
+	@tree=$$($(CARGO) tree -p converge-proto -e normal --prefix none | awk '{print $$1}' | sort -u) || exit 1; \
+	bad=$$(for c in $(SANS_IO_FORBIDDEN); do echo "$$tree" | grep -qx "$$c" && echo "$$c" || true; done); \
+	if [ -n "$$bad" ]; then echo "converge-proto must stay sans-IO, but its dependency tree has: $$bad"; exit 1; fi; \
+	echo "converge-proto: $$(echo "$$tree" | wc -l) crates in its tree, none of: $(SANS_IO_FORBIDDEN)"
 
 unit: deps-node
 	$(CARGO) test --workspace

@@ -197,7 +197,7 @@ fn exchange(
 }
 
 fn replica(kind: ReplicaKind, actor: u8, bytes: &[u8]) -> anyhow::Result<Box<dyn Replica>> {
-    let mut r = kind.factory()(ActorId::from(vec![actor; 16]));
+    let mut r = kind.factory()(ActorId::from(vec![actor; 16]), 0);
     r.load_chunk(bytes)?;
     Ok(r)
 }
@@ -365,7 +365,7 @@ pub fn large_doc(
     // cold-start runs include: a change-log replica loading the bytes and
     // answering the same peer.
     let ours_ms = median(&|| {
-        let mut replica = ReplicaKind::ChangeLog.factory()(ActorId::random());
+        let mut replica = ReplicaKind::ChangeLog.factory()(ActorId::random(), 0);
         replica.load_chunk(&saved)?;
         let mut peer = PeerSync::default();
         replica.receive_sync_message(&mut peer, request()?)?;

@@ -850,7 +850,7 @@ impl Sim {
                 replace,
                 snapshot,
             } => {
-                match converge_core::storage::compaction(&doc, &replace, snapshot, |k| {
+                match converge_core::engine::compaction(&doc, &replace, snapshot, |k| {
                     Ok(durable.get(k).cloned())
                 }) {
                     Ok((ops, key, bytes)) => {
@@ -1078,7 +1078,7 @@ pub fn check_storage_loads(sim: &Sim) -> Result<(), String> {
         for chunks in by_doc.values() {
             // What one kind of replica wrote, both kinds must read.
             for kind in [ReplicaKind::FullDocument, ReplicaKind::ChangeLog] {
-                let mut replica = kind.factory()(automerge::ActorId::from(vec![1u8; 16]));
+                let mut replica = kind.factory()(automerge::ActorId::from(vec![1u8; 16]), 0);
                 for (k, v) in chunks {
                     replica.load_chunk(v).map_err(|e| {
                         format!(

@@ -316,13 +316,13 @@ impl RepoConfig {
     /// A client repo with a random peer id. `storage_id` should be stable
     /// for persistent storage; see [`load_or_create_storage_id`].
     pub fn new(storage_id: Option<StorageId>) -> Self {
-        let seed = random_seed();
-        let peer = PeerId::new(&format!("converge-{:016x}", seed)).unwrap_or_else(|_| {
+        // The peer id is public; the engine's seed must not follow from it.
+        let peer = PeerId::new(&format!("converge-{:016x}", random_seed())).unwrap_or_else(|_| {
             // The name above is always 26 ASCII bytes, which is valid.
             unreachable_peer()
         });
         Self {
-            engine: EngineConfig::new(peer, storage_id, seed.rotate_left(17)),
+            engine: EngineConfig::new(peer, storage_id, random_seed()),
             max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
             outbound_grace: DEFAULT_OUTBOUND_GRACE,
         }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use crate::engine::perform_many;
 use crate::storage::{Storage, StorageOp, StorageResult, TaskId};
 
 /// Most storage tasks taken from the queue and performed as one group.
@@ -38,7 +39,7 @@ pub(super) fn spawn_storage_thread(
                 // A panic in the store (or in Automerge during compaction)
                 // fails these tasks instead of silently killing the thread.
                 let outcomes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    storage.perform_many(ops)
+                    perform_many(storage.as_ref(), ops)
                 }))
                 .unwrap_or_else(|_| {
                     vec![StorageResult::Failed("storage task panicked".into()); count]

@@ -251,7 +251,7 @@ impl Replica for Booby {
 #[test]
 fn a_panic_is_contained_to_one_connection() {
     let (mut sim, relay, clients, doc) = busy_relay(|cfg| {
-        cfg.replica = Arc::new(|actor| Box::new(Booby(FullDocument::new(actor))));
+        cfg.replica = Arc::new(|actor, _| Box::new(Booby(FullDocument::new(actor))));
     });
     eve_joins(&mut sim, relay);
     let poison = sync::Message {

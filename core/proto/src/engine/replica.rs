@@ -47,7 +47,9 @@ impl ReplicaKind {
     pub fn factory(self) -> ReplicaFactory {
         match self {
             Self::FullDocument => full_document_factory(),
-            Self::ChangeLog => Arc::new(|actor| Box::new(super::ChangeLog::new(actor))),
+            Self::ChangeLog => {
+                Arc::new(|actor, hash_seed| Box::new(super::ChangeLog::new(actor, hash_seed)))
+            }
         }
     }
 }
@@ -161,11 +163,11 @@ pub trait Replica: Send + fmt::Debug {
 
 /// Builds an empty replica whose local changes (if it can make any) are
 /// authored by the given actor. The engine calls it once per document.
-pub type ReplicaFactory = Arc<dyn Fn(ActorId) -> Box<dyn Replica> + Send + Sync>;
+pub type ReplicaFactory = Arc<dyn Fn(ActorId, u64) -> Box<dyn Replica> + Send + Sync>;
 
 /// The factory for [`FullDocument`] replicas.
 pub fn full_document_factory() -> ReplicaFactory {
-    Arc::new(|actor| Box::new(FullDocument::new(actor)))
+    Arc::new(|actor, _| Box::new(FullDocument::new(actor)))
 }
 
 /// A replica holding a full Automerge document.

@@ -319,7 +319,7 @@ mod tests {
     use automerge::{transaction::Transactable, ActorId, ROOT};
 
     fn replica() -> Box<dyn Replica> {
-        full_document_factory()(ActorId::from(vec![1u8; 16]))
+        full_document_factory()(ActorId::from(vec![1u8; 16]), 0)
     }
 
     fn edit(r: &mut Box<dyn Replica>, n: i64) {

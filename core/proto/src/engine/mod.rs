@@ -32,7 +32,9 @@
 //!   Automerge, which is caught and contained.
 
 mod changelog;
+mod compaction;
 mod durability;
+mod perform;
 mod persist;
 mod policy;
 mod replica;
@@ -48,6 +50,8 @@ use automerge::transaction::CommitOptions;
 use automerge::{ActorId, Automerge, ChangeHash};
 
 pub use changelog::ChangeLog;
+pub use compaction::compaction;
+pub use perform::{perform, perform_many};
 pub use policy::{AnnounceAll, RelayPolicy, SharePolicy};
 pub use replica::{
     full_document_factory, FullDocument, PeerSync, Replica, ReplicaError, ReplicaFactory,
@@ -96,6 +100,8 @@ pub enum ChangeError {
 pub struct Engine {
     cfg: EngineConfig,
     rng: Rng,
+    /// Keys the replicas' hash tables; drawn from the config's seed.
+    hash_seed: u64,
     session_id: SessionId,
     now: Timestamp,
     next_task: u64,
@@ -298,9 +304,12 @@ impl Engine {
     pub fn new(cfg: EngineConfig) -> Self {
         let mut rng = Rng::new(cfg.seed);
         let session_id = SessionId::from_trusted(hex::encode(rng.bytes::<8>()));
+        // Its own stream, so hash keys do not shift the ids drawn above.
+        let hash_seed = Rng::new(cfg.seed ^ 0x243f_6a88_85a3_08d3).next_u64();
         Self {
             cfg,
             rng,
+            hash_seed,
             session_id,
             now: Timestamp(0),
             next_task: 0,
@@ -672,7 +681,7 @@ impl Engine {
 
     fn create(&mut self, cmd: CommandId, initial: Option<Vec<u8>>) {
         let id = DocumentId::from_random(self.rng.bytes::<16>());
-        let mut replica = (self.cfg.replica)(ActorId::from(self.rng.bytes::<16>().to_vec()));
+        let mut replica = self.new_replica();
         match &initial {
             Some(bytes) => {
                 if let Err(e) = replica.load_chunk(bytes) {
@@ -1057,7 +1066,10 @@ impl Engine {
     // ------------------------------------------------------------ documents
 
     fn new_replica(&mut self) -> Box<dyn Replica> {
-        (self.cfg.replica)(ActorId::from(self.rng.bytes::<16>().to_vec()))
+        (self.cfg.replica)(
+            ActorId::from(self.rng.bytes::<16>().to_vec()),
+            self.hash_seed,
+        )
     }
 
     fn on_doc_message(

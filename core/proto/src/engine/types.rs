@@ -65,7 +65,10 @@ pub struct EngineConfig {
     /// Our storage id; `None` makes us an ephemeral peer, for whom others
     /// persist no sync state.
     pub storage_id: Option<StorageId>,
-    /// Seeds the generator for document ids, actor ids and the session id.
+    /// Seeds the generator for document ids, actor ids, the session id and
+    /// the keys of the replicas' hash tables. Draw it from the OS where
+    /// peers are untrusted (a relay), and do not derive public names from
+    /// it: whoever knows it can predict ids and aim at hash buckets.
     pub seed: u64,
     /// Which documents we offer to and accept from whom.
     pub policy: Arc<dyn SharePolicy>,

@@ -33,7 +33,7 @@
 
 use std::cell::{OnceCell, RefCell};
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::hash::{BuildHasher, Hasher};
+use std::hash::BuildHasher;
 
 use automerge::sync::{self, BloomFilter, Capability, Have, MessageFlags, MessageVersion};
 use automerge::{
@@ -48,77 +48,25 @@ use super::replica::{
 /// A vector clock: (actor index, highest sequence number), sorted by actor.
 type Clock = Vec<(u32, u32)>;
 
-/// Hash maps keyed by change hashes (already uniform SHA-256 output) or
-/// small integers need no SipHash; a keyed multiply-fold is several times
-/// faster and, with a per-process random key, still gives a peer no way to
-/// aim its hashes at one bucket.
+/// Hash tables keyed by change hashes (already uniform SHA-256 output),
+/// actor ids or small integers need no SipHash: foldhash is several times
+/// faster. Each log keys it from the seed the engine hands its replicas
+/// (see [`ReplicaFactory`](super::ReplicaFactory)), so runs replay exactly
+/// and, with a secret seed, a peer has no way to aim its hashes at one
+/// bucket. No `Default`: every table must be built with the log's key.
 #[derive(Clone, Copy, Debug)]
-struct FoldState(u64);
+struct HashState(u64);
 
-impl Default for FoldState {
-    fn default() -> Self {
-        use std::sync::OnceLock;
-        static KEY: OnceLock<u64> = OnceLock::new();
-        Self(
-            *KEY.get_or_init(|| {
-                std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
-            }),
-        )
+impl BuildHasher for HashState {
+    type Hasher = foldhash::fast::FoldHasher<'static>;
+    #[inline]
+    fn build_hasher(&self) -> Self::Hasher {
+        foldhash::fast::FixedState::with_seed(self.0).build_hasher()
     }
 }
 
-impl BuildHasher for FoldState {
-    type Hasher = FoldHasher;
-    fn build_hasher(&self) -> FoldHasher {
-        FoldHasher(self.0)
-    }
-}
-
-#[derive(Debug)]
-struct FoldHasher(u64);
-
-impl FoldHasher {
-    #[inline]
-    fn mix(&mut self, v: u64) {
-        let m = u128::from(self.0 ^ v) * 0x9e37_79b9_7f4a_7c15_u128;
-        self.0 = (m as u64) ^ ((m >> 64) as u64);
-    }
-}
-
-impl Hasher for FoldHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            self.mix(u64::from_le_bytes(c.try_into().expect("8 bytes")));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut buf = [0u8; 8];
-            buf[..rest.len()].copy_from_slice(rest);
-            self.mix(u64::from_le_bytes(buf));
-        }
-    }
-    #[inline]
-    fn write_u32(&mut self, v: u32) {
-        self.mix(u64::from(v));
-    }
-    #[inline]
-    fn write_u64(&mut self, v: u64) {
-        self.mix(v);
-    }
-    #[inline]
-    fn write_usize(&mut self, v: usize) {
-        self.mix(v as u64);
-    }
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type FastMap<K, V> = HashMap<K, V, FoldState>;
-type FastSet<K> = HashSet<K, FoldState>;
+type FastMap<K, V> = HashMap<K, V, HashState>;
+type FastSet<K> = HashSet<K, HashState>;
 
 /// How many clocks of whole head sets are remembered.
 const SET_CLOCKS: usize = 16;
@@ -220,8 +168,10 @@ pub struct ChangeLog {
     entries: Vec<Entry>,
     bytes: Vec<u8>,
     deps: Vec<u32>,
+    /// Keys every hash table of this log.
+    hasher: HashState,
     index: FastMap<ChangeHash, u32>,
-    actor_index: HashMap<ActorId, u32>,
+    actor_index: FastMap<ActorId, u32>,
     /// The actors by index (the inverse of `actor_index`).
     actor_ids: Vec<ActorId>,
     /// Per actor index: its changes' log indexes, by sequence number
@@ -253,20 +203,23 @@ pub struct ChangeLog {
 }
 
 impl ChangeLog {
-    /// An empty log whose local edits are authored by `actor`.
-    pub fn new(actor: ActorId) -> Self {
+    /// An empty log whose local edits are authored by `actor`, its hash
+    /// tables keyed by `hash_seed`.
+    pub fn new(actor: ActorId, hash_seed: u64) -> Self {
+        let hasher = HashState(hash_seed);
         Self {
             actor,
             entries: Vec::new(),
             bytes: Vec::new(),
             deps: Vec::new(),
-            index: FastMap::default(),
-            actor_index: HashMap::new(),
+            hasher,
+            index: FastMap::with_hasher(hasher),
+            actor_index: FastMap::with_hasher(hasher),
             actor_ids: Vec::new(),
             by_actor: Vec::new(),
             heads: Vec::new(),
             queue: Vec::new(),
-            clocks: RefCell::new(FastMap::default()),
+            clocks: RefCell::new(FastMap::with_hasher(hasher)),
             set_clocks: RefCell::new(Vec::new()),
             blooms: RefCell::new(Vec::new()),
             loaded: None,
@@ -274,6 +227,14 @@ impl ChangeLog {
             open_lazily_from: OPEN_LAZILY_BYTES,
             materialized: OnceCell::new(),
         }
+    }
+
+    fn new_map<K, V>(&self) -> FastMap<K, V> {
+        FastMap::with_hasher(self.hasher)
+    }
+
+    fn new_set<K>(&self) -> FastSet<K> {
+        FastSet::with_hasher(self.hasher)
     }
 
     /// How many changes it holds (not counting queued ones).
@@ -302,7 +263,7 @@ impl ChangeLog {
         };
         let doc = unopened.doc.into_document();
         if let Err(e) = self.take_snapshot(&unopened.snapshot, &doc) {
-            *self = Self::new(self.actor.clone());
+            *self = Self::new(self.actor.clone(), self.hasher.0);
             self.unopened = Some(Box::new(Unopened {
                 doc: FullDocument::from_document(doc),
                 snapshot: unopened.snapshot,
@@ -400,7 +361,7 @@ impl ChangeLog {
         if let Some(c) = self.clocks.borrow().get(&idx) {
             return c.clone();
         }
-        let mut local: FastMap<u32, Clock> = FastMap::default();
+        let mut local: FastMap<u32, Clock> = self.new_map();
         let mut stack = vec![idx];
         while let Some(&top) = stack.last() {
             if local.contains_key(&top) {
@@ -439,11 +400,8 @@ impl ChangeLog {
         let mut cache = self.clocks.borrow_mut();
         if cache.len() >= CLOCK_CACHE_MAX {
             let keep_from = (self.entries.len().saturating_sub(CLOCK_CACHE_RECENT)) as u32;
-            let heads: FastSet<u32> = self
-                .heads
-                .iter()
-                .filter_map(|h| self.index.get(h).copied())
-                .collect();
+            let mut heads: FastSet<u32> = self.new_set();
+            heads.extend(self.heads.iter().filter_map(|h| self.index.get(h).copied()));
             cache.retain(|i, _| *i >= keep_from || heads.contains(i));
         }
         cache.insert(idx, clock);
@@ -575,11 +533,12 @@ impl ChangeLog {
     fn ingest(&mut self, incoming: Vec<Incoming>) -> Result<bool, ReplicaError> {
         // The same duplicate rules as automerge: a change we hold is
         // skipped; a different change reusing an (actor, seq) is refused.
-        let mut seen: FastSet<ChangeHash> = self.queue.iter().map(|c| c.hash).collect();
+        let mut seen: FastSet<ChangeHash> = self.new_set();
+        seen.extend(self.queue.iter().map(|c| c.hash));
         let mut keep = vec![false; incoming.len()];
         {
-            let mut seqs: HashSet<(&ActorId, u64)> =
-                self.queue.iter().map(|c| (c.actor(), c.seq())).collect();
+            let mut seqs: FastSet<(&ActorId, u64)> = self.new_set();
+            seqs.extend(self.queue.iter().map(|c| (c.actor(), c.seq())));
             for (change, keep) in incoming.iter().zip(&mut keep) {
                 if self.index.contains_key(&change.hash) || !seen.insert(change.hash) {
                     continue;
@@ -641,7 +600,7 @@ impl ChangeLog {
         self.deps.reserve(metas.len());
         for meta in &metas {
             if !meta.deps.iter().all(|d| self.index.contains_key(d)) {
-                *self = Self::new(self.actor.clone());
+                *self = Self::new(self.actor.clone(), self.hasher.0);
                 let changes = doc.get_changes(&[]);
                 return self
                     .ingest(changes.into_iter().map(Incoming::from_change).collect())
@@ -786,10 +745,10 @@ impl ChangeLog {
             missing.dedup();
             return missing;
         }
-        let queued: HashMap<ChangeHash, &Incoming> =
-            self.queue.iter().map(|c| (c.hash, c)).collect();
-        let mut missing = HashSet::new();
-        let mut seen = HashSet::new();
+        let mut queued: FastMap<ChangeHash, &Incoming> = self.new_map();
+        queued.extend(self.queue.iter().map(|c| (c.hash, c)));
+        let mut missing: FastSet<ChangeHash> = self.new_set();
+        let mut seen: FastSet<ChangeHash> = self.new_set();
         let mut stack = start.to_vec();
         while let Some(hash) = stack.pop() {
             if self.index.contains_key(&hash) || !seen.insert(hash) {
@@ -825,7 +784,7 @@ impl ChangeLog {
         let candidates = self.indexes_after(&last_sync_of(have));
         // Candidates are in causal order, so one forward pass closes the
         // set under "depends on something we send".
-        let mut sending: FastSet<u32> = FastSet::default();
+        let mut sending: FastSet<u32> = self.new_set();
         let mut withheld = Vec::new();
         for &idx in &candidates {
             let entry = &self.entries[idx as usize];
@@ -1200,10 +1159,9 @@ impl Replica for ChangeLog {
                                 // Few candidates: look each up.
                                 out.retain(|&i| !sent.contains(&self.entries[i as usize].hash));
                             } else if !sent.is_empty() {
-                                let sent: FastSet<u32> = sent
-                                    .iter()
-                                    .filter_map(|h| self.index.get(h).copied())
-                                    .collect();
+                                let mut ids: FastSet<u32> = self.new_set();
+                                ids.extend(sent.iter().filter_map(|h| self.index.get(h).copied()));
+                                let sent = ids;
                                 out.retain(|i| !sent.contains(i));
                             }
                             (out, withheld)
@@ -1432,7 +1390,7 @@ impl Replica for ChangeLog {
                 drop(doc);
                 let result = loaded.and_then(|()| self.ingest(rest));
                 if result.is_err() {
-                    *self = Self::new(self.actor.clone());
+                    *self = Self::new(self.actor.clone(), self.hasher.0);
                 }
                 result.map(|_| ())
             }
@@ -1549,7 +1507,7 @@ mod tests {
     }
 
     fn log(n: u8) -> Box<dyn Replica> {
-        Box::new(ChangeLog::new(actor(n)))
+        Box::new(ChangeLog::new(actor(n), 0x5eed))
     }
 
     fn edit(r: &mut dyn Replica, key: &str, value: i64) {
@@ -1641,7 +1599,7 @@ mod tests {
         let mut rounds = Vec::new();
         for relay_kind in [ReplicaKind::FullDocument, ReplicaKind::ChangeLog] {
             let mut clients: Vec<Box<dyn Replica>> = (1..=3).map(full).collect();
-            let mut relay = relay_kind.factory()(actor(9));
+            let mut relay = relay_kind.factory()(actor(9), 0x5eed);
             let mut to_relay: Vec<PeerSync> = (0..3).map(|_| PeerSync::default()).collect();
             let mut from_relay: Vec<PeerSync> = (0..3).map(|_| PeerSync::default()).collect();
             let mut trace = Vec::new();
@@ -1753,7 +1711,7 @@ mod tests {
     #[test]
     fn incremental_answers_match_the_full_rule_with_false_claims() {
         let mut writers: Vec<Box<dyn Replica>> = (1..=3).map(full).collect();
-        let mut relay = ChangeLog::new(actor(9));
+        let mut relay = ChangeLog::new(actor(9), 0x5eed);
         let mut peer = PeerSync::default();
         // The relay's heads after every step.
         let mut history: Vec<Vec<ChangeHash>> = vec![Vec::new()];
@@ -1857,7 +1815,7 @@ mod tests {
     #[test]
     fn a_peer_with_nothing_gets_the_loaded_snapshot() {
         let mut source = source_with(300, 7);
-        let mut relay = ChangeLog::new(actor(9));
+        let mut relay = ChangeLog::new(actor(9), 0x5eed);
         relay
             .load_chunk(&source.save())
             .expect("loads the snapshot");
@@ -1958,16 +1916,16 @@ mod tests {
         assert_eq!(relay.heads(), source.heads());
 
         for kind in [ReplicaKind::FullDocument, ReplicaKind::ChangeLog] {
-            let mut copy = kind.factory()(actor(3));
+            let mut copy = kind.factory()(actor(3), 0x5eed);
             copy.load_chunk(&relay.save()).expect("reload");
             assert_eq!(copy.heads(), source.heads());
             assert_eq!(contents(copy.as_ref()), contents(source.as_ref()));
             // Incremental: the change after `middle` only.
-            let mut partial = kind.factory()(actor(4));
+            let mut partial = kind.factory()(actor(4), 0x5eed);
             partial.load_chunk(&source.save()).expect("load");
             let after = relay.save_after(&middle);
             assert!(!after.is_empty() && after.len() < relay.save().len());
-            let mut base = kind.factory()(actor(5));
+            let mut base = kind.factory()(actor(5), 0x5eed);
             let mut old = full(1);
             for i in 0..30 {
                 edit(old.as_mut(), &format!("k{}", i % 5), i);
@@ -1986,7 +1944,7 @@ mod tests {
         }
         let doc = source.document().expect("doc");
         let changes = doc.get_changes(&[]);
-        let mut relay = ChangeLog::new(actor(9));
+        let mut relay = ChangeLog::new(actor(9), 0x5eed);
         // Newest first: each waits for the one before it.
         for c in changes.iter().rev() {
             relay.load_chunk(c.raw_bytes()).expect("queued or applied");
@@ -1998,7 +1956,7 @@ mod tests {
 
     #[test]
     fn hostile_changes_are_refused_without_a_trace() {
-        let mut relay = ChangeLog::new(actor(9));
+        let mut relay = ChangeLog::new(actor(9), 0x5eed);
         let mut a = full(1);
         edit(a.as_mut(), "x", 1);
         relay.load_chunk(&a.save()).expect("load");
@@ -2019,7 +1977,7 @@ mod tests {
         let mut forged = full(1);
         edit(forged.as_mut(), "y", 3);
         edit(forged.as_mut(), "y", 4);
-        let mut fresh = ChangeLog::new(actor(8));
+        let mut fresh = ChangeLog::new(actor(8), 0x5eed);
         fresh.load_chunk(&twin.save()).expect("first one");
         assert!(fresh.load_chunk(&a.save()).is_err(), "same actor and seq");
         // A valid change followed by one that reuses a seq: neither lands.
@@ -2039,7 +1997,7 @@ mod tests {
         let mut bad = change.clone();
         bad[4] ^= 0x01;
         for kind in [ReplicaKind::FullDocument, ReplicaKind::ChangeLog] {
-            let mut r = kind.factory()(actor(7));
+            let mut r = kind.factory()(actor(7), 0x5eed);
             assert!(r.load_chunk(&bad).is_err(), "{}", kind.name());
             assert!(r.is_empty());
             r.load_chunk(&change).expect("the intact change loads");
@@ -2088,7 +2046,7 @@ mod tests {
     fn clocks_survive_cache_trimming() {
         let mut source = full(1);
         let mut other = full(2);
-        let mut relay = ChangeLog::new(actor(9));
+        let mut relay = ChangeLog::new(actor(9), 0x5eed);
         for i in 0..(CLOCK_CACHE_MAX as i64 + 500) {
             if i % 1000 == 0 {
                 edit(other.as_mut(), "o", i);
@@ -2161,7 +2119,7 @@ mod tests {
                 .iter()
                 .map(|c| c.hash())
                 .collect();
-            let mut log = ChangeLog::new(actor(9));
+            let mut log = ChangeLog::new(actor(9), 0x5eed);
             // Shuffle the arrival order; ask questions while it fills.
             let mut order: Vec<usize> = (0..all.len()).collect();
             for i in (1..order.len()).rev() {
@@ -2226,7 +2184,7 @@ mod tests {
                 peers[0].load_chunk(&bytes).expect("merge");
             }
             let reference = peers[0].document().expect("doc").clone();
-            let mut log = ChangeLog::new(actor(9));
+            let mut log = ChangeLog::new(actor(9), 0x5eed);
             log.open_lazily_from = if lazy { 0 } else { usize::MAX };
             log.load_chunk(&reference.save()).expect("loads");
             assert_eq!(log.heads(), reference.get_heads());
@@ -2270,7 +2228,7 @@ mod tests {
                 assert_eq!(got, want, "round {round}");
             }
             // What it saves loads back to the same document.
-            let mut back = ChangeLog::new(actor(8));
+            let mut back = ChangeLog::new(actor(8), 0x5eed);
             back.load_chunk(&log.save()).expect("reloads");
             assert_eq!(back.heads(), log.heads());
         }
@@ -2296,7 +2254,7 @@ mod tests {
                 old.load_chunk(&source.save()).expect("an older copy");
             }
         }
-        let mut relay = ChangeLog::new(actor(9));
+        let mut relay = ChangeLog::new(actor(9), 0x5eed);
         relay.open_lazily_from = 0;
         relay.load_chunk(&source.save()).expect("loads");
         assert!(relay.unopened.is_some());
@@ -2324,7 +2282,7 @@ mod tests {
         );
         assert_eq!(contents(fresh.as_ref()), contents(old.as_ref()));
         // And what it stores reloads to the same document.
-        let mut back = ChangeLog::new(actor(8));
+        let mut back = ChangeLog::new(actor(8), 0x5eed);
         back.open_lazily_from = 0;
         back.load_chunk(&relay.save()).expect("reloads");
         assert_eq!(back.heads(), relay.heads());
@@ -2337,7 +2295,7 @@ mod tests {
     #[test]
     fn a_snapshot_loaded_after_a_read_replaces_the_empty_copy() {
         let source = source_with(50, 5);
-        let mut log = ChangeLog::new(actor(9));
+        let mut log = ChangeLog::new(actor(9), 0x5eed);
         assert!(log.document().is_some(), "an empty document");
         log.load_chunk(&source.save()).expect("loads");
         assert_eq!(contents(&log), contents(source.as_ref()));
@@ -2355,7 +2313,7 @@ mod tests {
     fn a_second_peer_with_nothing_opens_the_log_and_gets_the_stored_snapshot() {
         let source = source_with(100, 5);
         let stored = source.save();
-        let mut relay = ChangeLog::new(actor(9));
+        let mut relay = ChangeLog::new(actor(9), 0x5eed);
         relay.open_lazily_from = 0;
         relay.load_chunk(&stored).expect("loads");
         let mut first = full(2);

@@ -71,37 +71,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grouped_ops_behave_like_ops_one_by_one() {
-        use crate::storage::{StorageOp, StorageResult};
-        let key = |n: &str| StorageKey::new(["k", n]);
-        let ops = vec![
-            StorageOp::Put(key("a"), vec![1]),
-            StorageOp::Batch(vec![
-                BatchOp::Put(key("b"), vec![2]),
-                BatchOp::Delete(key("a")),
-            ]),
-            // A read between writes sees the writes before it.
-            StorageOp::Load(key("a")),
-            StorageOp::Load(key("b")),
-            StorageOp::Put(key("a"), vec![3]),
-            StorageOp::Delete(key("b")),
-            StorageOp::LoadRange(StorageKey::new(["k"])),
-        ];
-        let one_by_one = MemoryStorage::new();
-        let expected: Vec<StorageResult> = ops
-            .iter()
-            .cloned()
-            .map(|op| one_by_one.perform(op))
-            .collect();
-        let grouped = MemoryStorage::new();
-        assert_eq!(grouped.perform_many(ops), expected);
-        assert_eq!(
-            grouped.range(&StorageKey::new(["k"])).expect("range"),
-            vec![(key("a"), vec![3])]
-        );
-    }
-
-    #[test]
     fn range_returns_only_keys_under_the_prefix() {
         let s = MemoryStorage::new();
         let put = |k: &[&str]| BatchOp::Put(StorageKey::new(k.iter().copied()), vec![1]);
