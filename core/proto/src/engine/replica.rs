@@ -23,6 +23,8 @@ use automerge::{
     ActorId, Automerge, Change, ChangeHash, LoadOptions, OnPartialLoad, VerificationMode,
 };
 
+use super::changelog::PeerLog;
+
 /// Which implementation holds a document.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -88,16 +90,10 @@ pub enum ReplicaError {
 pub struct PeerSync {
     /// Automerge's sync state (what is persisted between sessions).
     pub state: sync::State,
-    /// How much of its history a replica has already offered this peer
-    /// under the peer's current `have`/`need`, so the next message only
-    /// looks at what arrived since. Private to the replica; a fresh
-    /// `PeerSync` starts with nothing offered.
-    pub(crate) offered: Option<u32>,
-    /// Of those, the ones held back because the peer's summary claimed
-    /// them (log indexes, ascending).
-    pub(crate) withheld: Vec<u32>,
-    /// The `last_sync` heads of the summary they were offered under.
-    pub(crate) offered_from: Vec<ChangeHash>,
+    /// What a change log remembers about this peer between messages (see
+    /// [`ChangeLog`](super::ChangeLog)); its business alone, not persisted.
+    /// A fresh `PeerSync` starts with nothing offered.
+    pub(super) log: PeerLog,
 }
 
 impl PeerSync {
@@ -105,9 +101,7 @@ impl PeerSync {
     pub fn new(state: sync::State) -> Self {
         Self {
             state,
-            offered: None,
-            withheld: Vec::new(),
-            offered_from: Vec::new(),
+            log: PeerLog::default(),
         }
     }
 }
