@@ -27,6 +27,7 @@ mod presence;
 mod repo;
 mod storage_thread;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use context::{Context, ContextEvent, Subscription, View};
 pub use handle::DocHandle;
 pub use outbound::{CutSignal, Next, Outbound, OutboundQueue};
@@ -35,3 +36,6 @@ pub use repo::{
     load_or_create_storage_id, random_seed, Repo, RepoConfig, RepoError, Session,
     DEFAULT_MAX_OUTBOUND_BYTES, DEFAULT_OUTBOUND_GRACE,
 };
+
+#[cfg(test)]
+mod tests;

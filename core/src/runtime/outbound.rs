@@ -3,7 +3,9 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::clock::Clock;
 
 /// What a connection task is told to do by the repo.
 #[derive(Debug)]
@@ -44,9 +46,9 @@ pub(super) struct Lane {
     bytes: AtomicUsize,
     /// The limit those bytes are held to (set when the repo queues).
     limit: AtomicUsize,
-    /// When (ms after `since`) the queue was last seen at or under it.
+    /// When (the clock's ms) the queue was last seen at or under it.
     under_at: AtomicU64,
-    since: Instant,
+    clock: Arc<dyn Clock>,
 }
 
 #[derive(Debug, Default)]
@@ -57,19 +59,19 @@ struct LaneItems {
 }
 
 impl Lane {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
             items: std::sync::Mutex::new(LaneItems::default()),
             wake: tokio::sync::Notify::new(),
             bytes: AtomicUsize::new(0),
             limit: AtomicUsize::new(usize::MAX),
             under_at: AtomicU64::new(0),
-            since: Instant::now(),
+            clock,
         }
     }
 
     fn now_ms(&self) -> u64 {
-        self.since.elapsed().as_millis() as u64
+        self.clock.now().0
     }
 
     /// Runs `f` on the shared items (a poisoned lock is still usable: the
@@ -172,8 +174,8 @@ pub(super) struct ConnTx {
 }
 
 /// A new connection's queue: the repo's end and the transport's.
-pub(super) fn queue() -> (ConnTx, OutboundQueue) {
-    let lane = Arc::new(Lane::new());
+pub(super) fn queue(clock: Arc<dyn Clock>) -> (ConnTx, OutboundQueue) {
+    let lane = Arc::new(Lane::new(clock));
     (ConnTx { lane: lane.clone() }, OutboundQueue { lane })
 }
 
@@ -236,9 +238,7 @@ mod tests {
             .expect("runtime");
         rt.block_on(async {
             for round in 0..20u64 {
-                let lane = Arc::new(Lane::new());
-                let tx = ConnTx { lane: lane.clone() };
-                let mut queue = OutboundQueue { lane };
+                let (tx, mut queue) = queue(Arc::new(super::super::SystemClock::new()));
                 let cut = queue.cut_signal();
                 const N: usize = 20_000;
                 let pusher = std::thread::spawn(move || {

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::actor::{Actor, Msg, MsgBox};
+use super::clock::{Clock, SystemClock};
 use super::outbound::{self, OutboundQueue};
 use super::DocHandle;
 use crate::engine::{
@@ -67,6 +68,9 @@ pub struct RepoConfig {
     /// How long a connection's queue may stay above
     /// [`RepoConfig::max_outbound_bytes`].
     pub outbound_grace: Duration,
+    /// Where the repo's time comes from: [`SystemClock`] by default; a
+    /// [`ManualClock`](super::ManualClock) gives tests virtual time.
+    pub clock: Arc<dyn Clock>,
 }
 
 /// The default for [`RepoConfig::max_outbound_bytes`].
@@ -87,6 +91,7 @@ impl RepoConfig {
             engine: EngineConfig::new(peer, storage_id, random_seed()),
             max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
             outbound_grace: DEFAULT_OUTBOUND_GRACE,
+            clock: Arc::new(SystemClock::new()),
         }
     }
 }
@@ -151,6 +156,7 @@ struct Inner {
     tx: mpsc::UnboundedSender<MsgBox>,
     events: broadcast::Sender<Event>,
     peer_id: PeerId,
+    clock: Arc<dyn Clock>,
     next_conn: AtomicU64,
     /// For reads outside the engine (listing documents); released on
     /// shutdown so the store can be reopened at once.
@@ -163,6 +169,7 @@ impl Repo {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
         let peer_id = config.engine.peer_id.clone();
+        let clock = config.clock.clone();
         // When every handle is dropped the channel closes and the actor
         // ends, dropping the storage queue's sender: the thread drains its
         // queue and releases the store, with or without `shutdown`.
@@ -173,6 +180,7 @@ impl Repo {
                 tx,
                 events,
                 peer_id,
+                clock,
                 next_conn: AtomicU64::new(1),
                 storage: std::sync::Mutex::new(Some(storage)),
             }),
@@ -182,6 +190,11 @@ impl Repo {
     /// Our peer id.
     pub fn peer_id(&self) -> &PeerId {
         &self.inner.peer_id
+    }
+
+    /// The repo's clock (see [`RepoConfig::clock`]).
+    pub(super) fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
     }
 
     pub(super) fn send(&self, msg: Msg) -> Result<(), RepoError> {
@@ -280,7 +293,7 @@ impl Repo {
         remote: Option<String>,
     ) -> Result<(ConnectionId, OutboundQueue), RepoError> {
         let conn = ConnectionId(self.inner.next_conn.fetch_add(1, Ordering::Relaxed));
-        let (sender, queue) = outbound::queue();
+        let (sender, queue) = outbound::queue(self.inner.clock.clone());
         self.send(Msg::Opened(conn, direction, sender, remote))?;
         Ok((conn, queue))
     }
