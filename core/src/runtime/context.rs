@@ -88,10 +88,7 @@ impl Context {
         ops: Vec<Op>,
         message: Option<String>,
     ) -> Result<Option<ChangeHash>, RepoError> {
-        let time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .ok();
+        let time = Some(self.handle.repo().clock().now().as_secs());
         Ok(self
             .handle
             .change(move |doc| context::apply(doc, &ops, message, time))

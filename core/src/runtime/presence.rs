@@ -20,10 +20,9 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::broadcast;
-use tokio::time::Instant;
 
 use super::{DocHandle, RepoError};
-use crate::engine::Event;
+use crate::engine::{Event, Timestamp};
 use crate::wire::{cbor_to_json, json_to_cbor, PeerId};
 
 const MARKER: &str = "__presence";
@@ -75,14 +74,14 @@ pub enum PresenceEvent {
 #[derive(Debug)]
 struct PeerPresence {
     state: Map<String, Json>,
-    last_seen: Instant,
+    last_seen: Timestamp,
 }
 
 #[derive(Debug)]
 struct Shared {
     local: Map<String, Json>,
     peers: BTreeMap<PeerId, PeerPresence>,
-    last_sent: Instant,
+    last_sent: Timestamp,
 }
 
 /// This peer's presence on one context, and everyone else's as seen here.
@@ -96,12 +95,23 @@ pub struct Presence {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The time now on the repo's clock (presence keeps the repo's time, so
+/// a test on a manual clock steers heartbeats and expiry too).
+fn now(handle: &DocHandle) -> Timestamp {
+    handle.repo.clock().now()
+}
+
+/// How long ago `then` was, on the repo's clock.
+fn since(handle: &DocHandle, then: Timestamp) -> Duration {
+    Duration::from_millis(now(handle).0.saturating_sub(then.0))
+}
+
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn send(handle: &DocHandle, shared: &Mutex<Shared>, message: Json) -> Result<(), RepoError> {
-    lock(shared).last_sent = Instant::now();
+    lock(shared).last_sent = now(handle);
     handle
         .broadcast(json_to_cbor(&json!({ MARKER: message })))
         .await
@@ -123,7 +133,7 @@ impl Presence {
         let shared = Arc::new(Mutex::new(Shared {
             local: local.clone(),
             peers: BTreeMap::new(),
-            last_sent: Instant::now(),
+            last_sent: now(&handle),
         }));
         let (events, _) = broadcast::channel(256);
         let mut repo_events = handle.repo.events();
@@ -140,7 +150,10 @@ impl Presence {
                     .heartbeat
                     .min(config.ttl / 4)
                     .max(Duration::from_millis(50));
-                let mut ticker = tokio::time::interval(tick);
+                // Ticks every `tick` from now, catching up at once on
+                // ticks missed (as a tokio interval does by default).
+                let clock = handle.repo.clock().clone();
+                let mut next_tick = clock.now();
                 loop {
                     tokio::select! {
                         event = repo_events.recv() => match event {
@@ -150,8 +163,10 @@ impl Presence {
                             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                             Err(broadcast::error::RecvError::Closed) => return,
                         },
-                        _ = ticker.tick() => {
-                            let due = lock(&shared).last_sent.elapsed() >= config.heartbeat;
+                        _ = clock.sleep_until(next_tick) => {
+                            next_tick = next_tick.plus(tick);
+                            let last_sent = lock(&shared).last_sent;
+                            let due = since(&handle, last_sent) >= config.heartbeat;
                             if due {
                                 let _ = send(&handle, &shared, json!({"type": "heartbeat"})).await;
                             }
@@ -160,7 +175,7 @@ impl Presence {
                                 let gone: Vec<PeerId> = s
                                     .peers
                                     .iter()
-                                    .filter(|(_, p)| p.last_seen.elapsed() > config.ttl)
+                                    .filter(|(_, p)| since(&handle, p.last_seen) > config.ttl)
                                     .map(|(id, _)| id.clone())
                                     .collect();
                                 for id in &gone {
@@ -247,6 +262,7 @@ async fn receive(
         .and_then(Json::as_str)
         .unwrap_or_default()
         .to_owned();
+    let seen_at = now(handle);
     let (new_peer, event) = {
         let mut s = lock(shared);
         let new_peer = !s.peers.contains_key(&peer);
@@ -255,7 +271,7 @@ async fn receive(
                 // Unknown peers' heartbeats are ignored: our snapshot below
                 // makes them send theirs.
                 if let Some(p) = s.peers.get_mut(&peer) {
-                    p.last_seen = Instant::now();
+                    p.last_seen = seen_at;
                 }
                 None
             }
@@ -266,9 +282,9 @@ async fn receive(
             "update" | "snapshot" => {
                 let entry = s.peers.entry(peer.clone()).or_insert_with(|| PeerPresence {
                     state: Map::new(),
-                    last_seen: Instant::now(),
+                    last_seen: seen_at,
                 });
-                entry.last_seen = Instant::now();
+                entry.last_seen = seen_at;
                 if kind == "update" {
                     if let Some(channel) = message.get("channel").and_then(Json::as_str) {
                         let value = message.get("value").cloned().unwrap_or(Json::Null);

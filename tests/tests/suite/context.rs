@@ -7,12 +7,16 @@ use std::time::Duration;
 
 use automerge::Automerge;
 use converge_core::context::{self, ContextError, Op, PatchKind, Path, Value};
+use converge_core::engine::Event;
 use converge_core::engine::Origin;
-use converge_core::runtime::{Repo, RepoConfig, RepoError};
+use converge_core::runtime::{Clock, ManualClock, Repo, RepoConfig, RepoError};
 use converge_core::storage::MemoryStorage;
 use converge_core::transport::memory;
-use converge_core::wire::AutomergeUrl;
+use converge_core::wire::{cbor_to_json, AutomergeUrl, PeerId};
 use serde_json::json;
+use tokio::sync::broadcast;
+
+use super::wait;
 
 fn p(s: &str) -> Path {
     s.parse().expect("valid pointer")
@@ -343,14 +347,12 @@ async fn remote_changes_arrive_as_patches_with_their_origin() {
     mine.merge_json("", json!({"settings": {"theme": "light"}, "cursor": 0}))
         .await
         .expect("merge");
-    let theirs = loop {
-        if let Ok(h) = bob.find(mine.handle().id()).await {
-            if h.context().get("/settings/theme").await.is_ok() {
-                break h.context();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let theirs = wait::until("bob has the document with its settings", || async {
+        let h = bob.find(mine.handle().id()).await.ok()?;
+        h.context().get("/settings/theme").await.ok()?;
+        Some(h.context())
+    })
+    .await;
     let mut sub = theirs.subscribe("/settings").expect("subscribe");
     mine.set("/cursor", Value::Int(5))
         .await
@@ -385,29 +387,60 @@ async fn remote_changes_arrive_as_patches_with_their_origin() {
     assert_eq!(local.patches[0].path, "/settings/font");
 }
 
+/// Waits (in real time) for the next presence heartbeat from `from` to
+/// reach the repo whose events these are.
+async fn heartbeat_from(events: &mut broadcast::Receiver<Event>, from: &PeerId) {
+    tokio::time::timeout(wait::DEADLINE, async {
+        loop {
+            let Ok(Event::Ephemeral {
+                sender_id, data, ..
+            }) = events.recv().await
+            else {
+                continue;
+            };
+            let message = cbor_to_json(&data).expect("presence payload");
+            if sender_id == *from && message["__presence"]["type"] == "heartbeat" {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no heartbeat from {from}"));
+}
+
 /// Presence between two repos: each sees the other join with its state,
 /// sees updates, and sees the other leave — by goodbye, or by going silent
 /// past the time-to-live.
+///
+/// On virtual time (both repos share a manual clock): heartbeats and
+/// expiry happen only as the test moves the clock, one heartbeat interval
+/// at a time; after each step the test waits for the heartbeats that step
+/// sends, so every step is seen through before the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_joins_updates_and_expires() {
     use converge_core::runtime::{Presence, PresenceConfig, PresenceEvent};
-    // A time-to-live of ten heartbeats: the suite runs many tests at once
-    // on few cores, and a heartbeat held up for most of a short TTL would
-    // expire Alice while she is still there.
     let fast = PresenceConfig {
         heartbeat: Duration::from_millis(200),
         ttl: Duration::from_millis(2000),
     };
-    let alice = Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()));
-    let bob = Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()));
+    let clock = ManualClock::new();
+    let on_clock = || {
+        let mut config = RepoConfig::new(None);
+        config.clock = Arc::new(clock.clone());
+        Repo::start(config, Arc::new(MemoryStorage::new()))
+    };
+    let (alice, bob) = (on_clock(), on_clock());
+    let mut at_alice = alice.events();
+    let mut at_bob = bob.events();
     let _link = memory::connect(&alice, &bob);
     let doc = alice.create(None).await.expect("create");
-    let bobs_doc = loop {
-        if let Ok(h) = bob.find(doc.id()).await {
-            break h;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // Connected first: with nobody to ask, a find would wait for a grace
+    // period of virtual time that does not pass.
+    wait::connected(&bob, 1).await;
+    let bobs_doc = tokio::time::timeout(wait::DEADLINE, bob.find(doc.id()))
+        .await
+        .expect("bob's find answered")
+        .expect("bob finds alice's document");
     let bob_presence = Presence::start(bobs_doc, json!({"name": "bob"}), fast)
         .await
         .expect("start");
@@ -415,7 +448,7 @@ async fn presence_joins_updates_and_expires() {
     let alice_presence = Presence::start(doc.clone(), json!({"name": "alice"}), fast)
         .await
         .expect("start");
-    let joined = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+    let joined = tokio::time::timeout(wait::DEADLINE, seen.recv())
         .await
         .expect("join")
         .expect("open");
@@ -427,21 +460,18 @@ async fn presence_joins_updates_and_expires() {
         }
     );
     // Alice sees Bob too (he answered her with his state).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        alice_presence
-            .peers()
-            .get(bob.peer_id())
-            .and_then(|s| s.get("name").cloned()),
-        Some(json!("bob"))
-    );
+    let bobs = wait::until("alice sees bob", || async {
+        alice_presence.peers().get(bob.peer_id()).cloned()
+    })
+    .await;
+    assert_eq!(bobs.get("name"), Some(&json!("bob")));
 
     alice_presence
         .set("cursor", json!({"line": 3}))
         .await
         .expect("set");
     let updated = loop {
-        match tokio::time::timeout(Duration::from_secs(5), seen.recv())
+        match tokio::time::timeout(wait::DEADLINE, seen.recv())
             .await
             .expect("update")
             .expect("open")
@@ -453,7 +483,12 @@ async fn presence_joins_updates_and_expires() {
     assert_eq!(updated.get("cursor"), Some(&json!({"line": 3})));
 
     // Heartbeats keep Alice present well past the time-to-live...
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let start = clock.now();
+    while clock.now().0 - start.0 < 3 * fast.ttl.as_millis() as u64 / 2 {
+        clock.advance(fast.heartbeat);
+        heartbeat_from(&mut at_bob, alice.peer_id()).await;
+        heartbeat_from(&mut at_alice, bob.peer_id()).await;
+    }
     assert!(
         bob_presence.peers().contains_key(alice.peer_id()),
         "alice expired despite heartbeats"
@@ -467,26 +502,34 @@ async fn presence_joins_updates_and_expires() {
         );
     }
     // ...until she goes silent.
-    let silent_since = std::time::Instant::now();
+    let silent_since = clock.now();
     drop(alice_presence);
     let left = loop {
-        match tokio::time::timeout(Duration::from_secs(5), seen.recv())
-            .await
-            .expect("leave")
-            .expect("open")
-        {
-            PresenceEvent::Left { peer, goodbye } => break (peer, goodbye),
-            _ => continue,
+        assert!(
+            clock.now().0 - silent_since.0 <= 2 * fast.ttl.as_millis() as u64,
+            "alice did not expire within twice the time-to-live"
+        );
+        clock.advance(fast.heartbeat);
+        // Bob's heartbeat of this step has gone out, so his expiry check
+        // of the step before (which comes after that step's heartbeat)
+        // is done.
+        heartbeat_from(&mut at_alice, bob.peer_id()).await;
+        if let Some(left) = std::iter::from_fn(|| seen.try_recv().ok()).find_map(|e| match e {
+            PresenceEvent::Left { peer, goodbye } => Some((peer, goodbye)),
+            _ => None,
+        }) {
+            break left;
         }
     };
     assert_eq!(left, (alice.peer_id().clone(), false));
-    // The time-to-live runs from her last heartbeat. A heartbeat goes out
-    // once nothing was sent for one interval, and that is checked once per
-    // interval, so the last one may predate her silence by up to two.
-    let waited = silent_since.elapsed();
+    // The time-to-live runs from her last heartbeat, which Bob took at
+    // the moment she fell silent or later. Seen now, the expiry happened
+    // at this step or the one before: not before the time-to-live.
+    let waited = Duration::from_millis(clock.now().0 - silent_since.0);
     assert!(
-        waited >= fast.ttl - 2 * fast.heartbeat,
-        "expired {waited:?} after she fell silent; the time-to-live is {:?}",
+        waited >= fast.ttl + fast.heartbeat,
+        "expired {:?} after she fell silent; the time-to-live is {:?}",
+        waited - fast.heartbeat,
         fast.ttl
     );
 }

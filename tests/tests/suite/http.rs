@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::relay::Relay;
+use super::wait;
 
 fn addr(relay: &Relay) -> String {
     relay.url.trim_start_matches("ws://").to_owned()
@@ -224,13 +225,11 @@ async fn every_endpoint_works_and_matches_the_openapi_document() {
     }
     // Metadata (which the listing reads) is written just after each
     // change lands; wait until all four contexts are listed.
-    for _ in 0..50 {
+    wait::until("all four contexts are listed", || async {
         let (_, all) = http(&a, "GET", "/v1/contexts", None).await;
-        if all["contexts"].as_array().map(Vec::len) == Some(4) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (all["contexts"].as_array().map(Vec::len) == Some(4)).then_some(())
+    })
+    .await;
     let (s, page) = http(&a, "GET", "/v1/contexts?limit=2", None).await;
     assert_eq!(s, 200);
     check("/v1/contexts", "get", s, &page);
@@ -487,12 +486,11 @@ async fn http_changes_reach_clients_and_the_event_stream() {
     let client = Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()));
     let _conn = ws::connect(client.clone(), relay.url.clone());
     let doc_id: converge_core::wire::DocumentId = id.parse().expect("id");
-    let ctx = loop {
-        if let Ok(h) = client.find(&doc_id).await {
-            break h.context();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let ctx = wait::until("the client finds the context", || async {
+        client.find(&doc_id).await.ok()
+    })
+    .await
+    .context();
     let mut sub = ctx.subscribe("/status").expect("subscribe");
 
     // The relay lists the client as a session, with its address.
@@ -515,7 +513,19 @@ async fn http_changes_reach_clients_and_the_event_stream() {
     sse.write_all(format!("GET /v1/contexts/{id}/events HTTP/1.1\r\nHost: {a}\r\nAccept: text/event-stream\r\n\r\n").as_bytes())
         .await
         .expect("write");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The relay subscribes before it answers: once the response head is
+    // here, the change below cannot be missed.
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !seen.contains("\r\n\r\n") {
+            let n = sse.read(&mut buf).await.expect("read");
+            assert!(n > 0, "event stream closed");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await
+    .expect("the event stream's response head");
 
     let (s, _) = http(
         &a,
@@ -548,8 +558,6 @@ async fn http_changes_reach_clients_and_the_event_stream() {
         converge_core::context::Value::Str("busy".into())
     );
 
-    let mut seen = String::new();
-    let mut buf = [0u8; 4096];
     tokio::time::timeout(Duration::from_secs(5), async {
         while !seen.contains("\"/status\"") {
             let n = sse.read(&mut buf).await.expect("read");
@@ -562,6 +570,8 @@ async fn http_changes_reach_clients_and_the_event_stream() {
     assert!(seen.contains("text/event-stream"), "{seen}");
     assert!(seen.contains("event: change"), "{seen}");
     assert!(seen.contains("\"busy\""), "{seen}");
+    // An open event stream would hold the relay's graceful shutdown.
+    drop(sse);
     relay.stop().await;
 }
 

@@ -9,5 +9,6 @@ mod relay;
 mod scenarios;
 mod storage;
 mod stories;
+mod wait;
 mod wire_fixtures;
 mod wire_props;

@@ -23,6 +23,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use super::wait;
+
 /// A relay running in this process on a random port.
 pub(crate) struct Relay {
     pub(crate) url: String,
@@ -51,17 +53,17 @@ impl Relay {
     ) -> Relay {
         // A previous relay on this directory may still be letting go of it
         // (its connection tasks end asynchronously); wait for the lock.
-        let mut attempts = 0;
-        let storage = loop {
-            match RocksStorage::open(dir, false) {
-                Ok(s) => break Arc::new(s),
-                Err(e) if attempts < 50 && e.to_string().contains("lock") => {
-                    attempts += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+        let storage = wait::until(
+            &format!("the last relay on {} lets go of its store", dir.display()),
+            || async {
+                match RocksStorage::open(dir, false) {
+                    Ok(s) => Some(Arc::new(s)),
+                    Err(e) if e.to_string().contains("lock") => None,
+                    Err(e) => panic!("open rocksdb: {e}"),
                 }
-                Err(e) => panic!("open rocksdb: {e}"),
-            }
-        };
+            },
+        )
+        .await;
         let storage_id = load_or_create_storage_id(storage.as_ref()).expect("storage id");
         let mut config = RepoConfig::new(Some(storage_id));
         config.engine.policy = Arc::new(RelayPolicy);
@@ -144,19 +146,88 @@ async fn node(script: &str, args: &[&str]) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("{script}: bad output {line:?}: {e}"))
 }
 
-async fn wait_for_output(child: tokio::process::Child, script: &str) -> Value {
-    let out = tokio::time::timeout(Duration::from_secs(40), child.wait_with_output())
+/// A Node script running beside the test, which can wait for the
+/// `interop-event {...}` lines the script writes to stderr at the moments
+/// the harness may need to know about.
+struct Script {
+    name: String,
+    child: tokio::process::Child,
+    events: tokio::sync::mpsc::UnboundedReceiver<Value>,
+    stderr: tokio::task::JoinHandle<String>,
+}
+
+impl Script {
+    fn spawn(script: &str, args: &[&str]) -> Script {
+        // Named by the script and its words (not its URLs).
+        let words = args.iter().filter(|a| !a.contains(':'));
+        let name = std::iter::once(&script)
+            .chain(words)
+            .copied()
+            .collect::<Vec<_>>();
+        let name = name.join(" ");
+        let mut child = node_command(script, args).spawn().expect("spawn node");
+        let err = child.stderr.take().expect("stderr is piped");
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let stderr = tokio::spawn(async move {
+            let mut all = String::new();
+            let mut lines = BufReader::new(err).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(json) = line.strip_prefix("interop-event ") {
+                    if let Ok(event) = serde_json::from_str::<Value>(json) {
+                        let _ = tx.send(event);
+                    }
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        Script {
+            name,
+            child,
+            events,
+            stderr,
+        }
+    }
+
+    /// Waits for the script to report `event`; returns its fields.
+    async fn event(&mut self, event: &str) -> Value {
+        let name = &self.name;
+        tokio::time::timeout(Duration::from_secs(40), async {
+            loop {
+                match self.events.recv().await {
+                    Some(e) if e["event"] == event => return e,
+                    Some(_) => continue,
+                    None => panic!("{name} ended without reporting {event}"),
+                }
+            }
+        })
         .await
-        .expect("script finishes")
-        .expect("script runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{script} failed ({}):\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("json result")
+        .unwrap_or_else(|_| panic!("{name} did not report {event} within 40 s"))
+    }
+
+    /// Waits for the script to end; returns its JSON result or panics with
+    /// its output.
+    async fn finish(self) -> Value {
+        let Script {
+            name,
+            child,
+            stderr,
+            ..
+        } = self;
+        let out = tokio::time::timeout(Duration::from_secs(40), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not finish within 40 s"))
+            .expect("script runs");
+        let stderr = stderr.await.unwrap_or_default();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name} failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
+            out.status,
+        );
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("json result")
+    }
 }
 
 fn rust_client() -> Repo {
@@ -181,13 +252,10 @@ fn doc_id(url: &str) -> DocumentId {
 
 /// Finds a document, retrying while the connection comes up.
 async fn find_with_retry(repo: &Repo, id: &DocumentId) -> converge_core::runtime::DocHandle {
-    for _ in 0..50 {
-        if let Ok(h) = repo.find(id).await {
-            return h;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("document {id} never became available");
+    wait::until(&format!("document {id} becomes available"), || async {
+        repo.find(id).await.ok()
+    })
+    .await
 }
 
 /// Waits until `doc[key]` reads as the string `value` (JS writes strings
@@ -198,18 +266,15 @@ async fn wait_until(
     key: &str,
     value: &str,
 ) {
-    for _ in 0..100 {
+    wait::until(&format!("{what}: {key} becomes {value}"), || async {
         let json = handle
             .with_doc(|d| serde_json::to_value(automerge::AutoSerde::from(d)).unwrap_or_default())
             .await
             .expect("repo alive")
             .unwrap_or_default();
-        if json[key] == value {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: {key} never became {value}");
+        (json[key] == value).then_some(())
+    })
+    .await
 }
 
 /// (a) Two unmodified automerge-repo clients sync a document through the
@@ -257,16 +322,15 @@ async fn documents_survive_restarts_with(kind: ReplicaKind) {
 
     // A client asks for a document that does not exist yet...
     let later_url = DocumentId::from_random([9; 16]).url().to_string();
-    let waiter = node_command(
+    let mut waiter = Script::spawn(
         "interop-unavailable.mjs",
         &[&relay.url, "later", &later_url],
-    )
-    .spawn()
-    .expect("spawn");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    );
+    // ...is told it is unavailable...
+    waiter.event("unavailable").await;
     // ...then another client creates it under that id.
     node("interop-create.mjs", &[&relay.url, &later_url]).await;
-    let arrived = wait_for_output(waiter, "interop-unavailable later").await;
+    let arrived = waiter.finish().await;
     assert_eq!(arrived["arrivedLater"], true);
     relay.stop().await;
 }
@@ -286,18 +350,16 @@ async fn js_and_rust_clients_edit_concurrently_with(kind: ReplicaKind) {
     let created = node("interop-create.mjs", &[&relay.url]).await;
     let url = created["url"].as_str().expect("url").to_owned();
 
-    let js = node_command(
+    let js = Script::spawn(
         "interop-edit.mjs",
         &[&relay.url, &url, "js", "fromjs", "rust", "fromrust"],
-    )
-    .spawn()
-    .expect("spawn");
+    );
     let rust = rust_client();
     let _conn = ws::connect(rust.clone(), relay.url.clone());
     let handle = find_with_retry(&rust, &doc_id(&url)).await;
     put(&handle, "rust", "fromrust").await;
     wait_until(&handle, "rust client", "js", "fromjs").await;
-    let js_result = wait_for_output(js, "interop-edit").await;
+    let js_result = js.finish().await;
     assert_eq!(js_result["doc"]["rust"], "fromrust");
     assert_eq!(js_result["doc"]["js"], "fromjs");
     relay.stop().await;
@@ -376,9 +438,7 @@ async fn ephemeral_messages_pass_both_ways() {
 
     let created = node("interop-create.mjs", &[&relay.url]).await;
     let url = created["url"].as_str().expect("url").to_owned();
-    let receiver = node_command("interop-ephemeral.mjs", &[&relay.url, &url, "receive"])
-        .spawn()
-        .expect("spawn");
+    let receiver = Script::spawn("interop-ephemeral.mjs", &[&relay.url, &url, "receive"]);
     let rust = rust_client();
     let _conn = ws::connect(rust.clone(), relay.url.clone());
     let handle = find_with_retry(&rust, &doc_id(&url)).await;
@@ -386,14 +446,19 @@ async fn ephemeral_messages_pass_both_ways() {
     let payload = vec![
         0xa1, 0x65, b'h', b'e', b'l', b'l', b'o', 0x64, b'r', b'u', b's', b't',
     ];
-    let received = tokio::spawn(wait_for_output(receiver, "interop-ephemeral receive"));
-    for _ in 0..50 {
-        handle.broadcast(payload.clone()).await.expect("broadcast");
-        if received.is_finished() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let received = tokio::spawn(receiver.finish());
+    // Ephemeral messages are not kept: send until the receiver (which may
+    // still be finding the document) has one.
+    wait::until_every(
+        "the JS client receives an ephemeral message",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || async {
+            handle.broadcast(payload.clone()).await.expect("broadcast");
+            received.is_finished().then_some(())
+        },
+    )
+    .await;
     let got = received.await.expect("join");
     assert_eq!(got["senderId"], rust.peer_id().as_str());
     assert_eq!(got["message"]["hello"], "rust");
@@ -413,7 +478,8 @@ async fn malformed_frames_close_only_their_connection() {
     let _good_conn = ws::connect(good.clone(), relay.url.clone());
     let other = rust_client();
     let _other_conn = ws::connect(other.clone(), relay.url.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait::connected(&good, 1).await;
+    wait::connected(&other, 1).await;
     let handle = good.create(None).await.expect("create");
     let id = handle.id().clone();
 
@@ -515,7 +581,8 @@ async fn a_peer_that_stops_reading_is_cut_off_and_others_carry_on() {
     let _writer_conn = ws::connect(writer.clone(), relay.url.clone());
     let reader = rust_client();
     let _reader_conn = ws::connect(reader.clone(), relay.url.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait::connected(&writer, 1).await;
+    wait::connected(&reader, 1).await;
     let handle = writer.create(None).await.expect("create");
     let id = handle.id().clone();
     let seen = find_with_retry(&reader, &id).await;
@@ -587,15 +654,13 @@ async fn a_peer_that_stops_reading_is_cut_off_and_others_carry_on() {
 
     // The relay let go of it (well within the 30 s a single stuck write
     // may take)...
-    let mut cut = false;
-    for _ in 0..100 {
-        if !slow_is_on(relay.repo.sessions().await.expect("sessions")) {
-            cut = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(cut, "the peer that stopped reading is still connected");
+    wait::until_every(
+        "the relay lets go of the peer that stopped reading",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async { (!slow_is_on(relay.repo.sessions().await.expect("sessions"))).then_some(()) },
+    )
+    .await;
     // ...and reading now, the slow peer finds its connection ended rather
     // than every frame still waiting for it.
     let ended = tokio::time::timeout(Duration::from_secs(60), async {
@@ -641,7 +706,8 @@ async fn presence_between_rust_and_js_clients() {
     let _conn = ws::connect(rust.clone(), relay.url.clone());
     let observer = rust_client();
     let _conn2 = ws::connect(observer.clone(), relay.url.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait::connected(&rust, 1).await;
+    wait::connected(&observer, 1).await;
     let doc = rust.create(None).await.expect("create");
     let url = doc.url();
     let observed = find_with_retry(&observer, doc.id()).await;
@@ -654,12 +720,10 @@ async fn presence_between_rust_and_js_clients() {
         .expect("rust presence");
     let mut mine = me.events();
 
-    let js = node_command(
+    let mut js = Script::spawn(
         "interop-presence.mjs",
         &[&relay.url, &url, rust.peer_id().as_str()],
-    )
-    .spawn()
-    .expect("spawn");
+    );
 
     // The JS peer appears with its state, then moves its cursor.
     let js_peer = tokio::time::timeout(Duration::from_secs(20), async {
@@ -687,10 +751,11 @@ async fn presence_between_rust_and_js_clients() {
     me.set("cursor", serde_json::json!({"line": 7}))
         .await
         .expect("set");
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    // Go silent: no goodbye; the JS side must time us out.
+    // Once the JS side has our cursor, go silent: no goodbye; the JS side
+    // must time us out.
+    js.event("saw-cursor").await;
     drop(me);
-    let result = wait_for_output(js, "interop-presence").await;
+    let result = js.finish().await;
     assert_eq!(result["sawState"]["name"], "rust");
     assert_eq!(result["cursor"], serde_json::json!({"line": 7}));
     // The JS client exited without a goodbye; our observer times it out.

@@ -8,8 +8,10 @@ use std::time::Duration;
 use automerge::transaction::Transactable;
 use automerge::{ReadDoc, ROOT};
 use converge_core::engine::{Event, ReplicaKind};
-use converge_core::runtime::{Repo, RepoConfig, RepoError};
+use converge_core::runtime::{ManualClock, Repo, RepoConfig, RepoError};
 use converge_core::storage::{BatchOp, DocKey, RocksStorage, Storage, StorageKey};
+
+use super::wait;
 
 async fn write(repo: &Repo, value: &'static str) -> converge_core::wire::DocumentId {
     let handle = repo.create(None).await.expect("create");
@@ -223,17 +225,10 @@ async fn two_repos_sync_over_the_in_memory_transport() {
     let _link = memory::connect(&alice, &bob);
     let doc = alice.create(None).await.expect("create");
     let mut bob_events = bob.events();
-    let on_bob = {
-        let mut found = None;
-        for _ in 0..50 {
-            if let Ok(h) = bob.find(doc.id()).await {
-                found = Some(h);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        found.expect("bob finds alice's document")
-    };
+    let on_bob = wait::until("bob finds alice's document", || async {
+        bob.find(doc.id()).await.ok()
+    })
+    .await;
     doc.change(|d| {
         let mut tx = d.transaction();
         tx.put(ROOT, "from", "alice").expect("put");
@@ -283,16 +278,10 @@ async fn dropping_a_repo_without_shutdown_releases_the_store_and_keeps_its_write
         let repo = Repo::start(RepoConfig::new(None), open(dir.path()));
         write(&repo, "kept").await
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let storage = loop {
-        match RocksStorage::open(dir.path(), false) {
-            Ok(s) => break Arc::new(s),
-            Err(_) if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("the dropped repo never released the store: {e}"),
-        }
-    };
+    let storage = wait::until("the dropped repo releases the store", || async {
+        RocksStorage::open(dir.path(), false).ok().map(Arc::new)
+    })
+    .await;
     let repo = Repo::start(RepoConfig::new(None), storage);
     let handle = repo.find(&id).await.expect("the change was written");
     assert_eq!(read_str(&handle, "value").await.as_deref(), Some("kept"));
@@ -468,12 +457,17 @@ impl Storage for Flaky {
 
 /// A write that fails is tried again on its own, with nothing else
 /// changing, once storage works again; until then the document is not
-/// reported saved.
+/// reported saved. On virtual time: the retries wait for the repo's clock,
+/// which the test moves on in steps while it looks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_writes_are_retried_without_another_change() {
     use std::sync::atomic::Ordering::SeqCst;
+    const STEP: Duration = Duration::from_millis(100);
     let storage = Arc::new(Flaky::default());
-    let repo = Repo::start(RepoConfig::new(None), storage.clone());
+    let clock = ManualClock::new();
+    let mut config = RepoConfig::new(None);
+    config.clock = Arc::new(clock.clone());
+    let repo = Repo::start(config, storage.clone());
     let mut events = repo.events();
     storage.broken.store(true, SeqCst);
     let id = write(&repo, "kept").await;
@@ -482,25 +476,20 @@ async fn failed_writes_are_retried_without_another_change() {
         let handle = repo.handle(id.clone());
         async move { handle.saved().await }
     });
-    // Writing it fails; then, with nothing else happening, it is tried
-    // again (and fails again), with nothing reported saved.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut first_failures = 0;
-    while first_failures == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing was written"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        first_failures = storage.failed_writes.load(SeqCst);
-    }
-    while storage.failed_writes.load(SeqCst) == first_failures {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "writes were not retried"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Writing it fails; then, with nothing else happening but time
+    // passing, it is tried again (and fails again), with nothing reported
+    // saved.
+    let first_failures = wait::until("the document is written (and fails)", || async {
+        let n = storage.failed_writes.load(SeqCst);
+        (n > 0).then_some(n)
+    })
+    .await;
+    wait::until("the failed write is tried again as time passes", || {
+        clock.advance(STEP);
+        let retried = storage.failed_writes.load(SeqCst) > first_failures;
+        async move { retried.then_some(()) }
+    })
+    .await;
     while let Ok(event) = events.try_recv() {
         assert!(
             !matches!(event, Event::Saved { ref document_id, .. } if *document_id == id),
@@ -514,17 +503,20 @@ async fn failed_writes_are_retried_without_another_change() {
     // The disk comes back: with no further edit, the document is written
     // and reported saved.
     storage.broken.store(false, SeqCst);
-    tokio::time::timeout(Duration::from_secs(10), async {
+    wait::until("saved once storage works again", || {
+        clock.advance(STEP);
+        let mut saved = false;
         loop {
-            match events.recv().await {
-                Ok(Event::Saved { document_id, .. }) if document_id == id => return,
+            match events.try_recv() {
+                Ok(Event::Saved { document_id, .. }) if document_id == id => saved = true,
                 Ok(_) => {}
+                Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
                 Err(e) => panic!("events ended: {e}"),
             }
         }
+        async move { saved.then_some(()) }
     })
-    .await
-    .expect("saved once storage works again");
+    .await;
     tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
         .expect("the waiter is told")

@@ -1,0 +1,370 @@
+//! The actor: the one task that owns the engine (see the [module
+//! docs](super)).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use automerge::Automerge;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::clock::Clock;
+use super::outbound::ConnTx;
+use super::storage_thread::spawn_storage_thread;
+use super::{RepoConfig, Session};
+use crate::engine::{
+    ChangeError, Command, CommandId, CommandResult, ConnectionId, Direction, Engine, Event, Input,
+    Output, Timestamp,
+};
+use crate::storage::{Storage, StorageOp, StorageResult, TaskId};
+use crate::wire::{self, DocumentId};
+
+/// A read of a document, run inside the actor.
+type Reader = Box<dyn FnOnce(Option<&Automerge>) + Send>;
+/// An edit of a document, run inside the actor.
+type Editor = Box<dyn FnOnce(&mut Automerge) + Send>;
+/// A look at the engine's state, run inside the actor.
+type Inspector = Box<dyn FnOnce(&Engine) + Send>;
+
+/// What the actor is told.
+pub(super) enum Msg {
+    Command(Command, oneshot::Sender<CommandResult>),
+    Change(DocumentId, Editor, oneshot::Sender<Result<(), ChangeError>>),
+    Read(DocumentId, Reader),
+    Inspect(Inspector),
+    Opened(ConnectionId, Direction, ConnTx, Option<String>),
+    Sessions(oneshot::Sender<Vec<Session>>),
+    Bytes(ConnectionId, Vec<u8>),
+    Closed(ConnectionId),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// `Msg` holds closures, which are not `Debug`; this wrapper is.
+pub(super) struct MsgBox(pub(super) Msg);
+
+impl std::fmt::Debug for MsgBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Msg")
+    }
+}
+
+/// Most network messages (or local edits) handed to the engine as one batch.
+const MAX_BATCH: usize = 256;
+
+/// Adds to `batch` whatever queued messages `pick` takes, up to
+/// [`MAX_BATCH`], without waiting. The first message `pick` gives back ends
+/// the batch and is kept in `carried`, to be handled next.
+fn take_more<T>(
+    rx: &mut mpsc::UnboundedReceiver<MsgBox>,
+    carried: &mut Option<MsgBox>,
+    batch: &mut Vec<T>,
+    pick: impl Fn(Msg) -> Result<T, Msg>,
+) {
+    while batch.len() < MAX_BATCH {
+        let Ok(MsgBox(msg)) = rx.try_recv() else {
+            return;
+        };
+        match pick(msg) {
+            Ok(item) => batch.push(item),
+            Err(other) => {
+                *carried = Some(MsgBox(other));
+                return;
+            }
+        }
+    }
+}
+
+/// Owns the engine; see the [module docs](super).
+pub(super) struct Actor {
+    engine: Engine,
+    remotes: BTreeMap<ConnectionId, String>,
+    sessions: BTreeMap<ConnectionId, Session>,
+    clock: Arc<dyn Clock>,
+    conns: BTreeMap<ConnectionId, ConnTx>,
+    outbound_limit: (usize, Duration),
+    pending: BTreeMap<CommandId, oneshot::Sender<CommandResult>>,
+    next_cmd: u64,
+    events: broadcast::Sender<Event>,
+    storage_tx: Option<std::sync::mpsc::Sender<(TaskId, StorageOp)>>,
+    /// Finished storage tasks, on their own channel: they are answered
+    /// ahead of everything queued, since the messages they release (see
+    /// the engine's durability machine) should not wait behind new work.
+    storage_results: mpsc::UnboundedReceiver<(TaskId, StorageResult)>,
+    storage_thread: Option<std::thread::JoinHandle<()>>,
+    in_flight_storage: usize,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Actor {
+    /// An actor for a new repo, with its storage thread started.
+    pub(super) fn new(
+        config: RepoConfig,
+        storage: Arc<dyn Storage>,
+        events: broadcast::Sender<Event>,
+    ) -> Self {
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let (storage_tx, storage_thread) = spawn_storage_thread(storage, results_tx);
+        Actor {
+            outbound_limit: (config.max_outbound_bytes, config.outbound_grace),
+            engine: Engine::new(config.engine),
+            remotes: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            clock: config.clock,
+            conns: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            next_cmd: 0,
+            events,
+            storage_tx: Some(storage_tx),
+            storage_results: results_rx,
+            storage_thread: Some(storage_thread),
+            in_flight_storage: 0,
+            shutdown: None,
+        }
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<MsgBox>) {
+        let mut wake: Option<Timestamp> = None;
+        // A message taken from the queue while batching, to handle next.
+        let mut carried: Option<MsgBox> = None;
+        loop {
+            if self.shutdown.is_some() && self.in_flight_storage == 0 {
+                // Close the storage thread's queue and wait for it, so the
+                // store is released (and reopenable) when shutdown returns.
+                self.storage_tx = None;
+                if let Some(thread) = self.storage_thread.take() {
+                    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+                }
+                if let Some(done) = self.shutdown.take() {
+                    let _ = done.send(());
+                }
+                return;
+            }
+            if let Ok(first) = self.storage_results.try_recv() {
+                wake = self.storage_done(first);
+                continue;
+            }
+            let msg = match (carried.take(), wake) {
+                (Some(m), _) => Some(m),
+                (None, Some(at)) => {
+                    // A due timer goes ahead of messages: whatever is sent
+                    // after the clock passed a deadline finds it handled
+                    // (a test on a manual clock relies on that).
+                    tokio::select! {
+                        biased;
+                        Some(done) = self.storage_results.recv() => {
+                            wake = self.storage_done(done);
+                            continue;
+                        }
+                        _ = self.clock.sleep_until(at) => {
+                            let out = self.engine.handle(self.clock.now(), Input::Tick);
+                            wake = self.act(out);
+                            continue;
+                        }
+                        m = rx.recv() => m,
+                    }
+                }
+                (None, None) => tokio::select! {
+                    biased;
+                    Some(done) = self.storage_results.recv() => {
+                        wake = self.storage_done(done);
+                        continue;
+                    }
+                    m = rx.recv() => m,
+                },
+            };
+            let Some(MsgBox(msg)) = msg else { return };
+            let now = self.clock.now();
+            let out = match msg {
+                Msg::Command(command, reply) => {
+                    self.next_cmd += 1;
+                    let id = CommandId(self.next_cmd);
+                    self.pending.insert(id, reply);
+                    self.engine.handle(now, Input::Command(id, command))
+                }
+                Msg::Change(doc, f, reply) => {
+                    // Edits queued back to back (an editor handing over
+                    // keystrokes) run as one batch: saved and synced once.
+                    let mut edits = vec![(doc, f, reply)];
+                    take_more(&mut rx, &mut carried, &mut edits, |msg| match msg {
+                        Msg::Change(doc, f, reply) => Ok((doc, f, reply)),
+                        other => Err(other),
+                    });
+                    let (edits, replies): (Vec<_>, Vec<_>) = edits
+                        .into_iter()
+                        .map(|(doc, f, reply)| ((doc, f), reply))
+                        .unzip();
+                    let (results, out) = self.engine.change_many(
+                        now,
+                        edits.into_iter().map(|(doc, f)| {
+                            (doc, move |am: &mut Automerge| {
+                                // A panicking closure must not take the repo down.
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(am)))
+                                    .is_ok()
+                            })
+                        }),
+                    );
+                    for (result, reply) in results.into_iter().zip(replies) {
+                        let _ = reply.send(match result {
+                            Ok(true) => Ok(()),
+                            Ok(false) => Err(ChangeError::Panicked),
+                            Err(e) => Err(e),
+                        });
+                    }
+                    out
+                }
+                Msg::Inspect(f) => {
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&self.engine)))
+                        .is_err()
+                    {
+                        tracing::error!("an engine inspection panicked; the repo carries on");
+                    }
+                    continue;
+                }
+                Msg::Read(doc, f) => {
+                    let doc = self.engine.document(&doc);
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(doc))).is_err() {
+                        tracing::error!("a document read panicked; the repo carries on");
+                    }
+                    continue;
+                }
+                Msg::Opened(conn, direction, tx, remote) => {
+                    self.conns.insert(conn, tx);
+                    if let Some(remote) = remote {
+                        self.remotes.insert(conn, remote);
+                    }
+                    self.engine
+                        .handle(now, Input::Connected { conn, direction })
+                }
+                Msg::Bytes(conn, bytes) => {
+                    // Take whatever else arrived meanwhile and answer it as
+                    // one batch (see `Engine::handle_batch`).
+                    let mut inputs = vec![Input::Received { conn, bytes }];
+                    take_more(&mut rx, &mut carried, &mut inputs, |msg| match msg {
+                        Msg::Bytes(conn, bytes) => Ok(Input::Received { conn, bytes }),
+                        other => Err(other),
+                    });
+                    self.engine.handle_batch(now, inputs)
+                }
+                Msg::Sessions(reply) => {
+                    let _ = reply.send(self.sessions.values().cloned().collect());
+                    continue;
+                }
+                Msg::Closed(conn) => {
+                    self.conns.remove(&conn);
+                    self.remotes.remove(&conn);
+                    self.engine.handle(now, Input::Disconnected { conn })
+                }
+                Msg::Shutdown(done) => {
+                    // Close every connection so transports wind down (and
+                    // release what they hold) while storage drains.
+                    for (_, conn) in std::mem::take(&mut self.conns) {
+                        conn.close("shutting down".into());
+                    }
+                    self.shutdown = Some(done);
+                    continue;
+                }
+            };
+            wake = self.act(out);
+        }
+    }
+
+    /// Answers finished storage tasks: `first` and whatever else finished
+    /// with it. A group commit finishes many at once; answered together, the
+    /// messages they held leave as one batch.
+    fn storage_done(&mut self, first: (TaskId, StorageResult)) -> Option<Timestamp> {
+        let mut inputs = vec![Input::Storage {
+            task: first.0,
+            result: first.1,
+        }];
+        while inputs.len() < MAX_BATCH {
+            let Ok((task, result)) = self.storage_results.try_recv() else {
+                break;
+            };
+            inputs.push(Input::Storage { task, result });
+        }
+        self.in_flight_storage = self.in_flight_storage.saturating_sub(inputs.len());
+        let out = self.engine.handle_batch(self.clock.now(), inputs);
+        self.act(out)
+    }
+
+    fn act(&mut self, out: Output) -> Option<Timestamp> {
+        for send in out.sends {
+            let Some(conn) = self.conns.get(&send.conn) else {
+                continue;
+            };
+            if conn
+                .push(wire::encode(&send.message), self.outbound_limit)
+                .is_err()
+            {
+                // The peer reads more slowly than it is sent to: cut it off
+                // (ahead of what waits) rather than hold ever more for it
+                // or drop frames and leave it silently out of sync.
+                if let Some(conn) = self.conns.remove(&send.conn) {
+                    let (limit, grace) = self.outbound_limit;
+                    let reason = format!(
+                        "over {limit} bytes waited more than {} s: the peer reads too slowly",
+                        grace.as_secs_f64()
+                    );
+                    tracing::warn!(conn = %send.conn, %reason, "disconnecting a slow peer");
+                    conn.cut(reason);
+                }
+            }
+        }
+        for close in out.closes {
+            if let Some(conn) = self.conns.remove(&close.conn) {
+                tracing::info!(conn = %close.conn, reason = %close.reason, "closing connection");
+                conn.close(close.reason);
+            }
+        }
+        for task in out.storage {
+            self.in_flight_storage += 1;
+            let sent = self
+                .storage_tx
+                .as_ref()
+                .is_some_and(|tx| tx.send((task.id, task.op)).is_ok());
+            if !sent {
+                self.in_flight_storage -= 1;
+                tracing::error!("storage thread is gone");
+            }
+        }
+        for (id, result) in out.completed {
+            if let Some(reply) = self.pending.remove(&id) {
+                let _ = reply.send(result);
+            }
+        }
+        for event in out.events {
+            match &event {
+                Event::PeerConnected {
+                    conn,
+                    peer_id,
+                    metadata,
+                } => {
+                    self.sessions.insert(
+                        *conn,
+                        Session {
+                            peer_id: peer_id.clone(),
+                            storage_id: metadata.storage_id.clone(),
+                            ephemeral: metadata.ephemeral(),
+                            remote: self.remotes.get(conn).cloned(),
+                            connected_since_ms: self.clock.now().0,
+                        },
+                    );
+                }
+                Event::PeerDisconnected { conn, .. } => {
+                    self.sessions.remove(conn);
+                }
+                _ => {}
+            }
+            if let Event::CorruptChunk {
+                document_id,
+                key,
+                reason,
+            } = &event
+            {
+                tracing::error!(document = %document_id, %key, %reason, "corrupt chunk skipped");
+            }
+            let _ = self.events.send(event);
+        }
+        out.next_wakeup
+    }
+}

@@ -1,0 +1,330 @@
+//! [`Repo`]: the handle on a running repo, and how it is configured.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::actor::{Actor, Msg, MsgBox};
+use super::clock::{Clock, SystemClock};
+use super::outbound::{self, OutboundQueue};
+use super::DocHandle;
+use crate::engine::{
+    ChangeError, Command, CommandResult, ConnectionId, Direction, DocStatus, Engine, EngineConfig,
+    Event,
+};
+use crate::storage::{Storage, StorageKey};
+use crate::wire::{DocumentId, PeerId, StorageId};
+
+/// Why a repo call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RepoError {
+    /// Nobody (storage or any peer) has the document.
+    #[error("document {0} is unavailable")]
+    Unavailable(DocumentId),
+    /// The document could not be edited.
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+    /// A Context API operation was refused (bad path, wrong type…).
+    #[error(transparent)]
+    Context(#[from] crate::context::ContextError),
+    /// The command failed.
+    #[error("{0}")]
+    Failed(String),
+    /// The repo has shut down.
+    #[error("the repo has shut down")]
+    Stopped,
+}
+
+/// One connected peer: a session.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Session {
+    /// The peer's id.
+    pub peer_id: PeerId,
+    /// Its storage id, if it has storage.
+    pub storage_id: Option<StorageId>,
+    /// Whether it said it keeps nothing.
+    pub ephemeral: bool,
+    /// Its network address, when the transport knows it.
+    pub remote: Option<String>,
+    /// When the handshake completed, ms since the epoch.
+    pub connected_since_ms: u64,
+}
+
+/// Builds a [`Repo`].
+#[derive(Debug, Clone)]
+pub struct RepoConfig {
+    /// The engine's configuration (peer id, policy, limits…).
+    pub engine: EngineConfig,
+    /// Most bytes of frames that may wait to be written to one connection
+    /// for longer than [`RepoConfig::outbound_grace`]: a peer whose queue
+    /// stays above this that long reads more slowly than it is sent to and
+    /// is disconnected. (Bursts above it that drain in time are fine, and a
+    /// single frame of any allowed size goes out when nothing else waits.)
+    pub max_outbound_bytes: usize,
+    /// How long a connection's queue may stay above
+    /// [`RepoConfig::max_outbound_bytes`].
+    pub outbound_grace: Duration,
+    /// Where the repo's time comes from: [`SystemClock`] by default; a
+    /// [`ManualClock`](super::ManualClock) gives tests virtual time.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// The default for [`RepoConfig::max_outbound_bytes`].
+pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 16 << 20;
+/// The default for [`RepoConfig::outbound_grace`].
+pub const DEFAULT_OUTBOUND_GRACE: Duration = Duration::from_secs(10);
+
+impl RepoConfig {
+    /// A client repo with a random peer id. `storage_id` should be stable
+    /// for persistent storage; see [`load_or_create_storage_id`].
+    pub fn new(storage_id: Option<StorageId>) -> Self {
+        // The peer id is public; the engine's seed must not follow from it.
+        let peer = PeerId::new(&format!("converge-{:016x}", random_seed())).unwrap_or_else(|_| {
+            // The name above is always 26 ASCII bytes, which is valid.
+            unreachable_peer()
+        });
+        Self {
+            engine: EngineConfig::new(peer, storage_id, random_seed()),
+            max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
+            outbound_grace: DEFAULT_OUTBOUND_GRACE,
+            clock: Arc::new(SystemClock::new()),
+        }
+    }
+}
+
+fn unreachable_peer() -> PeerId {
+    PeerId::new("converge").unwrap_or_else(|e| panic!("static peer id is valid: {e}"))
+}
+
+/// A random u64 from the OS (via the standard library's hash seeds).
+pub fn random_seed() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.finish()
+}
+
+/// Reads the store's storage id, creating and saving a fresh UUID-shaped
+/// one the first time (automerge-repo keeps it under `storage-adapter-id`).
+pub fn load_or_create_storage_id(storage: &dyn Storage) -> Result<StorageId, RepoError> {
+    let key = StorageKey::new(["storage-adapter-id"]);
+    let existing = storage
+        .get(&key)
+        .map_err(|e| RepoError::Failed(e.to_string()))?;
+    if let Some(bytes) = existing {
+        if let Some(id) = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|s| StorageId::new(s).ok())
+        {
+            return Ok(id);
+        }
+    }
+    let (a, b) = (random_seed(), random_seed());
+    let text = format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        b >> 52,
+        b & 0xffff_ffff_ffff
+    );
+    storage
+        .batch(vec![crate::storage::BatchOp::Put(
+            key,
+            text.clone().into_bytes(),
+        )])
+        .map_err(|e| RepoError::Failed(e.to_string()))?;
+    StorageId::new(&text).map_err(|e| RepoError::Failed(e.to_string()))
+}
+
+/// A running repo. Cheap to clone; every clone talks to the same engine.
+#[derive(Clone, Debug)]
+pub struct Repo {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    tx: mpsc::UnboundedSender<MsgBox>,
+    events: broadcast::Sender<Event>,
+    peer_id: PeerId,
+    clock: Arc<dyn Clock>,
+    next_conn: AtomicU64,
+    /// For reads outside the engine (listing documents); released on
+    /// shutdown so the store can be reopened at once.
+    storage: std::sync::Mutex<Option<Arc<dyn Storage>>>,
+}
+
+impl Repo {
+    /// Starts a repo on the current tokio runtime over `storage`.
+    pub fn start(config: RepoConfig, storage: Arc<dyn Storage>) -> Repo {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(4096);
+        let peer_id = config.engine.peer_id.clone();
+        let clock = config.clock.clone();
+        // When every handle is dropped the channel closes and the actor
+        // ends, dropping the storage queue's sender: the thread drains its
+        // queue and releases the store, with or without `shutdown`.
+        let actor = Actor::new(config, storage.clone(), events.clone());
+        tokio::spawn(actor.run(rx));
+        Repo {
+            inner: Arc::new(Inner {
+                tx,
+                events,
+                peer_id,
+                clock,
+                next_conn: AtomicU64::new(1),
+                storage: std::sync::Mutex::new(Some(storage)),
+            }),
+        }
+    }
+
+    /// Our peer id.
+    pub fn peer_id(&self) -> &PeerId {
+        &self.inner.peer_id
+    }
+
+    /// The repo's clock (see [`RepoConfig::clock`]).
+    pub(super) fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    pub(super) fn send(&self, msg: Msg) -> Result<(), RepoError> {
+        self.inner
+            .tx
+            .send(MsgBox(msg))
+            .map_err(|_| RepoError::Stopped)
+    }
+
+    pub(super) async fn command(&self, command: Command) -> Result<CommandResult, RepoError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Command(command, tx))?;
+        rx.await.map_err(|_| RepoError::Stopped)
+    }
+
+    /// Creates a document (empty, or from `Automerge::save` bytes).
+    pub async fn create(&self, initial: Option<Vec<u8>>) -> Result<DocHandle, RepoError> {
+        match self.command(Command::Create { initial }).await? {
+            CommandResult::Created(id) => Ok(self.handle(id)),
+            CommandResult::Failed(e) => Err(RepoError::Failed(e)),
+            other => Err(RepoError::Failed(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    /// Finds a document in storage or at peers. Never hangs: if nobody has
+    /// it, this returns [`RepoError::Unavailable`] (the repo keeps wanting
+    /// it; [`Repo::events`] reports when it arrives).
+    pub async fn find(&self, id: &DocumentId) -> Result<DocHandle, RepoError> {
+        match self
+            .command(Command::Find {
+                document_id: id.clone(),
+            })
+            .await?
+        {
+            CommandResult::Found(id) => Ok(self.handle(id)),
+            CommandResult::Unavailable(id) => Err(RepoError::Unavailable(id)),
+            CommandResult::Failed(e) => Err(RepoError::Failed(e)),
+            other => Err(RepoError::Failed(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    /// A handle on a document without looking it up.
+    pub fn handle(&self, id: DocumentId) -> DocHandle {
+        DocHandle::new(self.clone(), id)
+    }
+
+    /// Runs `f` on the engine inside the actor and returns what it returns.
+    pub(super) async fn inspect<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Engine) -> R + Send + 'static,
+    ) -> Result<R, RepoError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Inspect(Box::new(move |engine| {
+            let _ = tx.send(f(engine));
+        })))?;
+        rx.await.map_err(|_| RepoError::Stopped)
+    }
+
+    /// Every document this repo holds: in storage or in memory (ready).
+    pub async fn documents(&self) -> Result<Vec<DocumentId>, RepoError> {
+        let in_memory = self
+            .inspect(|engine| {
+                engine
+                    .documents()
+                    .filter(|(_, status)| *status == DocStatus::Ready)
+                    .map(|(id, _)| id.clone())
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        let storage = self
+            .inner
+            .storage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(RepoError::Stopped)?;
+        let mut ids = tokio::task::spawn_blocking(move || crate::storage::document_ids(&*storage))
+            .await
+            .map_err(|e| RepoError::Failed(format!("listing documents failed: {e}")))?
+            .map_err(|e| RepoError::Failed(format!("listing documents failed: {e}")))?;
+        ids.extend(in_memory);
+        Ok(ids.into_iter().collect())
+    }
+
+    /// Every engine event, as it happens.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Registers a new connection; returns its id and the queue of frames
+    /// to write to it. Transports call this, then [`Repo::received`] for
+    /// every frame read and [`Repo::closed`] at the end.
+    pub fn open_connection(
+        &self,
+        direction: Direction,
+        remote: Option<String>,
+    ) -> Result<(ConnectionId, OutboundQueue), RepoError> {
+        let conn = ConnectionId(self.inner.next_conn.fetch_add(1, Ordering::Relaxed));
+        let (sender, queue) = outbound::queue(self.inner.clock.clone());
+        self.send(Msg::Opened(conn, direction, sender, remote))?;
+        Ok((conn, queue))
+    }
+
+    /// Every connection that completed the handshake: a session each.
+    pub async fn sessions(&self) -> Result<Vec<Session>, RepoError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Sessions(tx))?;
+        rx.await.map_err(|_| RepoError::Stopped)
+    }
+
+    /// A frame arrived on a connection.
+    pub fn received(&self, conn: ConnectionId, bytes: Vec<u8>) {
+        let _ = self.send(Msg::Bytes(conn, bytes));
+    }
+
+    /// A connection ended.
+    pub fn closed(&self, conn: ConnectionId) {
+        let _ = self.send(Msg::Closed(conn));
+    }
+
+    /// Stops the repo after every storage task already issued is done.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Msg::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        self.inner
+            .storage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+}
