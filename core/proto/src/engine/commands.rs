@@ -1,0 +1,166 @@
+//! Local commands (create, find, broadcast) and ephemeral messages.
+
+use super::*;
+
+/// Most (sender, session) pairs remembered for ephemeral de-duplication.
+const MAX_EPHEMERAL_SESSIONS: usize = 65_536;
+
+impl Engine {
+    pub(super) fn on_command(&mut self, cmd: CommandId, command: Command) {
+        match command {
+            Command::Create { initial } => self.create(cmd, initial),
+            Command::Find { document_id } => self.find(cmd, document_id),
+            Command::Broadcast { document_id, data } => {
+                let sent = self.broadcast(&document_id, data);
+                self.out
+                    .completed
+                    .push((cmd, CommandResult::Broadcast(sent)));
+            }
+            Command::WhenSaved { document_id } => self.when_saved(cmd, document_id),
+        }
+    }
+
+    pub(super) fn create(&mut self, cmd: CommandId, initial: Option<Vec<u8>>) {
+        let id = DocumentId::from_random(self.rng.bytes::<16>());
+        let mut replica = self.new_replica();
+        match &initial {
+            Some(bytes) => {
+                if let Err(e) = replica.load_chunk(bytes) {
+                    self.out
+                        .completed
+                        .push((cmd, CommandResult::Failed(format!("initial document: {e}"))));
+                    return;
+                }
+            }
+            None => {
+                // Like automerge-repo, start with one empty change so the
+                // document has heads: an empty document and a missing one
+                // look the same to peers otherwise.
+                let time = self.now.as_secs();
+                match replica.document_mut() {
+                    Some(am) => {
+                        am.empty_commit(CommitOptions::default().with_time(time));
+                        if let Err(e) = replica.absorb_local_edits() {
+                            self.out
+                                .completed
+                                .push((cmd, CommandResult::Failed(format!("initial change: {e}"))));
+                            return;
+                        }
+                    }
+                    None => {
+                        self.out.completed.push((
+                            cmd,
+                            CommandResult::Failed(ChangeError::NotEditable.to_string()),
+                        ));
+                        return;
+                    }
+                }
+            }
+        }
+        let mut doc = Doc::new(DocStatus::Ready, replica);
+        doc.wanted = true;
+        self.docs.insert(id.clone(), doc);
+        self.doc_changed(&id, Origin::Local);
+        self.out.completed.push((cmd, CommandResult::Created(id)));
+    }
+
+    pub(super) fn find(&mut self, cmd: CommandId, id: DocumentId) {
+        if !self.docs.contains_key(&id) {
+            let replica = self.new_replica();
+            let mut doc = Doc::new(DocStatus::Loading, replica);
+            doc.wanted = true;
+            doc.waiting_finds.push(cmd);
+            self.docs.insert(id.clone(), doc);
+            self.start_load(&id);
+            return;
+        }
+        self.touch(&id);
+        let Some(doc) = self.docs.get_mut(&id) else {
+            return;
+        };
+        doc.wanted = true;
+        match doc.status {
+            DocStatus::Ready => self.out.completed.push((cmd, CommandResult::Found(id))),
+            DocStatus::Loading | DocStatus::Requesting => doc.waiting_finds.push(cmd),
+            DocStatus::Unavailable => {
+                // Ask again: peers may have it by now.
+                doc.waiting_finds.push(cmd);
+                self.begin_request(&id);
+            }
+        }
+    }
+
+    pub(super) fn broadcast(&mut self, id: &DocumentId, data: Vec<u8>) -> usize {
+        self.ephemeral_count += 1;
+        let targets = self.doc_audience(id, None);
+        for peer in &targets {
+            let message = Message::Ephemeral(EphemeralMessage {
+                sender_id: self.cfg.peer_id.clone(),
+                target_id: peer.clone(),
+                document_id: id.clone(),
+                count: self.ephemeral_count,
+                session_id: self.session_id.clone(),
+                data: data.clone(),
+            });
+            self.send_to_peer(peer, message);
+        }
+        targets.len()
+    }
+
+    /// Connected peers a document's news goes to: those already syncing it
+    /// with us, plus (unless `only_active`) those our policy announces to.
+    pub(super) fn doc_audience(&self, id: &DocumentId, exclude: Option<&PeerId>) -> Vec<PeerId> {
+        let mut out: BTreeSet<PeerId> = self
+            .docs
+            .get(id)
+            .map(|d| d.peers.keys().cloned().collect())
+            .unwrap_or_default();
+        if !self.cfg.policy.announces_nothing() {
+            for peer in self.peers.keys() {
+                if self.cfg.policy.announce(peer, id) {
+                    out.insert(peer.clone());
+                }
+            }
+        }
+        out.into_iter()
+            .filter(|p| Some(p) != exclude && self.peers.contains_key(p))
+            .collect()
+    }
+
+    pub(super) fn on_ephemeral(&mut self, from: &PeerId, m: EphemeralMessage) {
+        if !self.cfg.policy.access(from, &m.document_id) || m.sender_id == self.cfg.peer_id {
+            return;
+        }
+        let key = (m.sender_id.clone(), m.session_id.clone());
+        if self
+            .ephemeral_seen
+            .get(&key)
+            .is_some_and(|&seen| m.count <= seen)
+        {
+            return;
+        }
+        if self.ephemeral_seen.len() >= MAX_EPHEMERAL_SESSIONS {
+            self.ephemeral_seen.clear();
+        }
+        self.ephemeral_seen.insert(key, m.count);
+        self.out.events.push(Event::Ephemeral {
+            document_id: m.document_id.clone(),
+            sender_id: m.sender_id.clone(),
+            session_id: m.session_id.clone(),
+            count: m.count,
+            data: m.data.clone(),
+        });
+        let only_active: Vec<PeerId> = match self.docs.get(&m.document_id) {
+            Some(doc) => doc.peers.keys().cloned().collect(),
+            None => Vec::new(),
+        };
+        for peer in only_active {
+            if peer == *from || peer == m.sender_id || !self.peers.contains_key(&peer) {
+                continue;
+            }
+            let mut forwarded = m.clone();
+            forwarded.target_id = peer.clone();
+            self.send_to_peer(&peer, Message::Ephemeral(forwarded));
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! Connections and the handshake: who is on each connection, the `join` /
+//! `peer` exchange, checking that every later message comes from the bound
+//! peer, and closing connections with a [`CloseReason`].
+
+use super::*;
+
+#[derive(Debug)]
+pub(super) struct Connection {
+    pub(super) state: ConnState,
+    pub(super) direction: Direction,
+    pub(super) handshake_deadline: Timestamp,
+}
+
+#[derive(Debug)]
+pub(super) enum ConnState {
+    /// Incoming: waiting for `join`.
+    AwaitingJoin,
+    /// Outgoing: sent `join`, waiting for `peer`.
+    AwaitingPeer,
+    /// Handshake done.
+    Ready {
+        peer_id: PeerId,
+        metadata: PeerMetadata,
+    },
+}
+
+impl Engine {
+    pub(super) fn on_connected(&mut self, conn: ConnectionId, direction: Direction) {
+        if self.connections.contains_key(&conn) {
+            self.close(conn, "connection id reused while open".into());
+        }
+        let deadline = self.now.plus(self.cfg.handshake_timeout);
+        let state = match direction {
+            Direction::Outgoing => ConnState::AwaitingPeer,
+            Direction::Incoming => ConnState::AwaitingJoin,
+        };
+        self.connections.insert(
+            conn,
+            Connection {
+                state,
+                direction,
+                handshake_deadline: deadline,
+            },
+        );
+        self.timers.insert((deadline, Timer::Handshake(conn)));
+        if direction == Direction::Outgoing {
+            let join = Message::Join {
+                sender_id: self.cfg.peer_id.clone(),
+                metadata: Some(self.our_metadata()),
+                supported_protocol_versions: Some(vec![PROTOCOL_VERSION.to_owned()]),
+            };
+            self.send(conn, join);
+        }
+    }
+
+    pub(super) fn our_metadata(&self) -> PeerMetadata {
+        PeerMetadata {
+            storage_id: self.cfg.storage_id.clone(),
+            is_ephemeral: Some(self.cfg.storage_id.is_none()),
+        }
+    }
+
+    /// Closes a connection on our side and forgets it.
+    pub(super) fn close(&mut self, conn: ConnectionId, reason: String) {
+        if self.connections.contains_key(&conn) {
+            tracing::debug!(%conn, %reason, "closing connection");
+            self.out.closes.push(Close { conn, reason });
+            self.forget_connection(conn);
+        }
+    }
+
+    pub(super) fn forget_connection(&mut self, conn: ConnectionId) {
+        let Some(c) = self.connections.remove(&conn) else {
+            return;
+        };
+        if let ConnState::Ready { peer_id, .. } = c.state {
+            if self.peers.get(&peer_id) == Some(&conn) {
+                self.peers.remove(&peer_id);
+                self.peer_gone(&peer_id);
+            }
+            self.out
+                .events
+                .push(Event::PeerDisconnected { conn, peer_id });
+        }
+    }
+
+    /// Drops a departed peer's per-document state, persisting what matters.
+    pub(super) fn peer_gone(&mut self, peer: &PeerId) {
+        let docs = self.peer_docs.remove(peer).unwrap_or_default();
+        for id in docs {
+            self.persist_sync_state(&id, peer);
+            let Some(doc) = self.docs.get_mut(&id) else {
+                continue;
+            };
+            if let Some(dp) = doc.remove_peer(peer) {
+                // Keep what a reconnect should resume from in memory too:
+                // the document may stay loaded until the peer is back.
+                if let Some(name) = dp.persist_key.as_ref().and_then(|k| k.parts().last()) {
+                    doc.stored_sync_states
+                        .insert(name.clone(), dp.sync.state.encode());
+                }
+            }
+            if doc.status == DocStatus::Requesting {
+                self.check_request_done(&id);
+            }
+        }
+    }
+
+    pub(super) fn on_received(&mut self, conn: ConnectionId, bytes: &[u8]) {
+        let Some(c) = self.connections.get(&conn) else {
+            return;
+        };
+        if bytes.len() > self.cfg.max_message_bytes {
+            self.close(
+                conn,
+                format!(
+                    "message of {} bytes exceeds the limit of {}",
+                    bytes.len(),
+                    self.cfg.max_message_bytes
+                ),
+            );
+            return;
+        }
+        let message = match wire::decode(bytes) {
+            Ok(m) => m,
+            Err(DecodeError::UnknownType(kind)) => {
+                tracing::debug!(%conn, %kind, "ignoring message of unknown type");
+                return;
+            }
+            Err(e) => {
+                self.close(conn, format!("malformed message: {e}"));
+                return;
+            }
+        };
+        if let Message::Error { message, .. } = &message {
+            let reason = format!("peer reported an error: {message}");
+            self.close(conn, reason);
+            return;
+        }
+        match &c.state {
+            ConnState::AwaitingJoin => match message {
+                Message::Join {
+                    sender_id,
+                    metadata,
+                    supported_protocol_versions,
+                } => self.on_join(conn, sender_id, metadata, supported_protocol_versions),
+                other => self.close(
+                    conn,
+                    format!("expected `join` first, got `{}`", other.type_name()),
+                ),
+            },
+            ConnState::AwaitingPeer => match message {
+                Message::Peer {
+                    sender_id,
+                    metadata,
+                    selected_protocol_version,
+                    ..
+                } => {
+                    if selected_protocol_version != PROTOCOL_VERSION {
+                        self.close(
+                            conn,
+                            format!("peer selected unsupported protocol version {selected_protocol_version}"),
+                        );
+                    } else {
+                        self.bind_peer(conn, sender_id, metadata.unwrap_or_default());
+                    }
+                }
+                other => self.close(
+                    conn,
+                    format!("expected `peer` first, got `{}`", other.type_name()),
+                ),
+            },
+            ConnState::Ready { peer_id, .. } => {
+                let peer = peer_id.clone();
+                self.on_peer_message(conn, peer, message);
+            }
+        }
+    }
+
+    pub(super) fn on_join(
+        &mut self,
+        conn: ConnectionId,
+        sender: PeerId,
+        metadata: Option<PeerMetadata>,
+        versions: Option<Vec<String>>,
+    ) {
+        let supported = versions
+            .as_ref()
+            .is_none_or(|v| v.iter().any(|v| v == PROTOCOL_VERSION));
+        if !supported {
+            self.send(
+                conn,
+                Message::Error {
+                    sender_id: Some(self.cfg.peer_id.clone()),
+                    target_id: Some(sender),
+                    message: "unsupported protocol version".into(),
+                },
+            );
+            self.close(conn, "unsupported protocol version".into());
+            return;
+        }
+        let reply = Message::Peer {
+            sender_id: self.cfg.peer_id.clone(),
+            target_id: sender.clone(),
+            metadata: Some(self.our_metadata()),
+            selected_protocol_version: PROTOCOL_VERSION.to_owned(),
+        };
+        self.send(conn, reply);
+        self.bind_peer(conn, sender, metadata.unwrap_or_default());
+    }
+
+    pub(super) fn bind_peer(&mut self, conn: ConnectionId, peer: PeerId, metadata: PeerMetadata) {
+        if peer == self.cfg.peer_id {
+            self.close(conn, "peer uses our own peer id".into());
+            return;
+        }
+        if let Some(old) = self.peers.get(&peer).copied() {
+            if old != conn {
+                self.close(
+                    old,
+                    "replaced by a newer connection from the same peer".into(),
+                );
+            }
+        }
+        if let Some(c) = self.connections.get_mut(&conn) {
+            c.state = ConnState::Ready {
+                peer_id: peer.clone(),
+                metadata: metadata.clone(),
+            };
+        }
+        self.peers.insert(peer.clone(), conn);
+        self.out.events.push(Event::PeerConnected {
+            conn,
+            peer_id: peer.clone(),
+            metadata,
+        });
+        if self.cfg.policy.announces_nothing() {
+            return;
+        }
+        let ids: Vec<DocumentId> = self
+            .docs
+            .iter()
+            .filter(|(id, d)| {
+                self.cfg.policy.announce(&peer, id)
+                    && match d.status {
+                        DocStatus::Ready => true,
+                        DocStatus::Requesting | DocStatus::Unavailable => d.wanted,
+                        DocStatus::Loading => false,
+                    }
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            let status = self.docs.get(&id).map(|d| d.status);
+            if status == Some(DocStatus::Unavailable) {
+                self.begin_request(&id);
+            } else {
+                self.sync_peer(&id, &peer);
+            }
+        }
+    }
+
+    pub(super) fn on_peer_message(&mut self, conn: ConnectionId, peer: PeerId, message: Message) {
+        // Ephemeral messages keep their original sender as relays pass
+        // them on, so only other messages must come from the bound peer.
+        // Only a server we dialled (a relay) passes on other peers'
+        // ephemeral messages; from anyone else a foreign sender is spoofed.
+        let from_server = self
+            .connections
+            .get(&conn)
+            .is_some_and(|c| c.direction == Direction::Outgoing);
+        let relayed = from_server && matches!(message, Message::Ephemeral(_));
+        if !relayed && message.sender_id() != Some(&peer) {
+            tracing::debug!(%conn, "dropping message whose sender is not the connected peer");
+            return;
+        }
+        if message.target_id().is_some_and(|t| *t != self.cfg.peer_id) {
+            tracing::debug!(%conn, "dropping message addressed to another peer");
+            return;
+        }
+        match message {
+            Message::Sync(m) => self.on_doc_message(conn, peer, m, false),
+            Message::Request(m) => self.on_doc_message(conn, peer, m, true),
+            Message::DocUnavailable { document_id, .. } => {
+                self.on_doc_unavailable(&peer, &document_id)
+            }
+            Message::Ephemeral(m) => self.on_ephemeral(&peer, m),
+            Message::Join { .. } => {
+                // A repeated join on a live connection: answer it again.
+                let reply = Message::Peer {
+                    sender_id: self.cfg.peer_id.clone(),
+                    target_id: peer,
+                    metadata: Some(self.our_metadata()),
+                    selected_protocol_version: PROTOCOL_VERSION.to_owned(),
+                };
+                self.send(conn, reply);
+            }
+            // Heads gossip and `leave` are optional; we do not act on them.
+            _ => {}
+        }
+    }
+
+    pub(super) fn close_peer(&mut self, peer: &PeerId, reason: String) {
+        if let Some(conn) = self.peers.get(peer).copied() {
+            self.close(conn, reason);
+        }
+    }
+
+    pub(super) fn send(&mut self, conn: ConnectionId, message: Message) {
+        self.out.sends.push(Send { conn, message });
+    }
+
+    pub(super) fn send_to_peer(&mut self, peer: &PeerId, message: Message) {
+        if let Some(conn) = self.peers.get(peer).copied() {
+            self.send(conn, message);
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! The sync protocol per (document, peer): receiving sync messages,
+//! generating them (held back until their changes are durable), restarting
+//! stalled exchanges, persisting sync states and containing Automerge
+//! panics.
+
+use super::*;
+
+/// Most messages buffered for a document while it loads from storage.
+const MAX_PENDING_PER_DOC: usize = 4096;
+
+impl Engine {
+    pub(super) fn new_replica(&mut self) -> Box<dyn Replica> {
+        (self.cfg.replica)(
+            ActorId::from(self.rng.bytes::<16>().to_vec()),
+            self.hash_seed,
+        )
+    }
+
+    pub(super) fn on_doc_message(
+        &mut self,
+        conn: ConnectionId,
+        peer: PeerId,
+        m: DocMessage,
+        is_request: bool,
+    ) {
+        let id = m.document_id;
+        if !self.cfg.policy.access(&peer, &id) {
+            let reply = Message::DocUnavailable {
+                sender_id: self.cfg.peer_id.clone(),
+                target_id: peer,
+                document_id: id,
+            };
+            self.send(conn, reply);
+            return;
+        }
+        let message = match validate::decode_sync_message(&m.data, &self.cfg.limits) {
+            Ok(msg) => msg,
+            Err(e) => {
+                self.close(conn, format!("invalid sync message for document {id}: {e}"));
+                return;
+            }
+        };
+        if !self.docs.contains_key(&id) {
+            let replica = self.new_replica();
+            self.docs
+                .insert(id.clone(), Doc::new(DocStatus::Loading, replica));
+            self.start_load(&id);
+        }
+        self.touch(&id);
+        let Some(doc) = self.docs.get_mut(&id) else {
+            return;
+        };
+        if doc.status == DocStatus::Loading {
+            if doc.pending.len() >= MAX_PENDING_PER_DOC {
+                self.close(
+                    conn,
+                    format!("too many messages for document {id} while it loads"),
+                );
+                return;
+            }
+            doc.pending.push(PendingMessage {
+                peer,
+                message,
+                is_request,
+            });
+            return;
+        }
+        self.apply_sync_message(&id, &peer, message, is_request);
+    }
+
+    pub(super) fn apply_sync_message(
+        &mut self,
+        id: &DocumentId,
+        peer: &PeerId,
+        message: sync::Message,
+        is_request: bool,
+    ) {
+        if !self.peers.contains_key(peer) {
+            return; // the peer left while the document loaded
+        }
+        self.activate(id, peer);
+        let Some(doc) = self.docs.get_mut(id) else {
+            return;
+        };
+        let Some(dp) = doc.peers.get_mut(peer) else {
+            return;
+        };
+        if is_request {
+            dp.they_requested = true;
+            dp.told_unavailable = false;
+            dp.lacks = true;
+        } else if !message.heads.is_empty() {
+            dp.lacks = false;
+        }
+        tracing::debug!(
+            document = %id,
+            %peer,
+            heads = message.heads.len(),
+            need = message.need.len(),
+            changes = message.changes.len(),
+            is_request,
+            "received sync message"
+        );
+        // Only changes move the heads (most messages are acknowledgements;
+        // copying the heads costs as much as the rest of receiving one).
+        let before = (!message.changes.is_empty()).then(|| doc.replica.heads());
+        // A message without changes naming our heads makes the sync state
+        // record those heads as told to the peer, so nothing more is sent.
+        // That holds when every earlier message has been answered; in a
+        // batch, the answer to an earlier message (say, the one that
+        // brought those heads) may still be due, and the peer would never
+        // learn we hold its changes. Keep what we really sent until then.
+        let sent_heads = (dp.reply_due && message.changes.is_empty() && !message.heads.is_empty())
+            .then(|| dp.sync.state.last_sent_heads.clone());
+        let replica = &mut doc.replica;
+        let state = &mut dp.sync;
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            replica.receive_sync_message(state, message)
+        }));
+        if let Some(heads) = sent_heads {
+            state.state.last_sent_heads = heads;
+        }
+        match outcome {
+            Err(_) => {
+                self.contain_panic(id, peer, true);
+                return;
+            }
+            Ok(Err(e)) => {
+                if let Some(doc) = self.docs.get_mut(id) {
+                    doc.remove_peer(peer);
+                }
+                self.unindex(id, peer);
+                self.close_peer(
+                    peer,
+                    format!("sync message for document {id} rejected: {e}"),
+                );
+                return;
+            }
+            Ok(Ok(())) => {}
+        }
+        self.persist_sync_state(id, peer);
+        let changed = before.is_some_and(|before| {
+            self.docs
+                .get(id)
+                .is_some_and(|d| d.replica.heads() != before)
+        });
+        if changed {
+            self.doc_changed(id, Origin::Remote(peer.clone()));
+        } else {
+            self.defer_sync(id, peer);
+        }
+        let Some(doc) = self.docs.get(id) else { return };
+        if is_request && doc.replica.is_empty() {
+            match doc.status {
+                DocStatus::Requesting => {}
+                _ => self.begin_request(id),
+            }
+        }
+    }
+
+    /// Makes sure `peer` has sync state for `id`, restoring a persisted
+    /// one when the peer has a usable storage id.
+    pub(super) fn activate(&mut self, id: &DocumentId, peer: &PeerId) {
+        let persist_key = self.persist_key_for(id, peer);
+        let Some(doc) = self.docs.get_mut(id) else {
+            return;
+        };
+        if doc.peers.contains_key(peer) {
+            return;
+        }
+        let mut state = sync::State::new();
+        let mut persisted_heads = Vec::new();
+        if let Some(key) = &persist_key {
+            let storage_name = key.parts().last().cloned().unwrap_or_default();
+            if let Some(bytes) = doc.stored_sync_states.remove(&storage_name) {
+                if let Ok(restored) = sync::State::decode(&bytes) {
+                    // A state that claims heads we do not hold (we lost
+                    // unsynced writes in a crash) would mislead the
+                    // exchange; start fresh instead.
+                    if restored
+                        .shared_heads
+                        .iter()
+                        .all(|h| doc.replica.has_change(h))
+                    {
+                        persisted_heads = restored.shared_heads.clone();
+                        state = restored;
+                    }
+                }
+            }
+        }
+        doc.peers.insert(
+            peer.clone(),
+            Box::new(DocPeer {
+                sync: PeerSync::new(state),
+                lacks: false,
+                they_requested: false,
+                told_unavailable: false,
+                we_requested: false,
+                persist_key,
+                persisted_heads,
+                resync_at: None,
+                resynced_at_heads: None,
+                reply_due: false,
+                held: None,
+                due_after_held: false,
+            }),
+        );
+        self.peer_docs
+            .entry(peer.clone())
+            .or_default()
+            .insert(id.clone());
+    }
+
+    pub(super) fn unindex(&mut self, id: &DocumentId, peer: &PeerId) {
+        if let Some(set) = self.peer_docs.get_mut(peer) {
+            set.remove(id);
+        }
+    }
+
+    pub(super) fn persist_key_for(&self, id: &DocumentId, peer: &PeerId) -> Option<StorageKey> {
+        self.cfg.storage_id.as_ref()?;
+        let conn = self.peers.get(peer)?;
+        let ConnState::Ready { metadata, .. } = &self.connections.get(conn)?.state else {
+            return None;
+        };
+        let storage_id = metadata.storage_id.as_ref()?;
+        if metadata.ephemeral() || !storage_id.is_key_safe() {
+            return None;
+        }
+        Some(StorageKey::sync_state(id, storage_id))
+    }
+
+    pub(super) fn persist_sync_state(&mut self, id: &DocumentId, peer: &PeerId) {
+        let Some(doc) = self.docs.get_mut(id) else {
+            return;
+        };
+        let Some(dp) = doc.peers.get_mut(peer) else {
+            return;
+        };
+        let Some(key) = dp.persist_key.clone() else {
+            return;
+        };
+        if dp.sync.state.shared_heads == dp.persisted_heads {
+            return;
+        }
+        dp.persisted_heads = dp.sync.state.shared_heads.clone();
+        let bytes = dp.sync.state.encode();
+        self.storage(StorageOp::Put(key, bytes), Task::Other);
+    }
+
+    /// Sends `peer` whatever the sync protocol says it needs next.
+    pub(super) fn sync_peer(&mut self, id: &DocumentId, peer: &PeerId) {
+        if !self.peers.contains_key(peer) {
+            return;
+        }
+        self.activate(id, peer);
+        let resync_at = self.now.plus(self.cfg.resync_interval);
+        let Some(doc) = self.docs.get_mut(id) else {
+            return;
+        };
+        let status = doc.status;
+        let empty = doc.replica.is_empty();
+        let Some(dp) = doc.peers.get_mut(peer) else {
+            return;
+        };
+        if dp.held.is_some() && dp.held == self.peers.get(peer).copied() {
+            // Still due (receiving relies on knowing that): generated once
+            // the held message leaves.
+            dp.due_after_held = true;
+            return;
+        }
+        dp.reply_due = false;
+        // With nothing of our own we still answer a peer that offers the
+        // document (that is how we get it); otherwise we ask for it, once,
+        // if we are asking around and this peer has not said it lacks it.
+        let they_have_it = dp
+            .sync
+            .state
+            .their_heads
+            .as_ref()
+            .is_some_and(|h| !h.is_empty());
+        let mut as_request = false;
+        if empty && !they_have_it {
+            if status != DocStatus::Requesting || dp.lacks || dp.we_requested {
+                return;
+            }
+            dp.we_requested = true;
+            as_request = true;
+        }
+        let replica = &doc.replica;
+        let state = &mut dp.sync;
+        let generated = catch_unwind(AssertUnwindSafe(|| replica.generate_sync_message(state)));
+        let message = match generated {
+            Err(_) => {
+                self.contain_panic(id, peer, false);
+                return;
+            }
+            Ok(None) => return,
+            Ok(Some(m)) => m,
+        };
+        if dp.resync_at.is_none() {
+            dp.resync_at = Some(resync_at);
+            self.timers
+                .insert((resync_at, Timer::Resync(id.clone(), peer.clone())));
+        }
+        tracing::debug!(
+            document = %id,
+            %peer,
+            heads = message.heads.len(),
+            need = message.need.len(),
+            changes = message.changes.len(),
+            request = as_request,
+            "sending sync message"
+        );
+        let doc_message = DocMessage {
+            sender_id: self.cfg.peer_id.clone(),
+            target_id: peer.clone(),
+            document_id: id.clone(),
+            data: message.encode(),
+        };
+        let message = if as_request {
+            Message::Request(doc_message)
+        } else {
+            Message::Sync(doc_message)
+        };
+        let Some(conn) = self.peers.get(peer).copied() else {
+            return;
+        };
+        // A message may carry changes storage has not confirmed yet: it
+        // leaves once they are on disk, so that no peer ever holds a change
+        // a crash here could lose.
+        let send = Waiter::Send(peer.clone(), Send { conn, message });
+        let released = match self.docs.get_mut(id) {
+            Some(doc) => {
+                let heads = doc.replica.heads();
+                let released = doc.durable.wait(send, &heads);
+                if released.is_none() {
+                    if let Some(dp) = doc.peers.get_mut(peer) {
+                        dp.held = Some(conn);
+                    }
+                }
+                released
+            }
+            None => Some(send),
+        };
+        self.deliver(id, released);
+    }
+
+    /// Restarts a stalled exchange: keep only what a reconnect would keep
+    /// (the shared heads) and send a fresh message. Only exchanges that are
+    /// waiting on an answer *and* are not known to be in sync qualify, so a
+    /// quiet, converged pair costs nothing.
+    pub(super) fn resync(&mut self, id: &DocumentId, peer: &PeerId, at: Timestamp) {
+        let Some(doc) = self.docs.get_mut(id) else {
+            return;
+        };
+        let ours = doc.replica.heads();
+        let Some(dp) = doc.peers.get_mut(peer) else {
+            return;
+        };
+        if dp.resync_at != Some(at) {
+            return;
+        }
+        dp.resync_at = None;
+        let stalled = dp.sync.state.in_flight && dp.sync.state.their_heads.as_ref() != Some(&ours);
+        // One restart per state of ours: if the peer stays silent after it,
+        // it has nothing to add (a silent reply means equal heads), and
+        // retrying forever would only spin.
+        if !stalled
+            || doc.status != DocStatus::Ready
+            || dp.resynced_at_heads.as_ref() == Some(&ours)
+        {
+            return;
+        }
+        dp.resynced_at_heads = Some(ours);
+        let shared = std::mem::take(&mut dp.sync.state.shared_heads);
+        let capabilities = dp.sync.state.their_capabilities.take();
+        dp.sync = PeerSync::default();
+        dp.sync.state.shared_heads = shared;
+        dp.sync.state.their_capabilities = capabilities;
+        // Ask the peer to forget what it believes it already sent us, in
+        // case that is what went missing.
+        dp.sync.state.needs_reset = true;
+        self.sync_peer(id, peer);
+    }
+
+    /// Automerge panicked on something this peer sent. Close the peer's
+    /// connection, drop its sync state, and — if the panic hit while the
+    /// document was being modified — rebuild the document from a save so a
+    /// half-applied change cannot linger.
+    pub(super) fn contain_panic(&mut self, id: &DocumentId, peer: &PeerId, while_receiving: bool) {
+        tracing::error!(document = %id, %peer, "automerge panicked; closing the peer's connection");
+        self.out.events.push(Event::PanicContained {
+            document_id: id.clone(),
+            peer_id: peer.clone(),
+        });
+        if let Some(doc) = self.docs.get_mut(id) {
+            doc.remove_peer(peer);
+        }
+        self.unindex(id, peer);
+        self.close_peer(
+            peer,
+            format!("internal error handling document {id}; connection closed"),
+        );
+        if while_receiving {
+            self.rebuild_replica(id);
+        }
+    }
+
+    pub(super) fn rebuild_replica(&mut self, id: &DocumentId) {
+        let mut fresh = self.new_replica();
+        let Some(doc) = self.docs.get_mut(id) else {
+            return;
+        };
+        let replica = &doc.replica;
+        let rebuilt = catch_unwind(AssertUnwindSafe(|| {
+            let bytes = replica.save();
+            fresh.load_chunk(&bytes).map(|()| fresh)
+        }));
+        match rebuilt {
+            Ok(Ok(r)) => {
+                doc.replica = r;
+                // What peers were offered is recorded as positions in the
+                // old replica's history: work it out afresh.
+                for dp in doc.peers.values_mut() {
+                    dp.sync = PeerSync::new(std::mem::take(&mut dp.sync.state));
+                }
+            }
+            _ => {
+                // Cannot even save it: forget the in-memory copy and read it
+                // back from storage. Peers re-sync from their own state.
+                tracing::error!(document = %id, "document unusable after a panic; reloading from storage");
+                let peers: Vec<PeerId> = doc.peers.keys().cloned().collect();
+                for p in &peers {
+                    self.unindex(id, p);
+                }
+                let replica = self.new_replica();
+                if let Some(doc) = self.docs.get_mut(id) {
+                    let waiting = std::mem::take(&mut doc.waiting_finds);
+                    let wanted = doc.wanted;
+                    *doc = Doc::new(DocStatus::Loading, replica);
+                    doc.waiting_finds = waiting;
+                    doc.wanted = wanted;
+                }
+                self.start_load(id);
+            }
+        }
+    }
+
+    /// A document's heads moved: save, resolve waiters, tell peers.
+    pub(super) fn doc_changed(&mut self, id: &DocumentId, origin: Origin) {
+        self.touch(id);
+        self.deferred_saves.insert(id.clone());
+        let Some(doc) = self.docs.get_mut(id) else {
+            return;
+        };
+        if doc.status != DocStatus::Ready && !doc.replica.is_empty() {
+            doc.status = DocStatus::Ready;
+            doc.request_deadline = None;
+            doc.grace_until = None;
+            for cmd in std::mem::take(&mut doc.waiting_finds) {
+                self.out
+                    .completed
+                    .push((cmd, CommandResult::Found(id.clone())));
+            }
+        }
+        let Some(doc) = self.docs.get_mut(id) else {
+            return;
+        };
+        let heads = doc.replica.heads();
+        let previous = std::mem::replace(&mut doc.announced_heads, heads.clone());
+        self.out.events.push(Event::DocChanged {
+            document_id: id.clone(),
+            previous,
+            heads,
+            origin,
+        });
+        for peer in self.doc_audience(id, None) {
+            self.defer_sync(id, &peer);
+        }
+    }
+}
