@@ -58,7 +58,7 @@ impl Engine {
             }
         }
         let mut doc = Doc::new(DocStatus::Ready, replica);
-        doc.wanted = true;
+        doc.request.want();
         self.docs.insert(id.clone(), doc);
         self.doc_changed(&id, Origin::Local);
         self.out.completed.push((cmd, CommandResult::Created(id)));
@@ -68,8 +68,8 @@ impl Engine {
         if !self.docs.contains_key(&id) {
             let replica = self.new_replica();
             let mut doc = Doc::new(DocStatus::Loading, replica);
-            doc.wanted = true;
-            doc.waiting_finds.push(cmd);
+            doc.request.want();
+            doc.request.wait(cmd);
             self.docs.insert(id.clone(), doc);
             self.start_load(&id);
             return;
@@ -78,13 +78,13 @@ impl Engine {
         let Some(doc) = self.docs.get_mut(&id) else {
             return;
         };
-        doc.wanted = true;
+        doc.request.want();
         match doc.status {
             DocStatus::Ready => self.out.completed.push((cmd, CommandResult::Found(id))),
-            DocStatus::Loading | DocStatus::Requesting => doc.waiting_finds.push(cmd),
+            DocStatus::Loading | DocStatus::Requesting => doc.request.wait(cmd),
             DocStatus::Unavailable => {
                 // Ask again: peers may have it by now.
-                doc.waiting_finds.push(cmd);
+                doc.request.wait(cmd);
                 self.begin_request(&id);
             }
         }

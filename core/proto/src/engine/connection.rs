@@ -244,7 +244,7 @@ impl Engine {
                 self.cfg.policy.announce(&peer, id)
                     && match d.status {
                         DocStatus::Ready => true,
-                        DocStatus::Requesting | DocStatus::Unavailable => d.wanted,
+                        DocStatus::Requesting | DocStatus::Unavailable => d.request.wanted(),
                         DocStatus::Loading => false,
                     }
             })

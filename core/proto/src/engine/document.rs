@@ -50,16 +50,8 @@ pub enum DocStatus {
 pub(super) struct Doc {
     pub(super) status: DocStatus,
     pub(super) replica: Box<dyn Replica>,
-    /// A local `find` or `create` wants this document (so keep asking new
-    /// peers for it while we lack it).
-    pub(super) wanted: bool,
-    pub(super) waiting_finds: Vec<CommandId>,
-    pub(super) request_deadline: Option<Timestamp>,
-    /// Until then, "nobody has it" is not yet an answer (see
-    /// [`EngineConfig::unavailable_grace`]).
-    pub(super) grace_until: Option<Timestamp>,
-    /// The request deadline was extended once already.
-    pub(super) request_extended: bool,
+    /// Who wants it and the round of asking peers for it.
+    pub(super) request: Request,
     /// Boxed: a sync state is large, and a map node holds room for
     /// eleven entries even when it holds one.
     pub(super) peers: BTreeMap<PeerId, Box<DocPeer>>,
@@ -79,11 +71,7 @@ impl Doc {
         Self {
             status,
             replica,
-            wanted: false,
-            waiting_finds: Vec::new(),
-            request_deadline: None,
-            grace_until: None,
-            request_extended: false,
+            request: Request::default(),
             peers: BTreeMap::new(),
             stored_sync_states: BTreeMap::new(),
             pending: Vec::new(),
@@ -113,14 +101,8 @@ impl Doc {
 #[derive(Debug)]
 pub(super) struct DocPeer {
     pub(super) sync: PeerSync,
-    /// The peer told us (by `request` or `doc-unavailable`) it lacks the doc.
-    pub(super) lacks: bool,
-    /// The peer sent `request`; answer it when we learn something.
-    pub(super) they_requested: bool,
-    /// We told it `doc-unavailable` already.
-    pub(super) told_unavailable: bool,
-    /// We sent it `request`.
-    pub(super) we_requested: bool,
+    /// Its part in finding the document.
+    pub(super) ask: PeerAsk,
     /// Where its sync state is persisted, if anywhere.
     pub(super) persist_key: Option<StorageKey>,
     /// The `shared_heads` last persisted.

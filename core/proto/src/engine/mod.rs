@@ -79,6 +79,7 @@ use connection::{ConnState, Connection};
 use document::{Doc, DocPeer, PendingMessage};
 pub use document::{DocStatus, PeerSyncStatus, SyncStatus};
 use durability::{Durability, Waiter};
+use request::{PeerAsk, Request};
 use rng::Rng;
 use timers::Timer;
 

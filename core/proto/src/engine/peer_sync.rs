@@ -86,11 +86,9 @@ impl Engine {
             return;
         };
         if is_request {
-            dp.they_requested = true;
-            dp.told_unavailable = false;
-            dp.lacks = true;
+            dp.ask.on_request();
         } else if !message.heads.is_empty() {
-            dp.lacks = false;
+            dp.ask.on_offer();
         }
         tracing::debug!(
             document = %id,
@@ -192,10 +190,7 @@ impl Engine {
             peer.clone(),
             Box::new(DocPeer {
                 sync: PeerSync::new(state),
-                lacks: false,
-                they_requested: false,
-                told_unavailable: false,
-                we_requested: false,
+                ask: PeerAsk::default(),
                 persist_key,
                 persisted_heads,
                 resync_at: None,
@@ -281,10 +276,9 @@ impl Engine {
             .is_some_and(|h| !h.is_empty());
         let mut as_request = false;
         if empty && !they_have_it {
-            if status != DocStatus::Requesting || dp.lacks || dp.we_requested {
+            if !dp.ask.ask(status == DocStatus::Requesting) {
                 return;
             }
-            dp.we_requested = true;
             as_request = true;
         }
         let replica = &doc.replica;
@@ -436,11 +430,9 @@ impl Engine {
                 }
                 let replica = self.new_replica();
                 if let Some(doc) = self.docs.get_mut(id) {
-                    let waiting = std::mem::take(&mut doc.waiting_finds);
-                    let wanted = doc.wanted;
+                    let interest = doc.request.interest();
                     *doc = Doc::new(DocStatus::Loading, replica);
-                    doc.waiting_finds = waiting;
-                    doc.wanted = wanted;
+                    doc.request = interest;
                 }
                 self.start_load(id);
             }
@@ -456,9 +448,7 @@ impl Engine {
         };
         if doc.status != DocStatus::Ready && !doc.replica.is_empty() {
             doc.status = DocStatus::Ready;
-            doc.request_deadline = None;
-            doc.grace_until = None;
-            for cmd in std::mem::take(&mut doc.waiting_finds) {
+            for cmd in doc.request.finish() {
                 self.out
                     .completed
                     .push((cmd, CommandResult::Found(id.clone())));

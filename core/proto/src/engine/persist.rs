@@ -117,7 +117,7 @@ impl Engine {
     /// exist", so nobody is told it is unavailable. Waiting finds fail with
     /// the reason and the document is forgotten, to be read again next time.
     pub(super) fn load_failed(&mut self, id: &DocumentId, reason: &str) {
-        let Some(doc) = self.docs.remove(id) else {
+        let Some(mut doc) = self.docs.remove(id) else {
             return;
         };
         tracing::error!(document = %id, %reason, "cannot read document from storage");
@@ -129,7 +129,7 @@ impl Engine {
                     .push((cmd, CommandResult::Saved(id.clone())));
             }
         }
-        for cmd in doc.waiting_finds {
+        for cmd in doc.request.finish() {
             self.out.completed.push((
                 cmd,
                 CommandResult::Failed(format!("cannot read document {id} from storage: {reason}")),
@@ -199,12 +199,12 @@ impl Engine {
         let pending = std::mem::take(&mut doc.pending);
         if doc.replica.is_empty() {
             doc.status = DocStatus::Unavailable;
-            if !doc.waiting_finds.is_empty() {
+            if doc.request.has_waiters() {
                 self.begin_request(id);
             }
         } else {
             doc.status = DocStatus::Ready;
-            for cmd in std::mem::take(&mut doc.waiting_finds) {
+            for cmd in doc.request.finish() {
                 self.out
                     .completed
                     .push((cmd, CommandResult::Found(id.clone())));

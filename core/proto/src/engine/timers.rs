@@ -29,34 +29,7 @@ impl Engine {
                         self.close(conn, "handshake timed out".into());
                     }
                 }
-                Timer::Request(id) => {
-                    let expired = self.docs.get(&id).is_some_and(|d| {
-                        d.status == DocStatus::Requesting && d.request_deadline == Some(at)
-                    });
-                    if expired {
-                        let still_asking = self.docs.get(&id).is_some_and(|d| {
-                            d.peers.iter().any(|(p, dp)| {
-                                dp.we_requested && !dp.lacks && self.peers.contains_key(p)
-                            })
-                        });
-                        let extendable = self.docs.get(&id).is_some_and(|d| !d.request_extended);
-                        if extendable && (still_asking || self.someone_has_it(&id)) {
-                            // An exchange with a peer that has it is under
-                            // way; give it the full request timeout.
-                            let deadline = self.now.plus(self.cfg.request_timeout);
-                            if let Some(d) = self.docs.get_mut(&id) {
-                                d.request_deadline = Some(deadline);
-                                d.grace_until = None;
-                                // Once only: a peer that claims the document
-                                // and never sends it cannot hold us forever.
-                                d.request_extended = true;
-                            }
-                            self.timers.insert((deadline, Timer::Request(id)));
-                        } else {
-                            self.mark_unavailable(&id);
-                        }
-                    }
-                }
+                Timer::Request(id) => self.request_deadline(&id, at),
                 Timer::Resync(id, peer) => self.resync(&id, &peer, at),
                 Timer::RetrySave(id) => {
                     if let Some(d) = self.docs.get_mut(&id) {
@@ -78,10 +51,9 @@ impl Engine {
             .iter()
             .filter(|(_, d)| {
                 matches!(d.status, DocStatus::Ready | DocStatus::Unavailable)
-                    && !d.wanted
+                    && d.request.is_idle()
                     && d.peers.is_empty()
                     && d.pending.is_empty()
-                    && d.waiting_finds.is_empty()
                     && d.durable.is_idle()
                     && d.is_saved()
             })
