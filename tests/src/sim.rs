@@ -26,8 +26,8 @@ use std::time::Duration;
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{Automerge, ObjType, ReadDoc, ScalarValue, ROOT};
 use converge_core::engine::{
-    Command, CommandId, CommandResult, ConnectionId, Direction, DocStatus, Engine, EngineConfig,
-    Event, Input, Output, RelayPolicy, ReplicaKind, Timestamp,
+    CloseReason, Command, CommandId, CommandResult, ConnectionId, Direction, DocStatus, Engine,
+    EngineConfig, Event, Input, Output, RelayPolicy, ReplicaKind, Timestamp,
 };
 use converge_core::storage::{BatchOp, DocKey, StorageKey, StorageOp, StorageResult, TaskId};
 use converge_core::wire::{self, DocumentId, PeerId, StorageId};
@@ -110,7 +110,7 @@ pub struct Node {
     /// Every event the engine reported, in order.
     pub events: Vec<Event>,
     /// Connections this node's engine closed itself, with reasons.
-    pub closed: Vec<(ConnectionId, String)>,
+    pub closed: Vec<(ConnectionId, CloseReason)>,
     /// Bytes of every message this node sent.
     pub bytes_sent: u64,
     /// Messages sent on connections opened with [`Sim::open_raw`].

@@ -258,7 +258,7 @@ impl Actor {
                     // Close every connection so transports wind down (and
                     // release what they hold) while storage drains.
                     for (_, conn) in std::mem::take(&mut self.conns) {
-                        conn.close("shutting down".into());
+                        conn.close(crate::engine::close_code::NORMAL, "shutting down".into());
                     }
                     self.shutdown = Some(done);
                     continue;
@@ -312,8 +312,9 @@ impl Actor {
         }
         for close in out.closes {
             if let Some(conn) = self.conns.remove(&close.conn) {
-                tracing::info!(conn = %close.conn, reason = %close.reason, "closing connection");
-                conn.close(close.reason);
+                let code = close.reason.code();
+                tracing::info!(conn = %close.conn, code, reason = %close.reason, "closing connection");
+                conn.close(code, close.reason.to_string());
             }
         }
         for task in out.storage {

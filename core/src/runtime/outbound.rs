@@ -12,8 +12,8 @@ use super::clock::Clock;
 pub enum Outbound {
     /// Send one binary frame.
     Frame(Vec<u8>),
-    /// Close the connection with this reason.
-    Close(String),
+    /// Close the connection with this WebSocket close code and reason.
+    Close(u16, String),
 }
 
 /// What the repo sends down one connection: frames and orderly closes in
@@ -204,9 +204,9 @@ impl ConnTx {
     }
 
     /// Queues an orderly close behind everything already queued.
-    pub(super) fn close(&self, reason: String) {
+    pub(super) fn close(&self, code: u16, reason: String) {
         self.lane
-            .update(|items| items.queue.push_back(Outbound::Close(reason)));
+            .update(|items| items.queue.push_back(Outbound::Close(code, reason)));
     }
 
     /// Cuts the peer off, ahead of whatever waits.
@@ -284,7 +284,7 @@ mod tests {
                                         seen += 1;
                                     }
                                 }
-                                Next::Item(Outbound::Close(_)) | Next::Cut(_) => panic!("unexpected"),
+                                Next::Item(Outbound::Close(..)) | Next::Cut(_) => panic!("unexpected"),
                                 Next::Released => return,
                             },
                             _ = tick.tick() => {}

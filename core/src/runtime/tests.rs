@@ -80,7 +80,13 @@ async fn a_silent_connection_is_closed_at_the_handshake_timeout() {
     clock.advance(MS);
     settle(&repo).await;
     match queue.try_next() {
-        Some(Outbound::Close(reason)) => assert!(reason.contains("handshake"), "{reason}"),
+        Some(Outbound::Close(code, reason)) => {
+            assert_eq!(
+                code,
+                crate::engine::close_code::HANDSHAKE_TIMEOUT,
+                "{reason}"
+            )
+        }
         other => panic!("not closed at the handshake timeout: {other:?}"),
     }
     repo.shutdown().await;

@@ -48,19 +48,7 @@ pub enum Outgoing {
     Close(u16, String),
 }
 
-/// WebSocket close codes used by Converge.
-pub mod close_code {
-    /// Normal closure (shutting down).
-    pub const NORMAL: u16 = 1000;
-    /// Going away (peer stopped answering pings).
-    pub const GOING_AWAY: u16 = 1001;
-    /// Unsupported data (a text frame).
-    pub const UNSUPPORTED: u16 = 1003;
-    /// Policy violation (a protocol error; the reason says which).
-    pub const POLICY: u16 = 1008;
-    /// Message too big.
-    pub const TOO_BIG: u16 = 1009;
-}
+pub use converge_proto::engine::close_code;
 
 /// How a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,8 +137,8 @@ where
                                             budget = budget.saturating_sub(more.len());
                                             sink.feed(Outgoing::Binary(more)).await?;
                                         }
-                                        Some(Outbound::Close(reason)) => {
-                                            close = Some(reason);
+                                        Some(Outbound::Close(code, reason)) => {
+                                            close = Some((code, reason));
                                             break;
                                         }
                                         None => break,
@@ -170,11 +158,11 @@ where
                                 Ok(Err(_)) => return Stop::Gone("write failed".into()),
                                 Err(_) => return Stop::Gone("peer stopped reading (write timed out)".into()),
                             }
-                            if let Some(reason) = close {
-                                return Stop::Close(close_code::POLICY, reason);
+                            if let Some((code, reason)) = close {
+                                return Stop::Close(code, reason);
                             }
                         }
-                        Next::Item(Outbound::Close(reason)) => return Stop::Close(close_code::POLICY, reason),
+                        Next::Item(Outbound::Close(code, reason)) => return Stop::Close(code, reason),
                         Next::Released => return Stop::Close(close_code::NORMAL, "shutting down".into()),
                     },
                     _ = ticker.tick(), if ping_every.is_some() => {

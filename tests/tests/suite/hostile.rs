@@ -6,9 +6,12 @@ use std::sync::Arc;
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::{Automerge, ChangeHash, ReadDoc, ROOT};
-use converge_core::engine::validate::{hostile_bloom_bytes, sync_message_with_bloom};
+use converge_core::engine::validate::{
+    hostile_bloom_bytes, sync_message_with_bloom, InvalidSyncMessage,
+};
 use converge_core::engine::{
-    Command, ConnectionId, Event, FullDocument, PeerSync, Replica, ReplicaError,
+    close_code, CloseReason, Command, ConnectionId, Event, FullDocument, PeerSync, Replica,
+    ReplicaError,
 };
 use converge_core::wire::{self, DocMessage, DocumentId, Message, PeerId};
 use converge_tests::scenario::text_on;
@@ -94,12 +97,12 @@ fn others_unaffected(sim: &mut Sim, clients: &[usize], doc: &DocumentId, word: &
     }
 }
 
-fn closed_with(sim: &Sim, relay: usize, conn: ConnectionId) -> String {
+fn closed_with(sim: &Sim, relay: usize, conn: ConnectionId) -> &CloseReason {
     sim.nodes[relay]
         .closed
         .iter()
         .find(|(c, _)| *c == conn)
-        .map(|(_, r)| r.clone())
+        .map(|(_, r)| r)
         .unwrap_or_else(|| panic!("{conn} was not closed"))
 }
 
@@ -121,7 +124,17 @@ fn hostile_bloom_filters_are_refused_and_others_carry_on() {
         eve_syncs(&mut sim, relay, &doc, sync_message_with_bloom(&bloom));
         sim.run_until_quiescent(SETTLE);
         let reason = closed_with(&sim, relay, EVE);
-        assert!(reason.contains("bloom"), "{what}: closed for `{reason}`");
+        assert!(
+            matches!(
+                reason,
+                CloseReason::InvalidSync {
+                    source: InvalidSyncMessage::BadBloom(_),
+                    ..
+                }
+            ),
+            "{what}: closed for `{reason}`"
+        );
+        assert_eq!(reason.code(), close_code::PROTOCOL);
         assert!(!sim.nodes[relay]
             .events
             .iter()
@@ -140,33 +153,39 @@ fn malformed_frames_close_only_their_connection() {
             .expect("first message")
             .encode()
     };
-    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+    let malformed = |r: &CloseReason| matches!(r, CloseReason::Malformed(_));
+    let too_big = |r: &CloseReason| matches!(r, CloseReason::MessageTooBig { .. });
+    type Expect = fn(&CloseReason) -> bool;
+    let cases: Vec<(&str, Vec<u8>, Expect)> = vec![
         (
             "text instead of CBOR",
             b"{\"type\":\"join\"}".to_vec(),
-            "malformed",
+            malformed,
         ),
-        ("not CBOR at all", vec![0xff, 0xfe, 0xfd], "malformed"),
-        ("empty frame", vec![], "malformed"),
+        ("not CBOR at all", vec![0xff, 0xfe, 0xfd], malformed),
+        ("empty frame", vec![], malformed),
         (
             "a map without a type",
             vec![0xa1, 0x61, 0x78, 0x01],
-            "malformed",
+            malformed,
         ),
-        ("oversized", vec![0u8; (1 << 16) + 1], "exceeds the limit"),
+        ("oversized", vec![0u8; (1 << 16) + 1], too_big),
     ];
     for (i, (what, bytes, expect)) in cases.into_iter().enumerate() {
         let conn = ConnectionId(8_000 + i as u64);
         sim.open_raw(relay, conn);
         sim.inject(relay, conn, bytes);
         let reason = closed_with(&sim, relay, conn);
-        assert!(reason.contains(expect), "{what}: closed for `{reason}`");
+        assert!(expect(reason), "{what}: closed for `{reason}`");
     }
     // After a good handshake: a sync message whose payload is garbage, and
     // one that is missing its document id.
     eve_joins(&mut sim, relay);
     eve_syncs(&mut sim, relay, &doc, vec![0x42, 0xff]);
-    assert!(closed_with(&sim, relay, EVE).contains("invalid sync message"));
+    assert!(matches!(
+        closed_with(&sim, relay, EVE),
+        CloseReason::InvalidSync { .. }
+    ));
     let conn = ConnectionId(8_100);
     sim.open_raw(relay, conn);
     sim.inject(
@@ -191,7 +210,10 @@ fn malformed_frames_close_only_their_connection() {
         .expect("key present");
     no_doc[at] = b'X';
     sim.inject(relay, conn, no_doc);
-    assert!(closed_with(&sim, relay, conn).contains("documentId"));
+    assert!(matches!(
+        closed_with(&sim, relay, conn),
+        CloseReason::Malformed(e) if e.to_string().contains("documentId")
+    ));
     sim.run_until_quiescent(SETTLE);
     others_unaffected(&mut sim, &clients, &doc, "still fine");
 }
@@ -264,7 +286,9 @@ fn a_panic_is_contained_to_one_connection() {
     };
     let before = text_on(&sim, relay, &doc);
     eve_syncs(&mut sim, relay, &doc, poison.encode());
-    assert!(closed_with(&sim, relay, EVE).contains("internal error"));
+    let reason = closed_with(&sim, relay, EVE);
+    assert!(matches!(reason, CloseReason::Internal(_)), "{reason}");
+    assert_eq!(reason.code(), close_code::INTERNAL);
     assert!(sim.nodes[relay]
         .events
         .iter()

@@ -497,12 +497,12 @@ async fn malformed_frames_close_only_their_connection() {
         (
             "not CBOR",
             vec![WsMessage::Binary(vec![0xff, 0x00, 0x13].into())],
-            Some(1008),
+            Some(1002),
         ),
         (
             "empty frame",
             vec![WsMessage::Binary(Vec::new().into())],
-            Some(1008),
+            Some(1002),
         ),
         (
             "missing fields",
@@ -512,7 +512,7 @@ async fn malformed_frames_close_only_their_connection() {
                 ]
                 .into(),
             )],
-            Some(1008),
+            Some(1002),
         ),
         (
             "message before join",
@@ -522,7 +522,7 @@ async fn malformed_frames_close_only_their_connection() {
                 })
                 .into(),
             )],
-            Some(1008),
+            Some(1002),
         ),
         (
             "oversized",

@@ -5,7 +5,8 @@ use automerge::{ReadDoc, ROOT};
 use std::time::Duration;
 
 use converge_core::engine::{
-    Command, CommandResult, ConnectionId, DocStatus, EngineConfig, Event, Origin, ReplicaKind,
+    CloseReason, Command, CommandResult, ConnectionId, DocStatus, EngineConfig, Event, Origin,
+    ReplicaKind,
 };
 use converge_core::wire::{self, DocumentId, Message, PeerId};
 use converge_tests::scenario::text_on;
@@ -388,7 +389,14 @@ fn handshake_rules() {
     assert!(sim.nodes[relay]
         .closed
         .iter()
-        .any(|(c, r)| *c == ConnectionId(901) && r.contains("expected `join`")));
+        .any(|(c, r)| *c == ConnectionId(901)
+            && matches!(
+                r,
+                CloseReason::UnexpectedFirst {
+                    expected: "join",
+                    ..
+                }
+            )));
 
     // A missing version list means version 1.
     sim.open_raw(relay, ConnectionId(902));
@@ -402,7 +410,7 @@ fn handshake_rules() {
     assert!(sim.nodes[relay]
         .closed
         .iter()
-        .any(|(c, r)| *c == ConnectionId(902) && r.contains("replaced")));
+        .any(|(c, r)| *c == ConnectionId(902) && matches!(r, CloseReason::Replaced)));
     let peers: Vec<_> = sim.nodes[relay]
         .engine
         .as_ref()

@@ -27,7 +27,7 @@ pub(super) enum ConnState {
 impl Engine {
     pub(super) fn on_connected(&mut self, conn: ConnectionId, direction: Direction) {
         if self.connections.contains_key(&conn) {
-            self.close(conn, "connection id reused while open".into());
+            self.close(conn, CloseReason::ConnectionReused);
         }
         let deadline = self.now.plus(self.cfg.handshake_timeout);
         let state = match direction {
@@ -61,7 +61,7 @@ impl Engine {
     }
 
     /// Closes a connection on our side and forgets it.
-    pub(super) fn close(&mut self, conn: ConnectionId, reason: String) {
+    pub(super) fn close(&mut self, conn: ConnectionId, reason: CloseReason) {
         if self.connections.contains_key(&conn) {
             tracing::debug!(%conn, %reason, "closing connection");
             self.out.closes.push(Close { conn, reason });
@@ -111,14 +111,11 @@ impl Engine {
             return;
         };
         if bytes.len() > self.cfg.max_message_bytes {
-            self.close(
-                conn,
-                format!(
-                    "message of {} bytes exceeds the limit of {}",
-                    bytes.len(),
-                    self.cfg.max_message_bytes
-                ),
-            );
+            let reason = CloseReason::MessageTooBig {
+                size: bytes.len(),
+                limit: self.cfg.max_message_bytes,
+            };
+            self.close(conn, reason);
             return;
         }
         let message = match wire::decode(bytes) {
@@ -128,12 +125,12 @@ impl Engine {
                 return;
             }
             Err(e) => {
-                self.close(conn, format!("malformed message: {e}"));
+                self.close(conn, CloseReason::Malformed(e));
                 return;
             }
         };
         if let Message::Error { message, .. } = &message {
-            let reason = format!("peer reported an error: {message}");
+            let reason = CloseReason::PeerError(message.clone());
             self.close(conn, reason);
             return;
         }
@@ -146,7 +143,10 @@ impl Engine {
                 } => self.on_join(conn, sender_id, metadata, supported_protocol_versions),
                 other => self.close(
                     conn,
-                    format!("expected `join` first, got `{}`", other.type_name()),
+                    CloseReason::UnexpectedFirst {
+                        expected: "join",
+                        got: other.type_name(),
+                    },
                 ),
             },
             ConnState::AwaitingPeer => match message {
@@ -157,17 +157,18 @@ impl Engine {
                     ..
                 } => {
                     if selected_protocol_version != PROTOCOL_VERSION {
-                        self.close(
-                            conn,
-                            format!("peer selected unsupported protocol version {selected_protocol_version}"),
-                        );
+                        let version = Some(selected_protocol_version);
+                        self.close(conn, CloseReason::UnsupportedVersion(version));
                     } else {
                         self.bind_peer(conn, sender_id, metadata.unwrap_or_default());
                     }
                 }
                 other => self.close(
                     conn,
-                    format!("expected `peer` first, got `{}`", other.type_name()),
+                    CloseReason::UnexpectedFirst {
+                        expected: "peer",
+                        got: other.type_name(),
+                    },
                 ),
             },
             ConnState::Ready { peer_id, .. } => {
@@ -196,7 +197,7 @@ impl Engine {
                     message: "unsupported protocol version".into(),
                 },
             );
-            self.close(conn, "unsupported protocol version".into());
+            self.close(conn, CloseReason::UnsupportedVersion(None));
             return;
         }
         let reply = Message::Peer {
@@ -211,15 +212,12 @@ impl Engine {
 
     pub(super) fn bind_peer(&mut self, conn: ConnectionId, peer: PeerId, metadata: PeerMetadata) {
         if peer == self.cfg.peer_id {
-            self.close(conn, "peer uses our own peer id".into());
+            self.close(conn, CloseReason::OwnPeerId);
             return;
         }
         if let Some(old) = self.peers.get(&peer).copied() {
             if old != conn {
-                self.close(
-                    old,
-                    "replaced by a newer connection from the same peer".into(),
-                );
+                self.close(old, CloseReason::Replaced);
             }
         }
         if let Some(c) = self.connections.get_mut(&conn) {
@@ -300,7 +298,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn close_peer(&mut self, peer: &PeerId, reason: String) {
+    pub(super) fn close_peer(&mut self, peer: &PeerId, reason: CloseReason) {
         if let Some(conn) = self.peers.get(peer).copied() {
             self.close(conn, reason);
         }

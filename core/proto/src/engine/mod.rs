@@ -64,8 +64,8 @@ pub use replica::{
     ReplicaKind,
 };
 pub use types::{
-    Close, Command, CommandId, CommandResult, ConnectionId, Direction, EngineConfig, Event, Input,
-    Origin, Output, Send, Timestamp,
+    close_code, Close, CloseReason, Command, CommandId, CommandResult, ConnectionId, Direction,
+    EngineConfig, Event, Input, Origin, Output, Send, Timestamp,
 };
 
 use crate::storage::{

@@ -36,7 +36,11 @@ impl Engine {
         let message = match validate::decode_sync_message(&m.data, &self.cfg.limits) {
             Ok(msg) => msg,
             Err(e) => {
-                self.close(conn, format!("invalid sync message for document {id}: {e}"));
+                let reason = CloseReason::InvalidSync {
+                    document: id,
+                    source: e,
+                };
+                self.close(conn, reason);
                 return;
             }
         };
@@ -52,10 +56,7 @@ impl Engine {
         };
         if doc.status == DocStatus::Loading {
             if doc.pending.len() >= MAX_PENDING_PER_DOC {
-                self.close(
-                    conn,
-                    format!("too many messages for document {id} while it loads"),
-                );
+                self.close(conn, CloseReason::TooManyPending(id));
                 return;
             }
             doc.pending.push(PendingMessage {
@@ -128,10 +129,11 @@ impl Engine {
                     doc.remove_peer(peer);
                 }
                 self.unindex(id, peer);
-                self.close_peer(
-                    peer,
-                    format!("sync message for document {id} rejected: {e}"),
-                );
+                let reason = CloseReason::Rejected {
+                    document: id.clone(),
+                    source: e,
+                };
+                self.close_peer(peer, reason);
                 return;
             }
             Ok(Ok(())) => {}
@@ -392,10 +394,7 @@ impl Engine {
             doc.remove_peer(peer);
         }
         self.unindex(id, peer);
-        self.close_peer(
-            peer,
-            format!("internal error handling document {id}; connection closed"),
-        );
+        self.close_peer(peer, CloseReason::Internal(id.clone()));
         if while_receiving {
             self.rebuild_replica(id);
         }

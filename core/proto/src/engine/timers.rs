@@ -26,7 +26,7 @@ impl Engine {
                         !matches!(c.state, ConnState::Ready { .. }) && c.handshake_deadline == at
                     });
                     if expired {
-                        self.close(conn, "handshake timed out".into());
+                        self.close(conn, CloseReason::HandshakeTimeout);
                     }
                 }
                 Timer::Request(id) => self.request_deadline(&id, at),

@@ -333,13 +333,129 @@ pub struct Send {
 }
 
 /// A connection the engine has given up on. The engine has already
-/// forgotten it; the driver should close the socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// forgotten it; the driver should close the socket with
+/// [`CloseReason::code`] and the reason's text.
+#[derive(Debug)]
 pub struct Close {
     /// Which connection.
     pub conn: ConnectionId,
-    /// Why, for logs and for the peer.
-    pub reason: String,
+    /// Why.
+    pub reason: CloseReason,
+}
+
+/// WebSocket close codes Converge sends (RFC 6455 section 7.4, and the
+/// 4000-4999 range left to applications).
+pub mod close_code {
+    /// Normal closure: shutting down, or the peer reported an error.
+    pub const NORMAL: u16 = 1000;
+    /// Going away: the peer stopped answering pings.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Protocol error: a frame or message that breaks the protocol.
+    pub const PROTOCOL: u16 = 1002;
+    /// Unsupported data: a text frame.
+    pub const UNSUPPORTED: u16 = 1003;
+    /// Policy violation: well-formed input refused (a sync message whose
+    /// changes do not apply, too much sent while a document loads, a peer
+    /// too slow to read what it is sent).
+    pub const POLICY: u16 = 1008;
+    /// A message over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// An internal error while handling the peer's input (contained; the
+    /// relay serves everyone else).
+    pub const INTERNAL: u16 = 1011;
+    /// The peer did not finish the handshake in time.
+    pub const HANDSHAKE_TIMEOUT: u16 = 4408;
+    /// The same peer id connected again; the older connection is closed.
+    pub const REPLACED: u16 = 4409;
+}
+
+/// Why the engine closed a connection. The text ([`Display`]) is what the
+/// peer reads in the close frame; [`CloseReason::code`] is the code.
+///
+/// [`Display`]: std::fmt::Display
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// A message over [`EngineConfig::max_message_bytes`].
+    #[error("message of {size} bytes exceeds the limit of {limit}")]
+    MessageTooBig {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Bytes that are not a protocol message.
+    #[error("malformed message: {0}")]
+    Malformed(#[source] crate::wire::DecodeError),
+    /// A message other than the one the handshake expects.
+    #[error("expected `{expected}` first, got `{got}`")]
+    UnexpectedFirst {
+        /// The message the handshake waits for.
+        expected: &'static str,
+        /// The message that came.
+        got: &'static str,
+    },
+    /// No protocol version in common.
+    #[error("unsupported protocol version{}", .0.as_deref().map(|v| format!(" {v}")).unwrap_or_default())]
+    UnsupportedVersion(Option<String>),
+    /// The peer claims our own peer id.
+    #[error("peer uses our own peer id")]
+    OwnPeerId,
+    /// The driver opened a connection under an id still open.
+    #[error("connection id reused while open")]
+    ConnectionReused,
+    /// A sync message that does not decode or breaks a limit.
+    #[error("invalid sync message for document {document}: {source}")]
+    InvalidSync {
+        /// For which document.
+        document: DocumentId,
+        /// What is wrong with it.
+        source: super::validate::InvalidSyncMessage,
+    },
+    /// A sync message Automerge refused (changes that do not apply).
+    #[error("sync message for document {document} rejected: {source}")]
+    Rejected {
+        /// For which document.
+        document: DocumentId,
+        /// Automerge's reason.
+        source: super::replica::ReplicaError,
+    },
+    /// Too many messages for a document still loading from storage.
+    #[error("too many messages for document {0} while it loads")]
+    TooManyPending(DocumentId),
+    /// Handling the peer's input for this document panicked (contained).
+    #[error("internal error handling document {0}; connection closed")]
+    Internal(DocumentId),
+    /// The handshake did not finish within
+    /// [`EngineConfig::handshake_timeout`].
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    /// A newer connection from the same peer id took over.
+    #[error("replaced by a newer connection from the same peer")]
+    Replaced,
+    /// The peer sent an `error` message; we close our side normally.
+    #[error("peer reported an error: {0}")]
+    PeerError(String),
+}
+
+impl CloseReason {
+    /// The WebSocket close code for this reason (see [`close_code`]).
+    pub fn code(&self) -> u16 {
+        match self {
+            CloseReason::MessageTooBig { .. } => close_code::TOO_BIG,
+            CloseReason::Malformed(_)
+            | CloseReason::UnexpectedFirst { .. }
+            | CloseReason::UnsupportedVersion(_)
+            | CloseReason::OwnPeerId
+            | CloseReason::ConnectionReused
+            | CloseReason::InvalidSync { .. } => close_code::PROTOCOL,
+            CloseReason::Rejected { .. } | CloseReason::TooManyPending(_) => close_code::POLICY,
+            CloseReason::Internal(_) => close_code::INTERNAL,
+            CloseReason::HandshakeTimeout => close_code::HANDSHAKE_TIMEOUT,
+            CloseReason::Replaced => close_code::REPLACED,
+            CloseReason::PeerError(_) => close_code::NORMAL,
+        }
+    }
 }
 
 /// Everything one call to [`Engine::handle`](super::Engine::handle)
