@@ -20,7 +20,7 @@
 //!   a restart builds a new engine over the durable map.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use automerge::transaction::{CommitOptions, Transactable};
@@ -29,7 +29,9 @@ use converge_core::engine::{
     CloseReason, Command, CommandId, CommandResult, ConnectionId, Direction, DocStatus, Engine,
     EngineConfig, Event, Input, Output, RelayPolicy, ReplicaKind, Timestamp,
 };
-use converge_core::storage::{BatchOp, DocKey, StorageKey, StorageOp, StorageResult, TaskId};
+use converge_core::storage::{
+    BatchOp, DocKey, Storage, StorageError, StorageKey, StorageOp, StorageResult, TaskId,
+};
 use converge_core::wire::{self, DocumentId, PeerId, StorageId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -100,7 +102,7 @@ pub struct Node {
     pub engine: Option<Engine>,
     config: EngineConfig,
     /// What has reached the disk.
-    pub durable: BTreeMap<StorageKey, Vec<u8>>,
+    pub durable: SimStorage,
     /// Bumped by every crash; events from an older life are ignored.
     generation: u64,
     /// When the last scheduled storage task completes (tasks are FIFO).
@@ -253,7 +255,7 @@ impl Sim {
             role,
             engine: Some(engine),
             config,
-            durable: BTreeMap::new(),
+            durable: SimStorage::default(),
             generation: 0,
             storage_busy_until: self.now,
             results: BTreeMap::new(),
@@ -459,7 +461,7 @@ impl Sim {
             )
             .expect("node is alive");
         match self.nodes[n].results.get(&cmd) {
-            Some(CommandResult::Created(id)) => id.clone(),
+            Some(CommandResult::Create(Ok(id))) => id.clone(),
             other => panic!("create failed: {other:?}"),
         }
     }
@@ -819,62 +821,13 @@ impl Sim {
         }
     }
 
-    /// Applies a storage op to the node's durable map (it is durable from
-    /// this moment) and archives every document chunk written.
+    /// Performs a storage op on the node's durable store (it is durable
+    /// from this moment) with the runtime's own code, and archives every
+    /// document chunk written.
     fn perform(&mut self, n: NodeId, op: StorageOp) -> StorageResult {
-        let durable = &mut self.nodes[n].durable;
-        let mut writes = Vec::new();
-        let result = match op {
-            StorageOp::Load(k) => StorageResult::Loaded(durable.get(&k).cloned()),
-            StorageOp::LoadRange(prefix) => StorageResult::Range(
-                durable
-                    .range(prefix.clone()..)
-                    .take_while(|(k, _)| k.starts_with(&prefix))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-            ),
-            StorageOp::Put(k, v) => {
-                writes.push(BatchOp::Put(k, v));
-                StorageResult::Written
-            }
-            StorageOp::Delete(k) => {
-                writes.push(BatchOp::Delete(k));
-                StorageResult::Written
-            }
-            StorageOp::Batch(ops) => {
-                writes = ops;
-                StorageResult::Written
-            }
-            StorageOp::Compact {
-                doc,
-                replace,
-                snapshot,
-            } => {
-                match converge_core::engine::compaction(&doc, &replace, snapshot, |k| {
-                    Ok(durable.get(k).cloned())
-                }) {
-                    Ok((ops, key, bytes)) => {
-                        writes = ops;
-                        StorageResult::Compacted { key, bytes }
-                    }
-                    Err(reason) => StorageResult::Failed(reason),
-                }
-            }
-        };
-        for w in writes {
-            match w {
-                BatchOp::Put(k, v) => {
-                    if matches!(k.classify(), Some(DocKey::Chunk(..))) {
-                        let owner = k.parts().get(1).cloned().unwrap_or_default();
-                        self.archive.push((owner, v.clone()));
-                    }
-                    self.nodes[n].durable.insert(k, v);
-                }
-                BatchOp::Delete(k) => {
-                    self.nodes[n].durable.remove(&k);
-                }
-            }
-        }
+        let result = converge_core::engine::perform(&self.nodes[n].durable, op);
+        self.archive
+            .extend(self.nodes[n].durable.take_written_chunks());
         result
     }
 
@@ -1058,12 +1011,79 @@ pub fn check_converged(sim: &Sim, doc: &DocumentId, must_hold: &[NodeId]) -> Res
     Ok(())
 }
 
+/// A simulated node's disk: a map behind the [`Storage`] trait, so the
+/// simulator runs storage ops through the same code as the runtime, and a
+/// record of the document chunks written since last asked (for the
+/// archive every change must be found in).
+#[derive(Debug, Default)]
+pub struct SimStorage {
+    inner: Mutex<SimDisk>,
+}
+
+#[derive(Debug, Default)]
+struct SimDisk {
+    map: BTreeMap<StorageKey, Vec<u8>>,
+    written_chunks: Vec<(String, Vec<u8>)>,
+}
+
+impl SimStorage {
+    fn lock(&self) -> MutexGuard<'_, SimDisk> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every entry, in key order.
+    pub fn entries(&self) -> BTreeMap<StorageKey, Vec<u8>> {
+        self.lock().map.clone()
+    }
+
+    /// The document chunks written since the last call: (document, bytes).
+    fn take_written_chunks(&self) -> Vec<(String, Vec<u8>)> {
+        std::mem::take(&mut self.lock().written_chunks)
+    }
+}
+
+impl Storage for SimStorage {
+    fn get(&self, key: &StorageKey) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.lock().map.get(key).cloned())
+    }
+
+    fn range(&self, prefix: &StorageKey) -> Result<Vec<(StorageKey, Vec<u8>)>, StorageError> {
+        Ok(self
+            .lock()
+            .map
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
+        let mut disk = self.lock();
+        for op in ops {
+            match op {
+                BatchOp::Put(k, v) => {
+                    if matches!(k.classify(), Some(DocKey::Chunk(..))) {
+                        let owner = k.parts().get(1).cloned().unwrap_or_default();
+                        disk.written_chunks.push((owner, v.clone()));
+                    }
+                    disk.map.insert(k, v);
+                }
+                BatchOp::Delete(k) => {
+                    disk.map.remove(&k);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Every node's durable storage loads, document by document, through the
 /// engine's own strict chunk loader without a single corrupt chunk.
 pub fn check_storage_loads(sim: &Sim) -> Result<(), String> {
     for node in &sim.nodes {
         let mut by_doc: BTreeMap<&str, Vec<(&StorageKey, &Vec<u8>)>> = BTreeMap::new();
-        for (k, v) in &node.durable {
+        let entries = node.durable.entries();
+        for (k, v) in &entries {
             if let Some(DocKey::Chunk(kind, _)) = k.classify() {
                 let doc = k.parts()[1].as_str();
                 let list = by_doc.entry(doc).or_default();

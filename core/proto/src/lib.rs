@@ -58,9 +58,10 @@
 //!
 //! // Alice creates a document and writes into it.
 //! let out = engines[0].handle(now, Input::Command(CommandId(1), Command::Create { initial: None }));
-//! let Some((_, CommandResult::Created(id))) = out.completed.first().cloned() else {
+//! let Some((_, CommandResult::Create(Ok(id)))) = out.completed.first() else {
 //!     panic!("create answers at once");
 //! };
+//! let id = id.clone();
 //! route(0, out, &stores[0], &mut queue);
 //! let (_, out) = engines[0]
 //!     .change(now, &id, |doc| doc.transact(|tx| tx.put(ROOT, "greeting", "hello")))
@@ -78,7 +79,7 @@
 //! let mut found = false;
 //! while let Some((to, input)) = queue.pop_front() {
 //!     let out = engines[to].handle(now, input);
-//!     found |= out.completed.iter().any(|(_, r)| matches!(r, CommandResult::Found(_)));
+//!     found |= out.completed.iter().any(|(_, r)| matches!(r, CommandResult::Find(Ok(_))));
 //!     route(to, out, &stores[to], &mut queue);
 //! }
 //!

@@ -13,8 +13,8 @@ use super::outbound::ConnTx;
 use super::storage_thread::spawn_storage_thread;
 use super::{RepoConfig, Session};
 use crate::engine::{
-    ChangeError, Command, CommandId, CommandResult, ConnectionId, Direction, Engine, Event, Input,
-    Output, Timestamp,
+    ChangeError, Command, CommandId, CommandResult, ConnectionId, CreateError, Direction, Engine,
+    Event, FindError, Input, Output, Timestamp,
 };
 use crate::storage::{Storage, StorageOp, StorageResult, TaskId};
 use crate::wire::{self, DocumentId};
@@ -28,7 +28,7 @@ type Inspector = Box<dyn FnOnce(&Engine) + Send>;
 
 /// What the actor is told.
 pub(super) enum Msg {
-    Command(Command, oneshot::Sender<CommandResult>),
+    Command(Command, Responder),
     Change(DocumentId, Editor, oneshot::Sender<Result<(), ChangeError>>),
     Read(DocumentId, Reader),
     Inspect(Inspector),
@@ -37,6 +37,30 @@ pub(super) enum Msg {
     Bytes(ConnectionId, Vec<u8>),
     Closed(ConnectionId),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// Who waits for a command's result, typed by the command: the engine
+/// answers each command with its own [`CommandResult`] variant.
+pub(super) enum Responder {
+    Create(oneshot::Sender<Result<DocumentId, CreateError>>),
+    Find(oneshot::Sender<Result<DocumentId, FindError>>),
+    Broadcast(oneshot::Sender<usize>),
+    Saved(oneshot::Sender<()>),
+}
+
+impl Responder {
+    /// Hands the result over (nobody may be waiting any more: fine).
+    fn answer(self, result: CommandResult) {
+        match (self, result) {
+            (Responder::Create(tx), CommandResult::Create(r)) => drop(tx.send(r)),
+            (Responder::Find(tx), CommandResult::Find(r)) => drop(tx.send(r)),
+            (Responder::Broadcast(tx), CommandResult::Broadcast(n)) => drop(tx.send(n)),
+            (Responder::Saved(tx), CommandResult::Saved(_)) => drop(tx.send(())),
+            // The engine answers each command with its own variant; were
+            // that broken, the caller would see the repo as stopped.
+            (_, result) => tracing::error!(?result, "a command got another command's result"),
+        }
+    }
 }
 
 /// `Msg` holds closures, which are not `Debug`; this wrapper is.
@@ -82,7 +106,7 @@ pub(super) struct Actor {
     clock: Arc<dyn Clock>,
     conns: BTreeMap<ConnectionId, ConnTx>,
     outbound_limit: (usize, Duration),
-    pending: BTreeMap<CommandId, oneshot::Sender<CommandResult>>,
+    pending: BTreeMap<CommandId, Responder>,
     next_cmd: u64,
     events: broadcast::Sender<Event>,
     storage_tx: Option<std::sync::mpsc::Sender<(TaskId, StorageOp)>>,
@@ -330,7 +354,7 @@ impl Actor {
         }
         for (id, result) in out.completed {
             if let Some(reply) = self.pending.remove(&id) {
-                let _ = reply.send(result);
+                reply.answer(result);
             }
         }
         for event in out.events {

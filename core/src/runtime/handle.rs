@@ -5,9 +5,9 @@ use std::time::Duration;
 use automerge::{Automerge, ChangeHash};
 use tokio::sync::{broadcast, oneshot};
 
-use super::actor::Msg;
+use super::actor::{Msg, Responder};
 use super::{Context, Repo, RepoError};
-use crate::engine::{Command, CommandResult, Event, SyncStatus};
+use crate::engine::{Command, Event, SyncStatus};
 use crate::wire::DocumentId;
 
 /// A document in a [`Repo`].
@@ -117,16 +117,13 @@ impl DocHandle {
     pub async fn saved(&self) -> Result<(), RepoError> {
         // The engine answers once the writes holding today's changes are
         // confirmed; changes arriving meanwhile do not delay the answer.
-        match self
-            .repo
-            .command(Command::WhenSaved {
-                document_id: self.id.clone(),
-            })
-            .await?
-        {
-            CommandResult::Saved(_) => Ok(()),
-            other => Err(RepoError::Failed(format!("unexpected result {other:?}"))),
-        }
+        let (tx, rx) = oneshot::channel();
+        let command = Command::WhenSaved {
+            document_id: self.id.clone(),
+        };
+        self.repo
+            .send(Msg::Command(command, Responder::Saved(tx)))?;
+        rx.await.map_err(|_| RepoError::Stopped)
     }
 
     /// The document's heads.
@@ -141,17 +138,14 @@ impl DocHandle {
 
     /// Sends ephemeral data to the document's peers; returns how many.
     pub async fn broadcast(&self, data: Vec<u8>) -> Result<usize, RepoError> {
-        match self
-            .repo
-            .command(Command::Broadcast {
-                document_id: self.id.clone(),
-                data,
-            })
-            .await?
-        {
-            CommandResult::Broadcast(n) => Ok(n),
-            other => Err(RepoError::Failed(format!("unexpected result {other:?}"))),
-        }
+        let (tx, rx) = oneshot::channel();
+        let command = Command::Broadcast {
+            document_id: self.id.clone(),
+            data,
+        };
+        self.repo
+            .send(Msg::Command(command, Responder::Broadcast(tx)))?;
+        rx.await.map_err(|_| RepoError::Stopped)
     }
 
     /// Waits until the document's heads change (from anywhere) and returns

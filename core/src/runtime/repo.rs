@@ -7,15 +7,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::actor::{Actor, Msg, MsgBox};
+use super::actor::{Actor, Msg, MsgBox, Responder};
 use super::clock::{Clock, SystemClock};
 use super::outbound::{self, OutboundQueue};
 use super::DocHandle;
 use crate::engine::{
-    ChangeError, Command, CommandResult, ConnectionId, Direction, DocStatus, Engine, EngineConfig,
-    Event,
+    ChangeError, Command, ConnectionId, CreateError, Direction, DocStatus, Engine, EngineConfig,
+    Event, FindError,
 };
-use crate::storage::{Storage, StorageKey};
+use crate::storage::{Storage, StorageError, StorageKey};
 use crate::wire::{DocumentId, PeerId, StorageId};
 
 /// Why a repo call failed.
@@ -31,12 +31,34 @@ pub enum RepoError {
     /// A Context API operation was refused (bad path, wrong type…).
     #[error(transparent)]
     Context(#[from] crate::context::ContextError),
-    /// The command failed.
-    #[error("{0}")]
-    Failed(String),
+    /// `create` made no document.
+    #[error(transparent)]
+    Create(#[from] CreateError),
+    /// Storage failed (reading a document, listing, the storage id); for a
+    /// document, the next attempt reads it again.
+    #[error("storage failed{}: {source}", document.as_ref().map(|d| format!(" for document {d}")).unwrap_or_default())]
+    Storage {
+        /// The document being read, if one was.
+        document: Option<DocumentId>,
+        /// What storage said.
+        source: Arc<StorageError>,
+    },
+    /// An id is not valid.
+    #[error(transparent)]
+    Id(#[from] crate::wire::IdError),
     /// The repo has shut down.
     #[error("the repo has shut down")]
     Stopped,
+}
+
+impl RepoError {
+    /// A storage failure not tied to one document.
+    fn storage(e: StorageError) -> Self {
+        RepoError::Storage {
+            document: None,
+            source: Arc::new(e),
+        }
+    }
 }
 
 /// One connected peer: a session.
@@ -116,9 +138,7 @@ pub fn random_seed() -> u64 {
 /// one the first time (automerge-repo keeps it under `storage-adapter-id`).
 pub fn load_or_create_storage_id(storage: &dyn Storage) -> Result<StorageId, RepoError> {
     let key = StorageKey::new(["storage-adapter-id"]);
-    let existing = storage
-        .get(&key)
-        .map_err(|e| RepoError::Failed(e.to_string()))?;
+    let existing = storage.get(&key).map_err(RepoError::storage)?;
     if let Some(bytes) = existing {
         if let Some(id) = std::str::from_utf8(&bytes)
             .ok()
@@ -141,8 +161,8 @@ pub fn load_or_create_storage_id(storage: &dyn Storage) -> Result<StorageId, Rep
             key,
             text.clone().into_bytes(),
         )])
-        .map_err(|e| RepoError::Failed(e.to_string()))?;
-    StorageId::new(&text).map_err(|e| RepoError::Failed(e.to_string()))
+        .map_err(RepoError::storage)?;
+    Ok(StorageId::new(&text)?)
 }
 
 /// A running repo. Cheap to clone; every clone talks to the same engine.
@@ -204,35 +224,33 @@ impl Repo {
             .map_err(|_| RepoError::Stopped)
     }
 
-    pub(super) async fn command(&self, command: Command) -> Result<CommandResult, RepoError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Msg::Command(command, tx))?;
-        rx.await.map_err(|_| RepoError::Stopped)
-    }
-
     /// Creates a document (empty, or from `Automerge::save` bytes).
     pub async fn create(&self, initial: Option<Vec<u8>>) -> Result<DocHandle, RepoError> {
-        match self.command(Command::Create { initial }).await? {
-            CommandResult::Created(id) => Ok(self.handle(id)),
-            CommandResult::Failed(e) => Err(RepoError::Failed(e)),
-            other => Err(RepoError::Failed(format!("unexpected result {other:?}"))),
-        }
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Command(
+            Command::Create { initial },
+            Responder::Create(tx),
+        ))?;
+        let id = rx.await.map_err(|_| RepoError::Stopped)??;
+        Ok(self.handle(id))
     }
 
     /// Finds a document in storage or at peers. Never hangs: if nobody has
     /// it, this returns [`RepoError::Unavailable`] (the repo keeps wanting
     /// it; [`Repo::events`] reports when it arrives).
     pub async fn find(&self, id: &DocumentId) -> Result<DocHandle, RepoError> {
-        match self
-            .command(Command::Find {
-                document_id: id.clone(),
-            })
-            .await?
-        {
-            CommandResult::Found(id) => Ok(self.handle(id)),
-            CommandResult::Unavailable(id) => Err(RepoError::Unavailable(id)),
-            CommandResult::Failed(e) => Err(RepoError::Failed(e)),
-            other => Err(RepoError::Failed(format!("unexpected result {other:?}"))),
+        let (tx, rx) = oneshot::channel();
+        let find = Command::Find {
+            document_id: id.clone(),
+        };
+        self.send(Msg::Command(find, Responder::Find(tx)))?;
+        match rx.await.map_err(|_| RepoError::Stopped)? {
+            Ok(id) => Ok(self.handle(id)),
+            Err(FindError::Unavailable(id)) => Err(RepoError::Unavailable(id)),
+            Err(FindError::Storage { document, source }) => Err(RepoError::Storage {
+                document: Some(document),
+                source,
+            }),
         }
     }
 
@@ -273,8 +291,8 @@ impl Repo {
             .ok_or(RepoError::Stopped)?;
         let mut ids = tokio::task::spawn_blocking(move || crate::storage::document_ids(&*storage))
             .await
-            .map_err(|e| RepoError::Failed(format!("listing documents failed: {e}")))?
-            .map_err(|e| RepoError::Failed(format!("listing documents failed: {e}")))?;
+            .map_err(|_| RepoError::storage(StorageError::Panicked))?
+            .map_err(RepoError::storage)?;
         ids.extend(in_memory);
         Ok(ids.into_iter().collect())
     }

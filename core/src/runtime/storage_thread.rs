@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::engine::perform_many;
-use crate::storage::{Storage, StorageOp, StorageResult, TaskId};
+use crate::storage::{Storage, StorageError, StorageOp, StorageResult, TaskId};
 
 /// Most storage tasks taken from the queue and performed as one group.
 const MAX_STORAGE_GROUP: usize = 256;
@@ -42,7 +42,7 @@ pub(super) fn spawn_storage_thread(
                     perform_many(storage.as_ref(), ops)
                 }))
                 .unwrap_or_else(|_| {
-                    vec![StorageResult::Failed("storage task panicked".into()); count]
+                    vec![StorageResult::Failed(Arc::new(StorageError::Panicked)); count]
                 });
                 // Once the actor is gone nobody wants the results, but the
                 // remaining writes still go to the store.

@@ -42,7 +42,7 @@ impl std::fmt::Debug for RocksStorage {
 }
 
 fn backend(e: rocksdb::Error) -> StorageError {
-    StorageError::Backend(e.into_string())
+    StorageError::backend(e)
 }
 
 impl RocksStorage {
@@ -108,7 +108,7 @@ impl RocksStorage {
         };
         self.db
             .cf_handle(name)
-            .ok_or_else(|| StorageError::Backend(format!("column family {name} is missing")))
+            .ok_or_else(|| StorageError::backend(format!("column family {name} is missing")))
     }
 
     /// Flushes memtables and the WAL to disk.

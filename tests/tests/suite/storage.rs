@@ -9,7 +9,7 @@ use automerge::transaction::Transactable;
 use automerge::{ReadDoc, ROOT};
 use converge_core::engine::{Event, ReplicaKind};
 use converge_core::runtime::{ManualClock, Repo, RepoConfig, RepoError};
-use converge_core::storage::{BatchOp, DocKey, RocksStorage, Storage, StorageKey};
+use converge_core::storage::{BatchOp, DocKey, RocksStorage, Storage, StorageError, StorageKey};
 
 use super::wait;
 
@@ -447,8 +447,8 @@ impl Storage for Flaky {
         use std::sync::atomic::Ordering::SeqCst;
         if self.broken.load(SeqCst) {
             self.failed_writes.fetch_add(1, SeqCst);
-            return Err(converge_core::storage::StorageError::Backend(
-                "no space left on device".into(),
+            return Err(converge_core::storage::StorageError::backend(
+                "no space left on device",
             ));
         }
         self.inner.batch(ops)
@@ -570,7 +570,7 @@ fn when_saved_answers_for_the_changes_made_before_it() {
         now,
         Input::Command(CommandId(1), Command::Create { initial: None }),
     );
-    let Some((_, CommandResult::Created(id))) = out.completed.first().cloned() else {
+    let Some((_, CommandResult::Create(Ok(id)))) = out.completed.first() else {
         panic!("not created: {:?}", out.completed);
     };
     for t in &out.storage {
@@ -584,7 +584,7 @@ fn when_saved_answers_for_the_changes_made_before_it() {
     }
     let edit = |engine: &mut Engine, n: i64| {
         let ((), out) = engine
-            .change(now, &id, |d| {
+            .change(now, id, |d| {
                 let mut tx = d.transaction();
                 tx.put(ROOT, "n", n).expect("put");
                 tx.commit();
@@ -614,7 +614,7 @@ fn when_saved_answers_for_the_changes_made_before_it() {
     // The first write lands: the caller's changes are on disk, though the
     // document as a whole is not.
     assert_eq!(answered(&engine.handle(now, done(w1))), vec![10]);
-    assert_eq!(engine.sync_status(&id).map(|s| s.saved), Some(false));
+    assert_eq!(engine.sync_status(id).map(|s| s.saved), Some(false));
 
     // Asked while the second is out; it fails after a third was issued on
     // top of it, so the third landing proves nothing.
@@ -624,7 +624,7 @@ fn when_saved_answers_for_the_changes_made_before_it() {
         now,
         Input::Storage {
             task: w2,
-            result: StorageResult::Failed("disk full".into()),
+            result: StorageResult::Failed(std::sync::Arc::new(StorageError::backend("disk full"))),
         },
     );
     assert!(answered(&failed).is_empty());

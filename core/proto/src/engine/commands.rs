@@ -26,9 +26,8 @@ impl Engine {
         match &initial {
             Some(bytes) => {
                 if let Err(e) = replica.load_chunk(bytes) {
-                    self.out
-                        .completed
-                        .push((cmd, CommandResult::Failed(format!("initial document: {e}"))));
+                    let failed = CommandResult::Create(Err(CreateError::Initial(Box::new(e))));
+                    self.out.completed.push((cmd, failed));
                     return;
                 }
             }
@@ -41,17 +40,15 @@ impl Engine {
                     Some(am) => {
                         am.empty_commit(CommitOptions::default().with_time(time));
                         if let Err(e) = replica.absorb_local_edits() {
-                            self.out
-                                .completed
-                                .push((cmd, CommandResult::Failed(format!("initial change: {e}"))));
+                            let failed =
+                                CommandResult::Create(Err(CreateError::InitialChange(Box::new(e))));
+                            self.out.completed.push((cmd, failed));
                             return;
                         }
                     }
                     None => {
-                        self.out.completed.push((
-                            cmd,
-                            CommandResult::Failed(ChangeError::NotEditable.to_string()),
-                        ));
+                        let failed = CommandResult::Create(Err(CreateError::NotEditable));
+                        self.out.completed.push((cmd, failed));
                         return;
                     }
                 }
@@ -61,7 +58,9 @@ impl Engine {
         doc.request.want();
         self.docs.insert(id.clone(), doc);
         self.doc_changed(&id, Origin::Local);
-        self.out.completed.push((cmd, CommandResult::Created(id)));
+        self.out
+            .completed
+            .push((cmd, CommandResult::Create(Ok(id))));
     }
 
     pub(super) fn find(&mut self, cmd: CommandId, id: DocumentId) {
@@ -80,7 +79,7 @@ impl Engine {
         };
         doc.request.want();
         match doc.status {
-            DocStatus::Ready => self.out.completed.push((cmd, CommandResult::Found(id))),
+            DocStatus::Ready => self.out.completed.push((cmd, CommandResult::Find(Ok(id)))),
             DocStatus::Loading | DocStatus::Requesting => doc.request.wait(cmd),
             DocStatus::Unavailable => {
                 // Ask again: peers may have it by now.

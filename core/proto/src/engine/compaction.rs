@@ -6,7 +6,7 @@
 use automerge::ChangeHash;
 
 use super::replica::{FullDocument, Replica};
-use crate::storage::{BatchOp, ChunkKind, DocKey, Snapshot, StorageKey};
+use crate::storage::{BatchOp, ChunkKind, DocKey, Snapshot, StorageError, StorageKey};
 use crate::wire::DocumentId;
 
 /// Plans a compaction: reads the chunks at `replace` through `get`, merges
@@ -21,8 +21,8 @@ pub fn compaction(
     doc: &DocumentId,
     replace: &[StorageKey],
     snapshot: Option<Snapshot>,
-    get: impl Fn(&StorageKey) -> Result<Option<Vec<u8>>, String>,
-) -> Result<(Vec<BatchOp>, StorageKey, usize), String> {
+    get: impl Fn(&StorageKey) -> Result<Option<Vec<u8>>, StorageError>,
+) -> Result<(Vec<BatchOp>, StorageKey, usize), StorageError> {
     if let Some(Snapshot { heads, bytes }) = snapshot {
         let key = StorageKey::doc_chunk(doc, ChunkKind::Snapshot, &heads_name(&heads));
         let size = bytes.len();
@@ -45,9 +45,7 @@ pub fn compaction(
         // A read error stops everything; a chunk that is simply not there
         // was never written (its write failed and the engine writes those
         // changes again), so there is nothing to merge or delete.
-        let Some(bytes) =
-            get(key).map_err(|e| format!("cannot compact {doc}: reading {key}: {e}"))?
-        else {
+        let Some(bytes) = get(key)? else {
             continue;
         };
         all.extend_from_slice(&bytes);
@@ -60,7 +58,10 @@ pub fn compaction(
     // planned.
     merged
         .load_chunk(&all)
-        .map_err(|e| format!("cannot compact {doc}: {e}"))?;
+        .map_err(|e| StorageError::Compaction {
+            document: doc.clone(),
+            source: Box::new(e),
+        })?;
     let snapshot = merged.save();
     let key = StorageKey::doc_chunk(doc, ChunkKind::Snapshot, &heads_name(&merged.heads()));
     let bytes = snapshot.len();

@@ -50,6 +50,7 @@ pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 
 use automerge::sync;
 use automerge::transaction::CommitOptions;
@@ -64,12 +65,12 @@ pub use replica::{
     ReplicaKind,
 };
 pub use types::{
-    close_code, Close, CloseReason, Command, CommandId, CommandResult, ConnectionId, Direction,
-    EngineConfig, Event, Input, Origin, Output, Send, Timestamp,
+    close_code, Close, CloseReason, Command, CommandId, CommandResult, ConnectionId, CreateError,
+    Direction, EngineConfig, Event, FindError, Input, Origin, Output, Send, Timestamp,
 };
 
 use crate::storage::{
-    ChunkKind, DocKey, StorageKey, StorageOp, StorageResult, StorageTask, TaskId,
+    ChunkKind, DocKey, StorageError, StorageKey, StorageOp, StorageResult, StorageTask, TaskId,
 };
 use crate::wire::{
     self, DecodeError, DocMessage, DocumentId, EphemeralMessage, Message, PeerId, PeerMetadata,

@@ -450,7 +450,7 @@ impl Engine {
             for cmd in doc.request.finish() {
                 self.out
                     .completed
-                    .push((cmd, CommandResult::Found(id.clone())));
+                    .push((cmd, CommandResult::Find(Ok(id.clone()))));
             }
         }
         let Some(doc) = self.docs.get_mut(id) else {

@@ -5,7 +5,9 @@
 //! about storage holds for the relay.
 
 use super::compaction::compaction;
-use crate::storage::{BatchOp, Storage, StorageOp, StorageResult};
+use std::sync::Arc;
+
+use crate::storage::{BatchOp, Storage, StorageError, StorageOp, StorageResult};
 
 /// Performs one op and turns the outcome into a [`StorageResult`].
 pub fn perform(storage: &dyn Storage, op: StorageOp) -> StorageResult {
@@ -23,18 +25,15 @@ pub fn perform(storage: &dyn Storage, op: StorageOp) -> StorageResult {
             doc,
             replace,
             snapshot,
-        } => {
-            match compaction(&doc, &replace, snapshot, |k| {
-                storage.get(k).map_err(|e| e.to_string())
-            }) {
-                Ok((ops, key, bytes)) => storage
+        } => compaction(&doc, &replace, snapshot, |k| storage.get(k)).and_then(
+            |(ops, key, bytes)| {
+                storage
                     .batch(ops)
-                    .map(|()| StorageResult::Compacted { key, bytes }),
-                Err(reason) => Ok(StorageResult::Failed(reason)),
-            }
-        }
+                    .map(|()| StorageResult::Compacted { key, bytes })
+            },
+        ),
     };
-    outcome.unwrap_or_else(|e| StorageResult::Failed(e.to_string()))
+    outcome.unwrap_or_else(|e| StorageResult::Failed(Arc::new(e)))
 }
 
 /// Performs ops in order, as [`perform`] would one by one, but
@@ -51,7 +50,8 @@ pub fn perform_many(storage: &dyn Storage, ops: Vec<StorageOp>) -> Vec<StorageRe
                 // A panic (Automerge during a compaction) fails this op
                 // only, not the others taken with it.
                 results.push(
-                    contained(|| perform(storage, other)).unwrap_or_else(StorageResult::Failed),
+                    contained(|| perform(storage, other))
+                        .unwrap_or_else(|e| StorageResult::Failed(Arc::new(e))),
                 );
                 continue;
             }
@@ -63,18 +63,16 @@ pub fn perform_many(storage: &dyn Storage, ops: Vec<StorageOp>) -> Vec<StorageRe
         }
         let result = match contained(|| storage.batch(run)) {
             Ok(Ok(())) => StorageResult::Written,
-            Ok(Err(e)) => StorageResult::Failed(e.to_string()),
-            Err(reason) => StorageResult::Failed(reason),
+            Ok(Err(e)) | Err(e) => StorageResult::Failed(Arc::new(e)),
         };
         results.extend(std::iter::repeat_n(result, run_len));
     }
     results
 }
 
-/// Runs `f`, turning a panic into an error message.
-fn contained<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .map_err(|_| "storage task panicked".to_owned())
+/// Runs `f`, turning a panic into [`StorageError::Panicked`].
+fn contained<T>(f: impl FnOnce() -> T) -> Result<T, StorageError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| StorageError::Panicked)
 }
 
 #[cfg(test)]
@@ -105,7 +103,11 @@ mod tests {
             .map(|op| perform(&one_by_one, op))
             .collect();
         let grouped = MemoryStorage::new();
-        assert_eq!(perform_many(&grouped, ops), expected);
+        // (Results compare by their Debug form: a failure holds an error.)
+        assert_eq!(
+            format!("{:?}", perform_many(&grouped, ops)),
+            format!("{expected:?}")
+        );
         assert_eq!(
             grouped.range(&StorageKey::new(["k"])).expect("range"),
             vec![(key("a"), vec![3])]

@@ -72,7 +72,7 @@ impl Engine {
         }
         match (purpose, result) {
             (Task::LoadDoc(id), StorageResult::Range(entries)) => self.loaded(&id, entries),
-            (Task::LoadDoc(id), StorageResult::Failed(reason)) => self.load_failed(&id, &reason),
+            (Task::LoadDoc(id), StorageResult::Failed(reason)) => self.load_failed(&id, reason),
             (Task::LoadDoc(id), _) => self.loaded(&id, Vec::new()),
             (Task::Compact { doc, replaced }, result) => {
                 if let Some(d) = self.docs.get_mut(&doc) {
@@ -116,7 +116,7 @@ impl Engine {
     /// Storage could not be read: that is not "the document does not
     /// exist", so nobody is told it is unavailable. Waiting finds fail with
     /// the reason and the document is forgotten, to be read again next time.
-    pub(super) fn load_failed(&mut self, id: &DocumentId, reason: &str) {
+    pub(super) fn load_failed(&mut self, id: &DocumentId, reason: Arc<StorageError>) {
         let Some(mut doc) = self.docs.remove(id) else {
             return;
         };
@@ -130,10 +130,13 @@ impl Engine {
             }
         }
         for cmd in doc.request.finish() {
-            self.out.completed.push((
-                cmd,
-                CommandResult::Failed(format!("cannot read document {id} from storage: {reason}")),
-            ));
+            let failed = FindError::Storage {
+                document: id.clone(),
+                source: reason.clone(),
+            };
+            self.out
+                .completed
+                .push((cmd, CommandResult::Find(Err(failed))));
         }
         for peer in doc.peers.keys() {
             if let Some(set) = self.peer_docs.get_mut(peer) {
@@ -207,7 +210,7 @@ impl Engine {
             for cmd in doc.request.finish() {
                 self.out
                     .completed
-                    .push((cmd, CommandResult::Found(id.clone())));
+                    .push((cmd, CommandResult::Find(Ok(id.clone()))));
             }
             let heads = doc.replica.heads();
             doc.announced_heads = heads.clone();

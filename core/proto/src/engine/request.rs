@@ -364,9 +364,10 @@ impl Engine {
             .request
             .unavailable(doc.peers.iter_mut().map(|(p, dp)| (p, &mut dp.ask)));
         for cmd in finds {
-            self.out
-                .completed
-                .push((cmd, CommandResult::Unavailable(id.clone())));
+            self.out.completed.push((
+                cmd,
+                CommandResult::Find(Err(FindError::Unavailable(id.clone()))),
+            ));
         }
         self.out.events.push(Event::DocUnavailable {
             document_id: id.clone(),

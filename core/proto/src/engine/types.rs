@@ -7,9 +7,9 @@ use std::time::Duration;
 use automerge::ChangeHash;
 
 use super::policy::{AnnounceAll, SharePolicy};
-use super::replica::ReplicaFactory;
+use super::replica::{ReplicaError, ReplicaFactory};
 use super::validate::SyncLimits;
-use crate::storage::{StorageKey, StorageResult, TaskId};
+use crate::storage::{StorageError, StorageKey, StorageResult, TaskId};
 use crate::wire::{DocumentId, Message, PeerId, PeerMetadata, SessionId, StorageId};
 
 /// A point on the driver's clock: milliseconds since the Unix epoch. The
@@ -210,23 +210,52 @@ pub enum Command {
     },
 }
 
-/// How a [`Command`] ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a [`Command`] ended: one variant per command, each with its own
+/// error type.
+#[derive(Debug)]
 pub enum CommandResult {
-    /// `Create` made this document.
-    Created(DocumentId),
-    /// `Find` has the document in memory now.
-    Found(DocumentId),
-    /// `Find`: neither storage nor any peer has it (yet). If it arrives
-    /// later, [`Event::DocChanged`] says so.
-    Unavailable(DocumentId),
+    /// `Create`: the new document, or why none was made.
+    Create(Result<DocumentId, CreateError>),
+    /// `Find`: the document is in memory now, or why not.
+    Find(Result<DocumentId, FindError>),
     /// `Broadcast` sent to this many peers.
     Broadcast(usize),
     /// `WhenSaved`: what the document held when asked is on disk (or it
     /// was not in memory, so nothing of it was waiting to be written).
     Saved(DocumentId),
-    /// The command could not be carried out.
-    Failed(String),
+}
+
+/// Why `Create` made no document.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CreateError {
+    /// The initial bytes are not an Automerge document.
+    #[error("the initial document cannot be loaded: {0}")]
+    Initial(#[source] Box<ReplicaError>),
+    /// The empty first change could not be recorded.
+    #[error("the initial change cannot be recorded: {0}")]
+    InitialChange(#[source] Box<ReplicaError>),
+    /// This engine's replicas do not hold document contents.
+    #[error("this engine's replicas cannot be edited")]
+    NotEditable,
+}
+
+/// Why `Find` has no document.
+#[derive(Debug, thiserror::Error)]
+pub enum FindError {
+    /// Neither storage nor any peer has it (yet). If it arrives later,
+    /// [`Event::DocChanged`] says so.
+    #[error("document {0} is unavailable")]
+    Unavailable(DocumentId),
+    /// Storage could not be read (which is not "it does not exist"); the
+    /// next `Find` reads it again.
+    #[error("cannot read document {document} from storage: {source}")]
+    Storage {
+        /// Which document.
+        document: DocumentId,
+        /// What storage said.
+        source: Arc<StorageError>,
+    },
 }
 
 /// Where a document change came from.
@@ -241,7 +270,7 @@ pub enum Origin {
 }
 
 /// Something the driver (or the app above it) may want to know.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Event {
     /// A handshake completed.
     PeerConnected {
@@ -311,7 +340,7 @@ pub enum Event {
         /// Which task.
         task: TaskId,
         /// Why.
-        reason: String,
+        reason: Arc<StorageError>,
     },
     /// Automerge panicked while handling a peer's message; the panic was
     /// contained to that peer's connection.

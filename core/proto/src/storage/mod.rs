@@ -19,6 +19,7 @@ mod memory;
 pub use memory::MemoryStorage;
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::wire::{DocumentId, StorageId};
 
@@ -217,7 +218,7 @@ pub struct StorageTask {
 }
 
 /// The outcome of a [`StorageTask`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum StorageResult {
     /// The value of a `Load`, `None` if absent.
     Loaded(Option<Vec<u8>>),
@@ -232,9 +233,12 @@ pub enum StorageResult {
         /// Its size.
         bytes: usize,
     },
-    /// The task failed; the text says why.
-    Failed(String),
+    /// The task failed. Shared: one failed batch fails every task in it.
+    Failed(Arc<StorageError>),
 }
+
+/// An error from below, kept as the source of a [`StorageError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Why a storage call failed.
 #[derive(Debug, thiserror::Error)]
@@ -242,7 +246,26 @@ pub enum StorageResult {
 pub enum StorageError {
     /// The backing store reported an error.
     #[error("storage backend error: {0}")]
-    Backend(String),
+    Backend(#[source] BoxError),
+    /// A document's stored chunks could not be merged into a snapshot
+    /// (nothing was written or deleted).
+    #[error("cannot compact document {document}: {source}")]
+    Compaction {
+        /// Which document.
+        document: DocumentId,
+        /// Why the merge failed.
+        source: BoxError,
+    },
+    /// Carrying out the operation panicked; the panic was contained.
+    #[error("storage operation panicked")]
+    Panicked,
+}
+
+impl StorageError {
+    /// A backend error from any error value.
+    pub fn backend(e: impl Into<BoxError>) -> Self {
+        StorageError::Backend(e.into())
+    }
 }
 
 /// A key-value store the runtime performs [`StorageOp`]s against.
