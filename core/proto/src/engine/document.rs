@@ -87,6 +87,148 @@ impl Doc {
         self.durable.is_saved(&self.replica.heads())
     }
 
+    /// Gives `peer` sync state for this document unless it has some,
+    /// resuming from a state stored under `persist_key` when there is one
+    /// we can trust. Says whether the peer is new here.
+    pub(super) fn activate(&mut self, peer: &PeerId, persist_key: Option<StorageKey>) -> bool {
+        if self.peers.contains_key(peer) {
+            return false;
+        }
+        let mut state = sync::State::new();
+        let mut persisted_heads = Vec::new();
+        let stored = persist_key
+            .as_ref()
+            .and_then(|key| key.parts().last())
+            .and_then(|name| self.stored_sync_states.remove(name))
+            .and_then(|bytes| sync::State::decode(&bytes).ok());
+        if let Some(restored) = stored {
+            // A state that claims heads we do not hold (we lost unsynced
+            // writes in a crash) would mislead the exchange; start fresh
+            // instead.
+            if restored
+                .shared_heads
+                .iter()
+                .all(|h| self.replica.has_change(h))
+            {
+                persisted_heads = restored.shared_heads.clone();
+                state = restored;
+            }
+        }
+        self.peers.insert(
+            peer.clone(),
+            Box::new(DocPeer {
+                sync: PeerSync::new(state),
+                ask: PeerAsk::default(),
+                persist_key,
+                persisted_heads,
+                resync_at: None,
+                resynced_at_heads: None,
+                reply_due: false,
+                held: None,
+                due_after_held: false,
+            }),
+        );
+        true
+    }
+
+    /// The write that stores `peer`'s sync state, if it has a place to be
+    /// stored and moved on since it was last written.
+    pub(super) fn sync_state_write(&mut self, peer: &PeerId) -> Option<StorageOp> {
+        let dp = self.peers.get_mut(peer)?;
+        let key = dp.persist_key.clone()?;
+        if dp.sync.state.shared_heads == dp.persisted_heads {
+            return None;
+        }
+        dp.persisted_heads = dp.sync.state.shared_heads.clone();
+        Some(StorageOp::Put(key, dp.sync.state.encode()))
+    }
+
+    /// Whether a connected peer has told us heads for this document: it
+    /// has the document and our exchange with it will bring it here.
+    pub(super) fn someone_has_it(&self, connected: impl Fn(&PeerId) -> bool) -> bool {
+        self.peers.iter().any(|(p, dp)| {
+            connected(p)
+                && !dp.ask.lacks()
+                && dp
+                    .sync
+                    .state
+                    .their_heads
+                    .as_ref()
+                    .is_some_and(|h| !h.is_empty())
+        })
+    }
+
+    /// Generates the next sync message for `peer` on connection `conn`.
+    /// `resync_at` is when to restart the exchange should it stall (see
+    /// [`Generated::Message`]).
+    pub(super) fn generate(
+        &mut self,
+        peer: &PeerId,
+        conn: ConnectionId,
+        resync_at: Timestamp,
+    ) -> Generated {
+        let requesting = self.status == DocStatus::Requesting;
+        let empty = self.replica.is_empty();
+        let Some(dp) = self.peers.get_mut(peer) else {
+            return Generated::Nothing;
+        };
+        if dp.held == Some(conn) {
+            // Still due (receiving relies on knowing that): generated once
+            // the held message leaves.
+            dp.due_after_held = true;
+            return Generated::Nothing;
+        }
+        dp.reply_due = false;
+        // With nothing of our own we still answer a peer that offers the
+        // document (that is how we get it); otherwise we ask for it, once,
+        // if we are asking around and this peer has not said it lacks it.
+        let they_have_it = dp
+            .sync
+            .state
+            .their_heads
+            .as_ref()
+            .is_some_and(|h| !h.is_empty());
+        let mut as_request = false;
+        if empty && !they_have_it {
+            if !dp.ask.ask(requesting) {
+                return Generated::Nothing;
+            }
+            as_request = true;
+        }
+        let replica = &self.replica;
+        let state = &mut dp.sync;
+        let message = match catch_unwind(AssertUnwindSafe(|| replica.generate_sync_message(state)))
+        {
+            Err(_) => return Generated::Panicked,
+            Ok(None) => return Generated::Nothing,
+            Ok(Some(m)) => m,
+        };
+        let resync = dp.resync_at.is_none();
+        if resync {
+            dp.resync_at = Some(resync_at);
+        }
+        Generated::Message {
+            message,
+            as_request,
+            resync,
+        }
+    }
+
+    /// Queues `send` for `peer` until the writes holding what the document
+    /// has now are confirmed; returns it if nothing needs to wait. While it
+    /// waits, no other message for `peer` on that connection is generated.
+    pub(super) fn hold_until_durable(&mut self, peer: &PeerId, send: Send) -> Option<Waiter> {
+        let conn = send.conn;
+        let heads = self.replica.heads();
+        let released = self.durable.wait(Waiter::Send(peer.clone(), send), &heads);
+        if released.is_none() {
+            if let Some(dp) = self.peers.get_mut(peer) {
+                dp.held = Some(conn);
+            }
+        }
+        released
+    }
+
     /// Forgets a peer's sync state for this document. An emptied map gives
     /// back its node: a cold document in memory should cost little.
     pub(super) fn remove_peer(&mut self, peer: &PeerId) -> Option<Box<DocPeer>> {
@@ -96,6 +238,22 @@ impl Doc {
         }
         removed
     }
+}
+
+/// What [`Doc::generate`] came up with.
+pub(super) enum Generated {
+    /// Nothing to send now.
+    Nothing,
+    /// Automerge panicked generating the message.
+    Panicked,
+    /// A message to send, as a `request` (we lack the document) or a
+    /// `sync`. `resync`: no restart was scheduled for this peer; one is
+    /// now, at the time given to [`Doc::generate`].
+    Message {
+        message: sync::Message,
+        as_request: bool,
+        resync: bool,
+    },
 }
 
 #[derive(Debug)]

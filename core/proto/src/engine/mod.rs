@@ -37,6 +37,8 @@ mod compaction;
 mod connection;
 mod document;
 mod durability;
+mod inspect;
+mod local;
 mod peer_sync;
 mod perform;
 mod persist;
@@ -58,6 +60,7 @@ use automerge::{ActorId, Automerge, ChangeHash};
 
 pub use changelog::ChangeLog;
 pub use compaction::compaction;
+pub use local::ChangeError;
 pub use perform::{perform, perform_many};
 pub use policy::{AnnounceAll, RelayPolicy, SharePolicy};
 pub use replica::{
@@ -77,30 +80,12 @@ use crate::wire::{
     SessionId, PROTOCOL_VERSION,
 };
 use connection::{ConnState, Connection};
-use document::{Doc, DocPeer, PendingMessage};
+use document::{Doc, Generated, PendingMessage};
 pub use document::{DocStatus, PeerSyncStatus, SyncStatus};
 use durability::{Durability, Waiter};
 use request::{PeerAsk, Request};
 use rng::Rng;
 use timers::Timer;
-
-/// Why [`Engine::change`] could not run.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ChangeError {
-    /// The document is not in memory (create or find it first).
-    #[error("document {0} is not loaded")]
-    NotLoaded(DocumentId),
-    /// The document is still being fetched or nobody has it.
-    #[error("document {0} is not available yet")]
-    NotReady(DocumentId),
-    /// This engine's replicas do not hold document contents.
-    #[error("this engine's replicas cannot be edited")]
-    NotEditable,
-    /// The edit panicked; the document was left as it was before.
-    #[error("the edit panicked; nothing was changed")]
-    Panicked,
-}
 
 /// The sync engine. See the [module docs](self).
 #[derive(Debug)]
@@ -196,112 +181,6 @@ impl Engine {
     /// Peers with a completed handshake, with their connections.
     pub fn connected_peers(&self) -> impl Iterator<Item = (&PeerId, ConnectionId)> {
         self.peers.iter().map(|(p, c)| (p, *c))
-    }
-
-    /// Documents in memory, with their status.
-    pub fn documents(&self) -> impl Iterator<Item = (&DocumentId, DocStatus)> {
-        self.docs.iter().map(|(id, d)| (id, d.status))
-    }
-
-    /// A document's status, if it is in memory.
-    pub fn status(&self, id: &DocumentId) -> Option<DocStatus> {
-        self.docs.get(id).map(|d| d.status)
-    }
-
-    /// A document's heads, if it is in memory.
-    pub fn heads(&self, id: &DocumentId) -> Option<Vec<ChangeHash>> {
-        self.docs.get(id).map(|d| d.replica.heads())
-    }
-
-    /// How far each peer syncing `id` has got, or `None` if the document
-    /// is not in memory.
-    pub fn sync_status(&self, id: &DocumentId) -> Option<SyncStatus> {
-        let doc = self.docs.get(id)?;
-        let mut ours = doc.replica.heads();
-        ours.sort();
-        let peers = doc
-            .peers
-            .iter()
-            .filter(|(peer, _)| self.peers.contains_key(*peer))
-            .map(|(peer, dp)| {
-                let their_heads = dp.sync.state.their_heads.clone().map(|mut h| {
-                    h.sort();
-                    h
-                });
-                PeerSyncStatus {
-                    peer: peer.clone(),
-                    in_sync: their_heads.as_ref() == Some(&ours),
-                    their_heads,
-                }
-            })
-            .collect();
-        Some(SyncStatus {
-            saved: doc.is_saved(),
-            heads: ours,
-            peers,
-        })
-    }
-
-    /// The materialized document, if it is in memory in that form.
-    pub fn document(&self, id: &DocumentId) -> Option<&Automerge> {
-        self.docs.get(id).and_then(|d| d.replica.document())
-    }
-
-    /// Runs `f` on a document and syncs and saves whatever it changed.
-    /// The document must be ready. Returns `f`'s result and the output.
-    pub fn change<R>(
-        &mut self,
-        now: Timestamp,
-        id: &DocumentId,
-        f: impl FnOnce(&mut Automerge) -> R,
-    ) -> Result<(R, Output), ChangeError> {
-        self.advance(now);
-        let result = self.change_one(id, f)?;
-        Ok((result, self.finish()))
-    }
-
-    /// Makes several local changes, in order, and answers them together:
-    /// each changed document is saved once (one incremental chunk holding
-    /// all its new changes) and each peer gets one sync message per
-    /// document. An edit that fails (document not loaded, not ready, not
-    /// editable) does not stop the others.
-    pub fn change_many<R, F: FnOnce(&mut Automerge) -> R>(
-        &mut self,
-        now: Timestamp,
-        edits: impl IntoIterator<Item = (DocumentId, F)>,
-    ) -> (Vec<Result<R, ChangeError>>, Output) {
-        self.advance(now);
-        let results = edits
-            .into_iter()
-            .map(|(id, f)| self.change_one(&id, f))
-            .collect();
-        (results, self.finish())
-    }
-
-    fn change_one<R>(
-        &mut self,
-        id: &DocumentId,
-        f: impl FnOnce(&mut Automerge) -> R,
-    ) -> Result<R, ChangeError> {
-        let doc = self
-            .docs
-            .get_mut(id)
-            .ok_or_else(|| ChangeError::NotLoaded(id.clone()))?;
-        if doc.status != DocStatus::Ready {
-            return Err(ChangeError::NotReady(id.clone()));
-        }
-        let before = doc.replica.heads();
-        let am = doc.replica.document_mut().ok_or(ChangeError::NotEditable)?;
-        let result = f(am);
-        if let Err(e) = doc.replica.absorb_local_edits() {
-            // Only a replica that keeps its own log can fail here, and only
-            // on a change Automerge itself just made: a bug, not input.
-            tracing::error!(document = %id, error = %e, "a local change could not be recorded");
-        }
-        if doc.replica.heads() != before {
-            self.doc_changed(id, Origin::Local);
-        }
-        Ok(result)
     }
 
     /// Feeds one input in at time `now`.

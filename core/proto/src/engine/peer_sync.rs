@@ -165,47 +165,12 @@ impl Engine {
         let Some(doc) = self.docs.get_mut(id) else {
             return;
         };
-        if doc.peers.contains_key(peer) {
-            return;
+        if doc.activate(peer, persist_key) {
+            self.peer_docs
+                .entry(peer.clone())
+                .or_default()
+                .insert(id.clone());
         }
-        let mut state = sync::State::new();
-        let mut persisted_heads = Vec::new();
-        if let Some(key) = &persist_key {
-            let storage_name = key.parts().last().cloned().unwrap_or_default();
-            if let Some(bytes) = doc.stored_sync_states.remove(&storage_name) {
-                if let Ok(restored) = sync::State::decode(&bytes) {
-                    // A state that claims heads we do not hold (we lost
-                    // unsynced writes in a crash) would mislead the
-                    // exchange; start fresh instead.
-                    if restored
-                        .shared_heads
-                        .iter()
-                        .all(|h| doc.replica.has_change(h))
-                    {
-                        persisted_heads = restored.shared_heads.clone();
-                        state = restored;
-                    }
-                }
-            }
-        }
-        doc.peers.insert(
-            peer.clone(),
-            Box::new(DocPeer {
-                sync: PeerSync::new(state),
-                ask: PeerAsk::default(),
-                persist_key,
-                persisted_heads,
-                resync_at: None,
-                resynced_at_heads: None,
-                reply_due: false,
-                held: None,
-                due_after_held: false,
-            }),
-        );
-        self.peer_docs
-            .entry(peer.clone())
-            .or_default()
-            .insert(id.clone());
     }
 
     pub(super) fn unindex(&mut self, id: &DocumentId, peer: &PeerId) {
@@ -228,74 +193,32 @@ impl Engine {
     }
 
     pub(super) fn persist_sync_state(&mut self, id: &DocumentId, peer: &PeerId) {
-        let Some(doc) = self.docs.get_mut(id) else {
-            return;
-        };
-        let Some(dp) = doc.peers.get_mut(peer) else {
-            return;
-        };
-        let Some(key) = dp.persist_key.clone() else {
-            return;
-        };
-        if dp.sync.state.shared_heads == dp.persisted_heads {
-            return;
+        let write = self.docs.get_mut(id).and_then(|d| d.sync_state_write(peer));
+        if let Some(op) = write {
+            self.storage(op, Task::Other);
         }
-        dp.persisted_heads = dp.sync.state.shared_heads.clone();
-        let bytes = dp.sync.state.encode();
-        self.storage(StorageOp::Put(key, bytes), Task::Other);
     }
 
     /// Sends `peer` whatever the sync protocol says it needs next.
     pub(super) fn sync_peer(&mut self, id: &DocumentId, peer: &PeerId) {
-        if !self.peers.contains_key(peer) {
+        let Some(conn) = self.peers.get(peer).copied() else {
             return;
-        }
+        };
         self.activate(id, peer);
         let resync_at = self.now.plus(self.cfg.resync_interval);
         let Some(doc) = self.docs.get_mut(id) else {
             return;
         };
-        let status = doc.status;
-        let empty = doc.replica.is_empty();
-        let Some(dp) = doc.peers.get_mut(peer) else {
-            return;
+        let (message, as_request, resync) = match doc.generate(peer, conn, resync_at) {
+            Generated::Nothing => return,
+            Generated::Panicked => return self.contain_panic(id, peer, false),
+            Generated::Message {
+                message,
+                as_request,
+                resync,
+            } => (message, as_request, resync),
         };
-        if dp.held.is_some() && dp.held == self.peers.get(peer).copied() {
-            // Still due (receiving relies on knowing that): generated once
-            // the held message leaves.
-            dp.due_after_held = true;
-            return;
-        }
-        dp.reply_due = false;
-        // With nothing of our own we still answer a peer that offers the
-        // document (that is how we get it); otherwise we ask for it, once,
-        // if we are asking around and this peer has not said it lacks it.
-        let they_have_it = dp
-            .sync
-            .state
-            .their_heads
-            .as_ref()
-            .is_some_and(|h| !h.is_empty());
-        let mut as_request = false;
-        if empty && !they_have_it {
-            if !dp.ask.ask(status == DocStatus::Requesting) {
-                return;
-            }
-            as_request = true;
-        }
-        let replica = &doc.replica;
-        let state = &mut dp.sync;
-        let generated = catch_unwind(AssertUnwindSafe(|| replica.generate_sync_message(state)));
-        let message = match generated {
-            Err(_) => {
-                self.contain_panic(id, peer, false);
-                return;
-            }
-            Ok(None) => return,
-            Ok(Some(m)) => m,
-        };
-        if dp.resync_at.is_none() {
-            dp.resync_at = Some(resync_at);
+        if resync {
             self.timers
                 .insert((resync_at, Timer::Resync(id.clone(), peer.clone())));
         }
@@ -319,26 +242,10 @@ impl Engine {
         } else {
             Message::Sync(doc_message)
         };
-        let Some(conn) = self.peers.get(peer).copied() else {
-            return;
-        };
         // A message may carry changes storage has not confirmed yet: it
         // leaves once they are on disk, so that no peer ever holds a change
         // a crash here could lose.
-        let send = Waiter::Send(peer.clone(), Send { conn, message });
-        let released = match self.docs.get_mut(id) {
-            Some(doc) => {
-                let heads = doc.replica.heads();
-                let released = doc.durable.wait(send, &heads);
-                if released.is_none() {
-                    if let Some(dp) = doc.peers.get_mut(peer) {
-                        dp.held = Some(conn);
-                    }
-                }
-                released
-            }
-            None => Some(send),
-        };
+        let released = doc.hold_until_durable(peer, Send { conn, message });
         self.deliver(id, released);
     }
 

@@ -303,10 +303,8 @@ impl Engine {
             .peers
             .iter()
             .map(|(p, dp)| (&dp.ask, self.peers.contains_key(p)));
-        if doc
-            .request
-            .all_said_no(self.now, peers, self.someone_has_it(id))
-        {
+        let has_it = doc.someone_has_it(|p| self.peers.contains_key(p));
+        if doc.request.all_said_no(self.now, peers, has_it) {
             self.mark_unavailable(id);
         }
     }
@@ -321,7 +319,8 @@ impl Engine {
             .peers
             .iter()
             .map(|(p, dp)| (&dp.ask, self.peers.contains_key(p)));
-        let answering = Request::awaiting(peers) || self.someone_has_it(id);
+        let answering =
+            Request::awaiting(peers) || doc.someone_has_it(|p| self.peers.contains_key(p));
         let Some(doc) = self.docs.get_mut(id) else {
             return;
         };
@@ -337,22 +336,12 @@ impl Engine {
         }
     }
 
-    /// Whether a connected peer has told us heads for this document: it
-    /// has the document and our exchange with it will bring it here, so
-    /// nobody should be told it is unavailable yet.
+    /// Whether a connected peer has offered the document (see
+    /// [`Doc::someone_has_it`]).
     pub(super) fn someone_has_it(&self, id: &DocumentId) -> bool {
-        self.docs.get(id).is_some_and(|doc| {
-            doc.peers.iter().any(|(p, dp)| {
-                self.peers.contains_key(p)
-                    && !dp.ask.lacks()
-                    && dp
-                        .sync
-                        .state
-                        .their_heads
-                        .as_ref()
-                        .is_some_and(|h| !h.is_empty())
-            })
-        })
+        self.docs
+            .get(id)
+            .is_some_and(|doc| doc.someone_has_it(|p| self.peers.contains_key(p)))
     }
 
     pub(super) fn mark_unavailable(&mut self, id: &DocumentId) {
