@@ -21,3 +21,9 @@ pub use converge_proto::{context, engine, wire};
 pub mod runtime;
 pub mod storage;
 pub mod transport;
+
+/// The README's Rust examples, compiled by `cargo test --doc` so that they
+/// cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExamples;
