@@ -1,6 +1,7 @@
 //! The relay's HTTP face: the automerge-repo WebSocket endpoint at `/` and
 //! a health check at `/healthz`.
 
+use converge_core::transport::SocketSettings;
 use std::future::Future;
 use std::time::Duration;
 
@@ -70,12 +71,15 @@ async fn websocket(
         return "Converge relay: connect with an automerge-repo WebSocket client to this URL.\n"
             .into_response();
     };
+    // The client's settings too (`SocketSettings::tungstenite`); axum only
+    // takes them one by one.
+    let socket = SocketSettings::new(state.max_message_bytes);
     upgrade
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(converge_core::transport::WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(state.max_message_bytes.saturating_mul(2).max(1 << 20))
-        .max_message_size(state.max_message_bytes)
-        .max_frame_size(state.max_message_bytes)
+        .read_buffer_size(socket.read_buffer)
+        .write_buffer_size(socket.write_buffer)
+        .max_write_buffer_size(socket.max_write_buffer)
+        .max_message_size(socket.max_message)
+        .max_frame_size(socket.max_message)
         .on_upgrade(move |socket| connection(state, socket, remote))
 }
 

@@ -204,6 +204,47 @@ const BURST_BYTES: usize = 256 * 1024;
 /// the burst is flushed.
 pub const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
+/// A WebSocket message limit for clients that have no configured one.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The socket settings of every Converge WebSocket, client and server: a
+/// small read buffer (tungstenite's default 128 KiB per connection would
+/// dominate a busy relay's memory), a write buffer that gathers a burst of
+/// frames into one write, and the message limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketSettings {
+    /// Read buffer per connection, in bytes.
+    pub read_buffer: usize,
+    /// Write buffer: frames collect here until it fills or is flushed.
+    pub write_buffer: usize,
+    /// Most bytes the write buffer may hold before writes fail.
+    pub max_write_buffer: usize,
+    /// Largest message (and frame) accepted.
+    pub max_message: usize,
+}
+
+impl SocketSettings {
+    /// The settings for a given message limit.
+    pub fn new(max_message_bytes: usize) -> Self {
+        Self {
+            read_buffer: 4 * 1024,
+            write_buffer: WRITE_BUFFER_BYTES,
+            max_write_buffer: max_message_bytes.saturating_mul(2).max(1 << 20),
+            max_message: max_message_bytes,
+        }
+    }
+
+    /// The same, as tungstenite's configuration.
+    pub fn tungstenite(&self) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer)
+            .write_buffer_size(self.write_buffer)
+            .max_write_buffer_size(self.max_write_buffer)
+            .max_message_size(Some(self.max_message))
+            .max_frame_size(Some(self.max_message))
+    }
+}
+
 /// Why a connection ends.
 enum Stop {
     /// The connection is already unusable.

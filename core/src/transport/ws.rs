@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::{drive, Incoming, Outgoing};
@@ -37,25 +37,13 @@ impl Drop for Connection {
     }
 }
 
-/// Buffer sizes for client and server sockets: a small read buffer (the
-/// default 128 KiB per connection dominates memory on a busy relay) and a
-/// bounded write buffer that gathers a burst of frames into one write.
-pub fn socket_config(max_message_bytes: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(super::WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(max_message_bytes.saturating_mul(2).max(1 << 20))
-        .max_message_size(Some(max_message_bytes))
-        .max_frame_size(Some(max_message_bytes))
-}
-
 /// Connects `repo` to the automerge-repo server at `url` (`ws://…`) and
 /// keeps the connection up.
 pub fn connect(repo: Repo, url: String) -> Connection {
     let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let config = socket_config(64 << 20);
+            let config = super::SocketSettings::new(super::DEFAULT_MAX_MESSAGE_BYTES).tungstenite();
             match tokio_tungstenite::connect_async_with_config(&url, Some(config), true).await {
                 Ok((socket, _)) => {
                     let connected_at = tokio::time::Instant::now();
