@@ -15,8 +15,6 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path as UrlPath, Query, State};
@@ -26,9 +24,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use converge_core::context::{ContextError, Op, Path, Value};
-use converge_core::engine::{Event, Origin};
+use converge_core::engine::Origin;
 use converge_core::runtime::{DocHandle, Repo, RepoError};
-use converge_core::storage::{BatchOp, DocKey, Storage, StorageKey};
+use converge_core::storage::{DocKey, DocMeta, StorageKey};
 use converge_core::wire::{decode_head, DocumentId};
 use futures::Stream;
 use serde::Deserialize;
@@ -155,13 +153,6 @@ fn parse_heads(heads: Option<&str>) -> Result<Option<Vec<automerge::ChangeHash>>
 
 async fn find(repo: &Repo, id: &DocumentId) -> Result<DocHandle, ApiError> {
     Ok(repo.find(id).await?)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 // ------------------------------------------------------------------ create
@@ -414,23 +405,13 @@ async fn history(
 
 // ------------------------------------------------------------------ metadata
 
-fn meta_key(id: &DocumentId) -> StorageKey {
-    StorageKey::new(["meta".to_owned(), id.to_string()])
-}
-
 async fn metadata(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<JsonValue>, ApiError> {
     let id = parse_id(&id)?;
     let handle = find(&state.repo, &id).await?;
-    let stored = state
-        .storage
-        .get(&meta_key(&id))
-        .ok()
-        .flatten()
-        .and_then(|b| serde_json::from_slice::<JsonValue>(&b).ok())
-        .unwrap_or_else(|| json!({}));
+    let meta = state.repo.meta(&id).await?;
     let size: usize = state
         .storage
         .range(&StorageKey::doc_prefix(&id))
@@ -452,63 +433,13 @@ async fn metadata(
     Ok(Json(json!({
         "id": id.to_string(),
         "url": handle.url(),
-        "created_ms": stored.get("created_ms"),
-        "updated_ms": stored.get("updated_ms"),
-        "last_writer": stored.get("last_writer"),
+        "created_ms": meta.as_ref().map(|m| m.created_ms),
+        "updated_ms": meta.as_ref().map(|m| m.updated_ms),
+        "last_writer": meta.and_then(|m| m.last_writer),
         "size_bytes": size,
         "change_count": count,
         "heads": heads,
     })))
-}
-
-/// Keeps `meta/<id>` (created, last updated, last writer) current as
-/// changes land. Runs until the repo stops.
-pub fn spawn_metadata_tracker(
-    repo: &Repo,
-    storage: Arc<dyn Storage>,
-) -> tokio::task::JoinHandle<()> {
-    let mut events = repo.events();
-    tokio::spawn(async move {
-        loop {
-            let event = match events.recv().await {
-                Ok(e) => e,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            };
-            let Event::DocChanged {
-                document_id,
-                origin,
-                ..
-            } = event
-            else {
-                continue;
-            };
-            let writer = match origin {
-                Origin::Local => "relay (HTTP API)".to_owned(),
-                Origin::Remote(peer) => peer.to_string(),
-                Origin::Storage => continue,
-            };
-            let key = meta_key(&document_id);
-            let storage = storage.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                let now = now_ms();
-                let created = storage
-                    .get(&key)
-                    .ok()
-                    .flatten()
-                    .and_then(|b| serde_json::from_slice::<JsonValue>(&b).ok())
-                    .and_then(|m| m.get("created_ms").and_then(JsonValue::as_u64))
-                    .unwrap_or(now);
-                let record =
-                    json!({"created_ms": created, "updated_ms": now, "last_writer": writer});
-                let bytes = serde_json::to_vec(&record).unwrap_or_default();
-                if let Err(e) = storage.batch(vec![BatchOp::Put(key, bytes)]) {
-                    tracing::warn!(error = %e, "cannot write context metadata");
-                }
-            })
-            .await;
-        }
-    })
 }
 
 // ------------------------------------------------------------------ list
@@ -525,30 +456,22 @@ async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<JsonValue>, ApiError> {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let entries = state
-        .storage
-        .range(&StorageKey::new(["meta"]))
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage", e.to_string()))?;
-    let mut ids: BTreeMap<String, JsonValue> = BTreeMap::new();
-    for (key, value) in entries {
-        let Some(id) = key.parts().get(1) else {
-            continue;
-        };
+    // The same source as the bindings' `list_documents`.
+    let mut ids: BTreeMap<String, Option<DocMeta>> = BTreeMap::new();
+    for (id, meta) in state.repo.documents_with_meta().await? {
+        let id = id.to_string();
         if q.prefix.as_deref().is_some_and(|p| !id.starts_with(p)) {
             continue;
         }
         if q.after.as_deref().is_some_and(|a| id.as_str() <= a) {
             continue;
         }
-        ids.insert(
-            id.clone(),
-            serde_json::from_slice(&value).unwrap_or(JsonValue::Null),
-        );
+        ids.insert(id, meta);
     }
     let page: Vec<JsonValue> = ids
         .iter()
         .take(limit)
-        .map(|(id, meta)| json!({"id": id, "url": format!("automerge:{id}"), "updated_ms": meta.get("updated_ms")}))
+        .map(|(id, meta)| json!({"id": id, "url": format!("automerge:{id}"), "updated_ms": meta.as_ref().map(|m| m.updated_ms)}))
         .collect();
     let next = (ids.len() > limit)
         .then(|| {

@@ -72,11 +72,9 @@ async fn main() -> anyhow::Result<()> {
         ping_interval: Duration::from_secs(config.ping_interval_secs),
         storage: storage.clone(),
     };
-    let tracker = converge_server::api::spawn_metadata_tracker(&repo, storage.clone());
     serve(listener, state, shutdown_signal()).await?;
     tracing::info!("shutting down: finishing storage writes");
     repo.shutdown().await;
-    tracker.abort();
     storage.flush().context("final flush failed")?;
     tracing::info!("stopped");
     Ok(())

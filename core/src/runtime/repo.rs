@@ -1,5 +1,6 @@
 //! [`Repo`]: the handle on a running repo, and how it is configured.
 
+use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use crate::engine::{
     ChangeError, Command, ConnectionId, CreateError, Direction, DocStatus, Engine, EngineConfig,
     Event, FindError,
 };
-use crate::storage::{Storage, StorageError, StorageKey};
+use crate::storage::{backfill_meta, DocMeta, Storage, StorageError, StorageKey};
 use crate::wire::{DocumentId, PeerId, StorageId};
 
 /// Why a repo call failed.
@@ -190,6 +191,14 @@ impl Repo {
         let (events, _) = broadcast::channel(4096);
         let peer_id = config.engine.peer_id.clone();
         let clock = config.clock.clone();
+        // Before anything reads the store: one written before the engine
+        // kept document metadata gets it for every document (once; a
+        // marker key records it), so listings are complete.
+        match backfill_meta(storage.as_ref(), clock.now().0) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(documents = n, "recorded metadata for stored documents"),
+            Err(e) => tracing::warn!(error = %e, "cannot record metadata for stored documents"),
+        }
         // When every handle is dropped the channel closes and the actor
         // ends, dropping the storage queue's sender: the thread drains its
         // queue and releases the store, with or without `shutdown`.
@@ -273,12 +282,23 @@ impl Repo {
 
     /// Every document this repo holds: in storage or in memory (ready).
     pub async fn documents(&self) -> Result<Vec<DocumentId>, RepoError> {
+        Ok(self.documents_with_meta().await?.into_keys().collect())
+    }
+
+    /// Every document this repo holds, with what the store keeps about it:
+    /// those on disk (by their [`DocMeta`], which the engine writes with
+    /// their changes) and those in memory and ready, whose metadata in
+    /// memory may be a write ahead of the disk (and is `None` for a
+    /// document without a change here yet).
+    pub async fn documents_with_meta(
+        &self,
+    ) -> Result<BTreeMap<DocumentId, Option<DocMeta>>, RepoError> {
         let in_memory = self
             .inspect(|engine| {
                 engine
                     .documents()
                     .filter(|(_, status)| *status == DocStatus::Ready)
-                    .map(|(id, _)| id.clone())
+                    .map(|(id, _)| (id.clone(), engine.meta(id).cloned()))
                     .collect::<Vec<_>>()
             })
             .await?;
@@ -289,12 +309,26 @@ impl Repo {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or(RepoError::Stopped)?;
-        let mut ids = tokio::task::spawn_blocking(move || crate::storage::document_ids(&*storage))
+        let stored = tokio::task::spawn_blocking(move || DocMeta::all(&*storage))
             .await
             .map_err(|_| RepoError::storage(StorageError::Panicked))?
             .map_err(RepoError::storage)?;
-        ids.extend(in_memory);
-        Ok(ids.into_iter().collect())
+        let mut all: BTreeMap<DocumentId, Option<DocMeta>> =
+            stored.into_iter().map(|(id, m)| (id, Some(m))).collect();
+        for (id, meta) in in_memory {
+            let entry = all.entry(id).or_default();
+            if meta.is_some() {
+                *entry = meta;
+            }
+        }
+        Ok(all)
+    }
+
+    /// What the store keeps about one document, if it is in memory (a
+    /// `find` puts it there).
+    pub async fn meta(&self, id: &DocumentId) -> Result<Option<DocMeta>, RepoError> {
+        let id = id.clone();
+        self.inspect(move |engine| engine.meta(&id).cloned()).await
     }
 
     /// Every engine event, as it happens.

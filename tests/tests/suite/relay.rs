@@ -85,7 +85,6 @@ impl Relay {
             ping_interval: Duration::from_secs(5),
             storage: storage.clone(),
         };
-        let tracker = converge_server::api::spawn_metadata_tracker(&repo, storage.clone());
         let relay_repo = repo.clone();
         let done = tokio::spawn(async move {
             let _ = serve(listener, state, async {
@@ -93,7 +92,6 @@ impl Relay {
             })
             .await;
             repo.shutdown().await;
-            tracker.abort();
             let _ = storage.flush();
         });
         Relay {

@@ -546,7 +546,7 @@ fn when_saved_answers_for_the_changes_made_before_it() {
     fn writes(out: &Output) -> Vec<TaskId> {
         out.storage
             .iter()
-            .filter(|t| matches!(t.op, StorageOp::Put(..)))
+            .filter(|t| matches!(t.op, StorageOp::Put(..) | StorageOp::Batch(_)))
             .map(|t| t.id)
             .collect()
     }
@@ -650,4 +650,74 @@ fn when_saved_answers_for_the_changes_made_before_it() {
         ),
     );
     assert_eq!(answered(&out), vec![13]);
+}
+
+/// Document metadata has one writer, the engine, and goes to disk in the
+/// same write as the change it describes: whoever reads the store finds
+/// metadata for every document whose changes are there, naming the peer
+/// that wrote last. Listing (HTTP and bindings both use
+/// `documents_with_meta`) reads it back after a restart, and a store from
+/// before metadata existed gets it filled in once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_is_written_with_the_change_and_names_the_writer() {
+    use converge_core::storage::{backfill_meta, DocMeta, MemoryStorage};
+    use converge_core::transport::memory;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alice = Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()));
+    let store = open(dir.path());
+    let bob = Repo::start(RepoConfig::new(None), store.clone());
+    let _link = memory::connect(&alice, &bob);
+    let doc = write(&alice, "from alice").await;
+    let on_bob = wait::until("bob finds alice's document", || async {
+        bob.find(&doc).await.ok()
+    })
+    .await;
+    on_bob.saved().await.expect("saved");
+    // On disk, beside the changes: every document with a chunk has
+    // metadata, and alice is named as the writer.
+    let stored = DocMeta::all(&*store).expect("read metadata");
+    let chunks = converge_core::storage::document_ids(&*store).expect("ids");
+    assert_eq!(
+        stored.keys().cloned().collect::<Vec<_>>(),
+        chunks.into_iter().collect::<Vec<_>>()
+    );
+    let meta = stored.get(&doc).expect("metadata for the document");
+    assert_eq!(meta.last_writer.as_deref(), Some(alice.peer_id().as_str()));
+    assert!(meta.created_ms <= meta.updated_ms);
+    // A change made on bob's side names nobody (made here).
+    put_n(&on_bob, 1).await;
+    on_bob.saved().await.expect("saved");
+    let mine = DocMeta::all(&*store).expect("read")[&doc].clone();
+    assert_eq!(mine.last_writer, None);
+    assert_eq!(mine.created_ms, meta.created_ms, "created stays");
+    bob.shutdown().await;
+    drop((on_bob, store));
+
+    // After a restart the listing has it, from disk.
+    let bob = Repo::start(RepoConfig::new(None), open(dir.path()));
+    let listed = bob.documents_with_meta().await.expect("list");
+    assert_eq!(listed.get(&doc), Some(&Some(mine.clone())));
+    bob.shutdown().await;
+
+    // A store whose documents predate metadata: the next start fills it in
+    // for every document, once.
+    let legacy = open(dir.path());
+    legacy
+        .batch(vec![
+            BatchOp::Delete(StorageKey::doc_meta(&doc)),
+            BatchOp::Delete(StorageKey::new(["meta-backfilled"])),
+        ])
+        .expect("forget metadata");
+    assert!(DocMeta::all(&*legacy).expect("read").is_empty());
+    drop(legacy);
+    let bob = Repo::start(RepoConfig::new(None), open(dir.path()));
+    let listed = bob.documents().await.expect("list");
+    assert_eq!(listed, vec![doc.clone()]);
+    bob.shutdown().await;
+    assert_eq!(
+        backfill_meta(&*open(dir.path()), 0).expect("second run"),
+        0,
+        "once only"
+    );
 }

@@ -64,6 +64,11 @@ pub(super) struct Doc {
     pub(super) last_used: Timestamp,
     /// The heads last reported in an [`Event::DocChanged`].
     pub(super) announced_heads: Vec<ChangeHash>,
+    /// What the store keeps about the document (read with it, or started
+    /// by its first change here).
+    pub(super) meta: Option<DocMeta>,
+    /// `meta` changed since it was last written.
+    pub(super) meta_dirty: bool,
 }
 
 impl Doc {
@@ -78,7 +83,21 @@ impl Doc {
             durable: Durability::default(),
             last_used: Timestamp(0),
             announced_heads: Vec::new(),
+            meta: None,
+            meta_dirty: false,
         }
+    }
+
+    /// A change arrived from `writer` (`None`: made here) at `now_ms`.
+    pub(super) fn touch_meta(&mut self, now_ms: u64, writer: Option<String>) {
+        let meta = self.meta.get_or_insert(DocMeta {
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            last_writer: None,
+        });
+        meta.updated_ms = meta.updated_ms.max(now_ms);
+        meta.last_writer = writer;
+        self.meta_dirty = true;
     }
 
     /// Every change is written: no write is waiting for its result, and the

@@ -8,6 +8,13 @@ impl Engine {
         self.docs.iter().map(|(id, d)| (id, d.status))
     }
 
+    /// What the store keeps about a document in memory (possibly a write
+    /// ahead of the disk); `None` if it is not in memory or has no change
+    /// here yet.
+    pub fn meta(&self, id: &DocumentId) -> Option<&DocMeta> {
+        self.docs.get(id).and_then(|d| d.meta.as_ref())
+    }
+
     /// A document's status, if it is in memory.
     pub fn status(&self, id: &DocumentId) -> Option<DocStatus> {
         self.docs.get(id).map(|d| d.status)

@@ -73,7 +73,8 @@ pub use types::{
 };
 
 use crate::storage::{
-    ChunkKind, DocKey, StorageError, StorageKey, StorageOp, StorageResult, StorageTask, TaskId,
+    BatchOp, ChunkKind, DocKey, DocMeta, StorageError, StorageKey, StorageOp, StorageResult,
+    StorageTask, TaskId,
 };
 use crate::wire::{
     self, DecodeError, DocMessage, DocumentId, EphemeralMessage, Message, PeerId, PeerMetadata,
@@ -120,6 +121,7 @@ pub struct Engine {
 #[derive(Debug)]
 enum Task {
     LoadDoc(DocumentId),
+    LoadMeta(DocumentId),
     SaveDoc {
         doc: DocumentId,
         /// The write's number (see [`Durability`]).

@@ -352,6 +352,11 @@ impl Engine {
         let Some(doc) = self.docs.get_mut(id) else {
             return;
         };
+        match &origin {
+            Origin::Local => doc.touch_meta(self.now.0, None),
+            Origin::Remote(peer) => doc.touch_meta(self.now.0, Some(peer.to_string())),
+            Origin::Storage => {}
+        }
         if doc.status != DocStatus::Ready && !doc.replica.is_empty() {
             doc.status = DocStatus::Ready;
             for cmd in doc.request.finish() {

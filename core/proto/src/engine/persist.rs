@@ -54,6 +54,12 @@ impl Engine {
     }
 
     pub(super) fn start_load(&mut self, id: &DocumentId) {
+        // Storage answers in order: the metadata is here before the
+        // document, so before any change could touch it.
+        self.storage(
+            StorageOp::Load(StorageKey::doc_meta(id)),
+            Task::LoadMeta(id.clone()),
+        );
         self.storage(
             StorageOp::LoadRange(StorageKey::doc_prefix(id)),
             Task::LoadDoc(id.clone()),
@@ -74,6 +80,13 @@ impl Engine {
             (Task::LoadDoc(id), StorageResult::Range(entries)) => self.loaded(&id, entries),
             (Task::LoadDoc(id), StorageResult::Failed(reason)) => self.load_failed(&id, reason),
             (Task::LoadDoc(id), _) => self.loaded(&id, Vec::new()),
+            (Task::LoadMeta(id), StorageResult::Loaded(Some(bytes))) => {
+                if let Some(doc) = self.docs.get_mut(&id) {
+                    if doc.meta.is_none() {
+                        doc.meta = DocMeta::decode(&bytes);
+                    }
+                }
+            }
             (Task::Compact { doc, replaced }, result) => {
                 if let Some(d) = self.docs.get_mut(&doc) {
                     let snapshot = match result {
@@ -91,6 +104,10 @@ impl Engine {
                     StorageResult::Failed(reason) => Some(reason),
                     _ => None,
                 };
+                if failed.is_some() {
+                    // The retry writes the metadata again too.
+                    d.meta_dirty = d.meta.is_some();
+                }
                 let done = d
                     .durable
                     .write_done(seq, &key, len, failed.is_none(), &*d.replica);
@@ -244,8 +261,19 @@ impl Engine {
             Save::Write(plan) => plan,
         };
         let len = plan.chunk.len();
+        // The metadata goes in the same atomic write as the changes it
+        // describes.
+        let meta = doc
+            .meta
+            .as_ref()
+            .filter(|_| std::mem::take(&mut doc.meta_dirty))
+            .map(|m| BatchOp::Put(StorageKey::doc_meta(id), m.encode()));
+        let op = match meta {
+            Some(meta) => StorageOp::Batch(vec![BatchOp::Put(plan.key.clone(), plan.chunk), meta]),
+            None => StorageOp::Put(plan.key.clone(), plan.chunk),
+        };
         self.storage(
-            StorageOp::Put(plan.key.clone(), plan.chunk),
+            op,
             Task::SaveDoc {
                 doc: id.clone(),
                 seq: plan.seq,

@@ -85,6 +85,16 @@ impl StorageKey {
         ])
     }
 
+    /// `meta/<id>`: the document's [`DocMeta`].
+    pub fn doc_meta(doc: &DocumentId) -> Self {
+        Self::new(["meta".to_owned(), doc.to_string()])
+    }
+
+    /// `meta`: every document's [`DocMeta`].
+    pub fn meta_prefix() -> Self {
+        Self::new(["meta"])
+    }
+
     /// What a key under `doc/<id>` holds, if it is one of ours.
     pub fn classify(&self) -> Option<DocKey<'_>> {
         match self.0.as_slice() {
@@ -109,6 +119,75 @@ impl fmt::Display for StorageKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0.join("/"))
     }
+}
+
+/// What the store keeps about a document beside its contents. The engine
+/// is its one writer: it goes to storage in the same atomic write as the
+/// changes it describes (under [`StorageKey::doc_meta`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DocMeta {
+    /// When this store first held a change of the document (ms since the
+    /// Unix epoch, the engine's clock).
+    pub created_ms: u64,
+    /// When a change last arrived or was made.
+    pub updated_ms: u64,
+    /// The peer whose change arrived last; `None` for a change made here.
+    pub last_writer: Option<String>,
+}
+
+impl DocMeta {
+    /// The stored form (JSON).
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads the stored form; `None` if it is not one.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// Every document's metadata in `storage`, by id (entries that do not
+    /// parse are skipped).
+    pub fn all(
+        storage: &dyn Storage,
+    ) -> Result<std::collections::BTreeMap<DocumentId, DocMeta>, StorageError> {
+        Ok(storage
+            .range(&StorageKey::meta_prefix())?
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let id = key.parts().get(1)?.parse().ok()?;
+                Some((id, DocMeta::decode(&value)?))
+            })
+            .collect())
+    }
+}
+
+/// Gives every stored document without [`DocMeta`] one (created and
+/// updated now, writer unknown): stores written before the engine kept
+/// metadata list all their documents too. Runs once per store (a marker
+/// key records it); returns how many documents it filled in.
+pub fn backfill_meta(storage: &dyn Storage, now_ms: u64) -> Result<usize, StorageError> {
+    let marker = StorageKey::new(["meta-backfilled"]);
+    if storage.get(&marker)?.is_some() {
+        return Ok(0);
+    }
+    let known = DocMeta::all(storage)?;
+    let missing: Vec<DocumentId> = document_ids(storage)?
+        .into_iter()
+        .filter(|id| !known.contains_key(id))
+        .collect();
+    let meta = DocMeta {
+        created_ms: now_ms,
+        updated_ms: now_ms,
+        last_writer: None,
+    };
+    let mut ops: Vec<BatchOp> = missing
+        .iter()
+        .map(|id| BatchOp::Put(StorageKey::doc_meta(id), meta.encode()))
+        .collect();
+    ops.push(BatchOp::Put(marker, Vec::new()));
+    storage.batch(ops)?;
+    Ok(missing.len())
 }
 
 /// The two kinds of document chunk.
