@@ -177,6 +177,49 @@ impl Doc {
         })
     }
 
+    /// Receives a sync message from `peer` (which must have sync state).
+    pub(super) fn receive(
+        &mut self,
+        peer: &PeerId,
+        message: sync::Message,
+        is_request: bool,
+    ) -> Received {
+        let Some(dp) = self.peers.get_mut(peer) else {
+            return Received::Applied { changed: false };
+        };
+        if is_request {
+            dp.ask.on_request();
+        } else if !message.heads.is_empty() {
+            dp.ask.on_offer();
+        }
+        // Only changes move the heads (most messages are acknowledgements;
+        // copying the heads costs as much as the rest of receiving one).
+        let before = (!message.changes.is_empty()).then(|| self.replica.heads());
+        // A message without changes naming our heads makes the sync state
+        // record those heads as told to the peer, so nothing more is sent.
+        // That holds when every earlier message has been answered; in a
+        // batch, the answer to an earlier message (say, the one that
+        // brought those heads) may still be due, and the peer would never
+        // learn we hold its changes. Keep what we really sent until then.
+        let sent_heads = (dp.reply_due && message.changes.is_empty() && !message.heads.is_empty())
+            .then(|| dp.sync.state.last_sent_heads.clone());
+        let replica = &mut self.replica;
+        let state = &mut dp.sync;
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            replica.receive_sync_message(state, message)
+        }));
+        if let Some(heads) = sent_heads {
+            state.state.last_sent_heads = heads;
+        }
+        match outcome {
+            Err(_) => Received::Panicked,
+            Ok(Err(e)) => Received::Rejected(e),
+            Ok(Ok(())) => Received::Applied {
+                changed: before.is_some_and(|before| self.replica.heads() != before),
+            },
+        }
+    }
+
     /// Generates the next sync message for `peer` on connection `conn`.
     /// `resync_at` is when to restart the exchange should it stall (see
     /// [`Generated::Message`]).
@@ -257,6 +300,16 @@ impl Doc {
         }
         removed
     }
+}
+
+/// What [`Doc::receive`] made of a sync message.
+pub(super) enum Received {
+    /// Applied; `changed` says whether our heads moved.
+    Applied { changed: bool },
+    /// Automerge refused it (changes that do not apply).
+    Rejected(ReplicaError),
+    /// Automerge panicked on it.
+    Panicked,
 }
 
 /// What [`Doc::generate`] came up with.

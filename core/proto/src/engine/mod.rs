@@ -81,7 +81,7 @@ use crate::wire::{
     SessionId, PROTOCOL_VERSION,
 };
 use connection::{ConnState, Connection};
-use document::{Doc, Generated, PendingMessage};
+use document::{Doc, Generated, PendingMessage, Received};
 pub use document::{DocStatus, PeerSyncStatus, SyncStatus};
 use durability::{Durability, Waiter};
 use request::{PeerAsk, Request};

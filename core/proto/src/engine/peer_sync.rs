@@ -83,14 +83,6 @@ impl Engine {
         let Some(doc) = self.docs.get_mut(id) else {
             return;
         };
-        let Some(dp) = doc.peers.get_mut(peer) else {
-            return;
-        };
-        if is_request {
-            dp.ask.on_request();
-        } else if !message.heads.is_empty() {
-            dp.ask.on_offer();
-        }
         tracing::debug!(
             document = %id,
             %peer,
@@ -100,61 +92,30 @@ impl Engine {
             is_request,
             "received sync message"
         );
-        // Only changes move the heads (most messages are acknowledgements;
-        // copying the heads costs as much as the rest of receiving one).
-        let before = (!message.changes.is_empty()).then(|| doc.replica.heads());
-        // A message without changes naming our heads makes the sync state
-        // record those heads as told to the peer, so nothing more is sent.
-        // That holds when every earlier message has been answered; in a
-        // batch, the answer to an earlier message (say, the one that
-        // brought those heads) may still be due, and the peer would never
-        // learn we hold its changes. Keep what we really sent until then.
-        let sent_heads = (dp.reply_due && message.changes.is_empty() && !message.heads.is_empty())
-            .then(|| dp.sync.state.last_sent_heads.clone());
-        let replica = &mut doc.replica;
-        let state = &mut dp.sync;
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            replica.receive_sync_message(state, message)
-        }));
-        if let Some(heads) = sent_heads {
-            state.state.last_sent_heads = heads;
-        }
-        match outcome {
-            Err(_) => {
-                self.contain_panic(id, peer, true);
-                return;
-            }
-            Ok(Err(e)) => {
-                if let Some(doc) = self.docs.get_mut(id) {
-                    doc.remove_peer(peer);
-                }
+        let changed = match doc.receive(peer, message, is_request) {
+            Received::Panicked => return self.contain_panic(id, peer, true),
+            Received::Rejected(e) => {
+                doc.remove_peer(peer);
                 self.unindex(id, peer);
                 let reason = CloseReason::Rejected {
                     document: id.clone(),
                     source: e,
                 };
-                self.close_peer(peer, reason);
-                return;
+                return self.close_peer(peer, reason);
             }
-            Ok(Ok(())) => {}
+            Received::Applied { changed } => changed,
+        };
+        let lacking = is_request && doc.replica.is_empty() && doc.status != DocStatus::Requesting;
+        if let Some(op) = doc.sync_state_write(peer) {
+            self.storage(op, Task::Other);
         }
-        self.persist_sync_state(id, peer);
-        let changed = before.is_some_and(|before| {
-            self.docs
-                .get(id)
-                .is_some_and(|d| d.replica.heads() != before)
-        });
         if changed {
             self.doc_changed(id, Origin::Remote(peer.clone()));
         } else {
             self.defer_sync(id, peer);
         }
-        let Some(doc) = self.docs.get(id) else { return };
-        if is_request && doc.replica.is_empty() {
-            match doc.status {
-                DocStatus::Requesting => {}
-                _ => self.begin_request(id),
-            }
+        if lacking {
+            self.begin_request(id);
         }
     }
 
