@@ -14,14 +14,17 @@
 //! and return at once (they still take the repo's actor, so keep them off a
 //! UI thread that must never wait).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use converge_core::context::{ContextError, Op, Path, Value};
 use converge_core::engine::Origin;
-use converge_core::runtime::{self, PresenceConfig, PresenceEvent, RepoConfig, RepoError};
+use converge_core::runtime::{
+    self, ContextEvent, PresenceConfig, PresenceEvent, RepoConfig, RepoError,
+};
 use converge_core::storage::{MemoryStorage, RocksStorage, Storage};
 use converge_core::transport::ws;
-use converge_core::wire::AutomergeUrl;
+use converge_core::wire::{AutomergeUrl, PeerId};
 
 uniffi::setup_scaffolding!();
 
@@ -123,6 +126,12 @@ pub trait ContextListener: Send + Sync {
     /// `origin` is `local`, `storage` or the peer id it came from;
     /// `patches_json` is a JSON array of `{path, action, ...}`.
     fn on_change(&self, origin: String, patches_json: String) -> Result<(), ConvergeError>;
+    /// The subscription fell behind and `missed` repo events were dropped,
+    /// so changes may have gone unreported. `heads` (hex) are the context's
+    /// heads now: re-read the context (e.g. `get_json_at` with them) and
+    /// go on applying the `on_change` calls that follow, none of which are
+    /// already part of these heads.
+    fn on_lagged(&self, missed: u64, heads: Vec<String>) -> Result<(), ConvergeError>;
 }
 
 /// Receives other peers' presence.
@@ -696,17 +705,25 @@ impl Context {
         let mut sub = self.ctx.subscribe(&prefix)?;
         let task = self.rt.spawn(async move {
             while let Some(event) = sub.next().await {
-                let origin = match &event.origin {
-                    Origin::Local => "local".to_owned(),
-                    Origin::Storage => "storage".to_owned(),
-                    Origin::Remote(peer) => peer.to_string(),
-                };
-                let patches = serde_json::to_string(&event.patches).unwrap_or_default();
+                let listener = listener.clone();
                 // The listener is foreign code; call it off the runtime's
                 // worker threads and with no lock held.
-                let listener = listener.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || listener.on_change(origin, patches)).await;
+                let _ = match event {
+                    ContextEvent::Changed(change) => {
+                        let origin = match &change.origin {
+                            Origin::Local => "local".to_owned(),
+                            Origin::Storage => "storage".to_owned(),
+                            Origin::Remote(peer) => peer.to_string(),
+                        };
+                        let patches = serde_json::to_string(&change.patches).unwrap_or_default();
+                        tokio::task::spawn_blocking(move || listener.on_change(origin, patches))
+                            .await
+                    }
+                    ContextEvent::Lagged { missed, heads } => {
+                        let heads = hex_heads(&heads);
+                        tokio::task::spawn_blocking(move || listener.on_lagged(missed, heads)).await
+                    }
+                };
             }
         });
         Ok(Arc::new(Subscription { task }))
@@ -735,33 +752,80 @@ impl Context {
             .rt
             .block_on(async move { runtime::Presence::start(handle, state, config).await })?;
         let mut events = presence.events();
+        let presence = Arc::new(Mutex::new(Some(presence)));
+        let shared = presence.clone();
         let task = self.rt.spawn(async move {
+            // The peers the listener was told are present: after a lag, it
+            // is brought up to date from what presence holds now.
+            let mut told = BTreeSet::new();
             loop {
-                let event = match events.recv().await {
-                    Ok(e) => e,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                let updates = match events.recv().await {
+                    Ok(event) => vec![event],
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        let now = shared
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .as_ref()
+                            .map(runtime::Presence::peers)
+                            .unwrap_or_default();
+                        catch_up(&told, now)
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
-                let listener = listener.clone();
-                let _ = tokio::task::spawn_blocking(move || match event {
-                    PresenceEvent::Joined { peer, state }
-                    | PresenceEvent::Updated { peer, state } => listener.on_update(
-                        peer.to_string(),
-                        serde_json::Value::Object(state).to_string(),
-                    ),
-                    PresenceEvent::Left { peer, goodbye } => {
-                        listener.on_leave(peer.to_string(), goodbye)
+                for event in updates {
+                    match &event {
+                        PresenceEvent::Joined { peer, .. }
+                        | PresenceEvent::Updated { peer, .. } => {
+                            told.insert(peer.clone());
+                        }
+                        PresenceEvent::Left { peer, .. } => {
+                            told.remove(peer);
+                        }
                     }
-                })
-                .await;
+                    let listener = listener.clone();
+                    let _ = tokio::task::spawn_blocking(move || match event {
+                        PresenceEvent::Joined { peer, state }
+                        | PresenceEvent::Updated { peer, state } => listener.on_update(
+                            peer.to_string(),
+                            serde_json::Value::Object(state).to_string(),
+                        ),
+                        PresenceEvent::Left { peer, goodbye } => {
+                            listener.on_leave(peer.to_string(), goodbye)
+                        }
+                    })
+                    .await;
+                }
             }
         });
         Ok(Arc::new(PresenceHandle {
             rt: self.rt.clone(),
-            presence: Mutex::new(Some(presence)),
+            presence,
             task,
         }))
     }
+}
+
+/// What a presence listener that fell behind must hear to match `now`:
+/// the state of every peer present, and a departure for each peer it was
+/// told about that is gone (reported as not a goodbye, since which it was
+/// is lost).
+fn catch_up(
+    told: &BTreeSet<PeerId>,
+    now: BTreeMap<PeerId, serde_json::Map<String, serde_json::Value>>,
+) -> Vec<PresenceEvent> {
+    let mut events: Vec<PresenceEvent> = told
+        .iter()
+        .filter(|peer| !now.contains_key(*peer))
+        .map(|peer| PresenceEvent::Left {
+            peer: peer.clone(),
+            goodbye: false,
+        })
+        .collect();
+    events.extend(
+        now.into_iter()
+            .map(|(peer, state)| PresenceEvent::Updated { peer, state }),
+    );
+    events
 }
 
 /// A live subscription.
@@ -788,7 +852,7 @@ impl Drop for Subscription {
 #[derive(Debug, uniffi::Object)]
 pub struct PresenceHandle {
     rt: Arc<Rt>,
-    presence: Mutex<Option<runtime::Presence>>,
+    presence: Arc<Mutex<Option<runtime::Presence>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -834,5 +898,41 @@ impl PresenceHandle {
 impl Drop for PresenceHandle {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(name: &str) -> PeerId {
+        PeerId::new(name).expect("valid peer id")
+    }
+
+    /// A presence listener that fell behind hears that a peer it knew left
+    /// and the current state of everyone present, known or not.
+    #[test]
+    fn catching_up_reports_departures_and_current_states() {
+        let told: BTreeSet<PeerId> = [peer("alice"), peer("bob")].into();
+        let mut state = serde_json::Map::new();
+        state.insert("cursor".into(), serde_json::json!(3));
+        let now = BTreeMap::from([(peer("bob"), state.clone()), (peer("carol"), state.clone())]);
+        assert_eq!(
+            catch_up(&told, now),
+            vec![
+                PresenceEvent::Left {
+                    peer: peer("alice"),
+                    goodbye: false
+                },
+                PresenceEvent::Updated {
+                    peer: peer("bob"),
+                    state: state.clone()
+                },
+                PresenceEvent::Updated {
+                    peer: peer("carol"),
+                    state
+                },
+            ]
+        );
     }
 }

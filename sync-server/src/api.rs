@@ -10,6 +10,13 @@
 //! | `GET /v1/contexts/{id}/metadata` | created, updated, size, change count, last writer |
 //! | `GET /v1/contexts/{id}/events?path=` | server-sent events: each change as patches |
 //!
+//! The event stream sends `event: change` with `{origin, heads, patches}`
+//! for each change under the path. A client too slow to keep up is never
+//! skipped silently: it gets `event: lagged` with `{missed, heads}` (the
+//! context's heads at that point), should re-read the context (at those
+//! heads) and then apply the changes that follow, none of which are
+//! already part of those heads.
+//!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` with a 4xx
 //! status; a request that fails changes nothing.
 
@@ -25,7 +32,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use converge_core::context::{ContextError, Op, Path, Value};
 use converge_core::engine::Origin;
-use converge_core::runtime::{DocHandle, Repo, RepoError};
+use converge_core::runtime::{ContextEvent, DocHandle, Repo, RepoError};
 use converge_core::storage::{DocKey, DocMeta, StorageKey};
 use converge_core::wire::{decode_head, DocumentId};
 use futures::Stream;
@@ -153,6 +160,10 @@ fn parse_heads(heads: Option<&str>) -> Result<Option<Vec<automerge::ChangeHash>>
 
 async fn find(repo: &Repo, id: &DocumentId) -> Result<DocHandle, ApiError> {
     Ok(repo.find(id).await?)
+}
+
+fn hex_heads(heads: &[automerge::ChangeHash]) -> Vec<String> {
+    heads.iter().map(|h| h.to_string()).collect()
 }
 
 // ------------------------------------------------------------------ create
@@ -500,16 +511,27 @@ async fn events(
     let stream = futures::stream::unfold(
         handle.context().subscribe(&path.to_string())?,
         |mut sub| async move {
-            let event = sub.next().await?;
-            let origin = match &event.origin {
-                Origin::Local => json!("local"),
-                Origin::Remote(p) => json!({"peer": p.as_str()}),
-                Origin::Storage => json!("storage"),
+            let (name, data) = match sub.next().await? {
+                ContextEvent::Changed(change) => {
+                    let origin = match &change.origin {
+                        Origin::Local => json!("local"),
+                        Origin::Remote(p) => json!({"peer": p.as_str()}),
+                        Origin::Storage => json!("storage"),
+                    };
+                    let data = json!({
+                        "origin": origin,
+                        "heads": hex_heads(&change.heads),
+                        "patches": change.patches,
+                    });
+                    ("change", data)
+                }
+                ContextEvent::Lagged { missed, heads } => (
+                    "lagged",
+                    json!({"missed": missed, "heads": hex_heads(&heads)}),
+                ),
             };
-            let heads: Vec<String> = event.heads.iter().map(|h| h.to_string()).collect();
-            let data = json!({"origin": origin, "heads": heads, "patches": event.patches});
             Some((
-                Ok(SseEvent::default().event("change").data(data.to_string())),
+                Ok(SseEvent::default().event(name).data(data.to_string())),
                 sub,
             ))
         },

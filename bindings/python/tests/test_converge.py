@@ -83,6 +83,9 @@ def test_subscription_fires_for_a_remote_change(converge, relay):
                 if patch.get("value") == "dark":
                     done.set()
 
+        def on_lagged(self, missed, heads):
+            seen.append(("lagged", {"missed": missed, "heads": heads}))
+
     sub = theirs.subscribe("/settings", Listener())
     mine.set_json("/settings/theme", json.dumps("dark"))
     assert done.wait(10), f"no patch arrived: {seen}"

@@ -21,13 +21,35 @@ pub struct Context {
 
 /// Changes under a subscribed path, with where they came from.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ContextEvent {
+pub struct ContextChange {
     /// Local, a peer, or storage.
     pub origin: Origin,
     /// The document's heads after the change.
     pub heads: Vec<ChangeHash>,
     /// What changed under the subscribed path.
     pub patches: Vec<ContextPatch>,
+}
+
+/// What a [`Subscription`] delivers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ContextEvent {
+    /// Changes under the subscribed path.
+    Changed(ContextChange),
+    /// The subscription fell behind: the repo's event channel (of
+    /// [`RepoConfig::event_capacity`](super::RepoConfig::event_capacity)
+    /// events) overflowed before it read `missed` events, and changes
+    /// among them are not reported one by one. `heads` are the document's
+    /// heads when this was noticed: re-read the context (at these heads, or
+    /// now) to catch up. The events that follow report only changes that
+    /// are not already part of `heads`, so patches applied on top of the
+    /// re-read are never applied twice.
+    Lagged {
+        /// How many repo events (of any document, of any kind) were
+        /// dropped; an upper bound on the changes missed here.
+        missed: u64,
+        /// The document's heads once the subscription caught up.
+        heads: Vec<ChangeHash>,
+    },
 }
 
 /// A live subscription; dropping it unsubscribes.
@@ -38,7 +60,8 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// The next change under the path (`None` once the repo stops).
+    /// The next change under the path, or word that some were missed
+    /// ([`ContextEvent::Lagged`]); `None` once the repo stops.
     pub async fn next(&mut self) -> Option<ContextEvent> {
         self.rx.recv().await
     }
@@ -225,11 +248,22 @@ impl Context {
         let handle = self.handle.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
+            // After a lag: the heads reported to the subscriber. Events
+            // still queued may describe changes already part of them;
+            // those are skipped until the first one that is not.
+            let mut caught_up: Option<Vec<ChangeHash>> = None;
             loop {
                 let event = match events.recv().await {
                     Ok(e) => e,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "subscription fell behind");
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "subscription fell behind; reporting current heads");
+                        let Ok(heads) = current_heads(&handle).await else {
+                            return;
+                        };
+                        caught_up = Some(heads.clone());
+                        if tx.send(ContextEvent::Lagged { missed, heads }).is_err() {
+                            return;
+                        }
                         continue;
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
@@ -248,29 +282,52 @@ impl Context {
                 }
                 let prefix = prefix.clone();
                 let after = heads.clone();
+                let seen = caught_up.clone();
                 let patches = handle
-                    .with_doc(move |doc| context::diff(doc, &previous, &after, &prefix))
+                    .with_doc(move |doc| {
+                        if seen.is_some_and(|seen| contains_all(doc, &seen, &after)) {
+                            return Ok(None);
+                        }
+                        context::diff(doc, &previous, &after, &prefix).map(Some)
+                    })
                     .await;
-                let Ok(Some(Ok(patches))) = patches else {
+                // Covered by the heads reported after a lag, not loaded, or
+                // failed: nothing to send.
+                let Ok(Some(Ok(Some(patches)))) = patches else {
                     continue;
                 };
+                caught_up = None;
                 if patches.is_empty() {
                     continue;
                 }
-                if tx
-                    .send(ContextEvent {
-                        origin,
-                        heads,
-                        patches,
-                    })
-                    .is_err()
-                {
+                let change = ContextChange {
+                    origin,
+                    heads,
+                    patches,
+                };
+                if tx.send(ContextEvent::Changed(change)).is_err() {
                     return;
                 }
             }
         });
         Ok(Subscription { rx, task })
     }
+}
+
+/// The document's heads, read in one step of the actor (so every change
+/// whose event was sent before is part of them).
+async fn current_heads(handle: &DocHandle) -> Result<Vec<ChangeHash>, RepoError> {
+    match handle.with_doc(Automerge::get_heads).await? {
+        Some(heads) => Ok(heads),
+        None => handle.heads().await,
+    }
+}
+
+/// Whether every change in `heads` is already part of the version `seen`
+/// (an ancestor of it or one of its heads).
+fn contains_all(doc: &Automerge, seen: &[ChangeHash], heads: &[ChangeHash]) -> bool {
+    let newer: Vec<ChangeHash> = doc.get_changes_meta(seen).iter().map(|c| c.hash).collect();
+    heads.iter().all(|h| !newer.contains(h))
 }
 
 /// A read-only past version of a context.

@@ -28,13 +28,13 @@ mod repo;
 mod storage_thread;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use context::{Context, ContextEvent, Subscription, View};
+pub use context::{Context, ContextChange, ContextEvent, Subscription, View};
 pub use handle::DocHandle;
 pub use outbound::{CutSignal, Next, Outbound, OutboundQueue};
 pub use presence::{Presence, PresenceConfig, PresenceEvent};
 pub use repo::{
     load_or_create_storage_id, random_seed, Repo, RepoConfig, RepoError, Session,
-    DEFAULT_MAX_OUTBOUND_BYTES, DEFAULT_OUTBOUND_GRACE,
+    DEFAULT_EVENT_CAPACITY, DEFAULT_MAX_OUTBOUND_BYTES, DEFAULT_OUTBOUND_GRACE,
 };
 
 #[cfg(test)]

@@ -160,7 +160,13 @@ impl Presence {
                             Ok(Event::Ephemeral { document_id, sender_id, data, .. }) if &document_id == handle.id() => {
                                 receive(&handle, &shared, &events, sender_id, &data).await;
                             }
-                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                            Ok(_) => {}
+                            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                                // Presence messages are ephemeral: lost ones
+                                // are made good by the next update, snapshot
+                                // or heartbeat (or the time-to-live).
+                                tracing::warn!(missed, "presence fell behind the repo's events");
+                            }
                             Err(broadcast::error::RecvError::Closed) => return,
                         },
                         _ = clock.sleep_until(next_tick) => {
@@ -226,7 +232,9 @@ impl Presence {
             .collect()
     }
 
-    /// Joins, updates and departures as they happen.
+    /// Joins, updates and departures as they happen. A receiver more than
+    /// 256 events behind gets `RecvError::Lagged`; [`Presence::peers`]
+    /// then says who is present now.
     pub fn events(&self) -> broadcast::Receiver<PresenceEvent> {
         self.events.subscribe()
     }

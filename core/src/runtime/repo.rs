@@ -94,12 +94,21 @@ pub struct RepoConfig {
     /// Where the repo's time comes from: [`SystemClock`] by default; a
     /// [`ManualClock`](super::ManualClock) gives tests virtual time.
     pub clock: Arc<dyn Clock>,
+    /// How many engine events [`Repo::events`] holds for a subscriber that
+    /// has not read them yet. One that falls further behind is told so:
+    /// `RecvError::Lagged` from the channel, [`ContextEvent::Lagged`] from a
+    /// context subscription.
+    ///
+    /// [`ContextEvent::Lagged`]: super::ContextEvent::Lagged
+    pub event_capacity: usize,
 }
 
 /// The default for [`RepoConfig::max_outbound_bytes`].
 pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 16 << 20;
 /// The default for [`RepoConfig::outbound_grace`].
 pub const DEFAULT_OUTBOUND_GRACE: Duration = Duration::from_secs(10);
+/// The default for [`RepoConfig::event_capacity`].
+pub const DEFAULT_EVENT_CAPACITY: usize = 4096;
 
 impl RepoConfig {
     /// A client repo with a random peer id. `storage_id` should be stable
@@ -115,6 +124,7 @@ impl RepoConfig {
             max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
             outbound_grace: DEFAULT_OUTBOUND_GRACE,
             clock: Arc::new(SystemClock::new()),
+            event_capacity: DEFAULT_EVENT_CAPACITY,
         }
     }
 }
@@ -188,7 +198,7 @@ impl Repo {
     /// Starts a repo on the current tokio runtime over `storage`.
     pub fn start(config: RepoConfig, storage: Arc<dyn Storage>) -> Repo {
         let (tx, rx) = mpsc::unbounded_channel();
-        let (events, _) = broadcast::channel(4096);
+        let (events, _) = broadcast::channel(config.event_capacity.max(1));
         let peer_id = config.engine.peer_id.clone();
         let clock = config.clock.clone();
         // Before anything reads the store: one written before the engine
@@ -331,7 +341,10 @@ impl Repo {
         self.inspect(move |engine| engine.meta(&id).cloned()).await
     }
 
-    /// Every engine event, as it happens.
+    /// Every engine event, as it happens. A receiver that falls more than
+    /// [`RepoConfig::event_capacity`] events behind gets
+    /// `RecvError::Lagged` (with how many it missed) instead of them; it
+    /// should then re-read what it follows.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()
     }

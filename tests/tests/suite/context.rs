@@ -9,7 +9,9 @@ use automerge::Automerge;
 use converge_core::context::{self, ContextError, Op, PatchKind, Path, Value};
 use converge_core::engine::Event;
 use converge_core::engine::Origin;
-use converge_core::runtime::{Clock, ManualClock, Repo, RepoConfig, RepoError};
+use converge_core::runtime::{
+    Clock, ContextChange, ContextEvent, ManualClock, Repo, RepoConfig, RepoError, Subscription,
+};
 use converge_core::storage::MemoryStorage;
 use converge_core::transport::memory;
 use converge_core::wire::{cbor_to_json, AutomergeUrl, PeerId};
@@ -360,10 +362,7 @@ async fn remote_changes_arrive_as_patches_with_their_origin() {
     mine.set("/settings/theme", Value::Text("dark".into()))
         .await
         .expect("set");
-    let event = tokio::time::timeout(Duration::from_secs(5), sub.next())
-        .await
-        .expect("a patch arrives")
-        .expect("subscription open");
+    let event = next_change(&mut sub).await;
     assert_eq!(event.origin, Origin::Remote(alice.peer_id().clone()));
     assert_eq!(event.patches.len(), 1, "{:?}", event.patches);
     assert_eq!(event.patches[0].path, "/settings/theme");
@@ -379,12 +378,93 @@ async fn remote_changes_arrive_as_patches_with_their_origin() {
         .set("/settings/font", Value::Int(14))
         .await
         .expect("local set");
-    let local = tokio::time::timeout(Duration::from_secs(5), sub.next())
-        .await
-        .expect("local patch")
-        .expect("open");
+    let local = next_change(&mut sub).await;
     assert_eq!(local.origin, Origin::Local);
     assert_eq!(local.patches[0].path, "/settings/font");
+}
+
+/// The next event of a subscription, which must be a change.
+async fn next_change(sub: &mut Subscription) -> ContextChange {
+    let event = tokio::time::timeout(wait::DEADLINE, sub.next())
+        .await
+        .expect("an event arrives")
+        .expect("subscription open");
+    match event {
+        ContextEvent::Changed(change) => change,
+        lagged => panic!("expected a change, got {lagged:?}"),
+    }
+}
+
+/// A subscriber that falls behind is told so instead of being skipped:
+/// with room for four repo events, fifty edits queued at once overflow
+/// the channel before the subscription can read them. It gets a `Lagged`
+/// event whose heads read back as the state after all fifty, none of the
+/// changes already part of those heads is reported again, and the next
+/// edit arrives as an ordinary change.
+#[tokio::test]
+async fn a_subscriber_that_falls_behind_is_told_and_can_catch_up() {
+    let mut config = RepoConfig::new(None);
+    config.event_capacity = 4;
+    let repo = Repo::start(config, Arc::new(MemoryStorage::new()));
+    let ctx = repo.create(None).await.expect("create").context();
+    ctx.set("/n", Value::Int(0)).await.expect("set");
+    let mut sub = ctx.subscribe("").expect("subscribe");
+
+    // Every edit is queued before any is awaited: the subscription's
+    // first read of the document waits behind all of them, and by then
+    // fifty events have been sent to a channel holding four.
+    let edits: Vec<_> = (1..=50)
+        .map(|i| {
+            let ops = [Op::Set {
+                path: p("/n"),
+                value: Value::Int(i),
+            }];
+            ctx.handle()
+                .change(move |doc| context::apply(doc, &ops, None, None))
+        })
+        .collect();
+    for edit in edits {
+        edit.await.expect("repo alive").expect("edit applies");
+    }
+    let after_burst = ctx.heads().await.expect("heads");
+    // The writes' `Saved` events trail the changes; wait until they have
+    // all been sent, or they could overflow the channel a second time
+    // after the first lag is read (a second, correct, `Lagged`).
+    ctx.handle().saved().await.expect("saved");
+
+    let (missed, heads) = tokio::time::timeout(wait::DEADLINE, async {
+        loop {
+            match sub.next().await.expect("subscription open") {
+                ContextEvent::Lagged { missed, heads } => return (missed, heads),
+                // (The first edit may be reported before the overflow.)
+                ContextEvent::Changed(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the subscription reports that it fell behind");
+    assert!(missed > 0, "missed {missed}");
+    assert_eq!(
+        heads, after_burst,
+        "the lag reports the heads after the burst"
+    );
+    let view = ctx.view_at(heads.clone()).await.expect("view at the heads");
+    assert_eq!(view.get("/n").expect("read"), Value::Int(50));
+
+    ctx.set("/n", Value::Int(51))
+        .await
+        .expect("set after the burst");
+    let change = next_change(&mut sub).await;
+    assert_eq!(
+        change.patches,
+        vec![context::ContextPatch {
+            path: "/n".into(),
+            kind: PatchKind::Put { value: json!(51) },
+        }],
+        "only the new edit follows the lag"
+    );
+    assert_eq!(change.heads, ctx.heads().await.expect("heads"));
+    assert_eq!(change.origin, Origin::Local);
 }
 
 /// Waits (in real time) for the next presence heartbeat from `from` to

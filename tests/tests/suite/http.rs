@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use converge_core::context::PatchKind;
-use converge_core::runtime::{Repo, RepoConfig};
+use converge_core::runtime::{ContextEvent, Repo, RepoConfig};
 use converge_core::storage::MemoryStorage;
 use converge_core::transport::ws;
 use serde_json::{json, Value};
@@ -536,7 +536,9 @@ async fn http_changes_reach_clients_and_the_event_stream() {
     // (The subscription may first report the document's arrival.)
     tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            let event = sub.next().await.expect("open");
+            let ContextEvent::Changed(event) = sub.next().await.expect("open") else {
+                panic!("the subscription fell behind");
+            };
             if event.patches.iter().any(|p| {
                 p.path == "/status"
                     && p.kind

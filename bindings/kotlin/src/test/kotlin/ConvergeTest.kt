@@ -301,6 +301,10 @@ class ConvergeTest {
                     if (value.isTextual && value.textValue() == "dark") dark.complete(origin to patch)
                 }
             }
+            override fun onLagged(missed: ULong, heads: List<String>) {
+                // Two changes cannot overflow the event channel.
+                dark.completeExceptionally(AssertionError("lagged by $missed events"))
+            }
         }
         val sub = theirs.subscribe("/settings", listener).closeAfter()
         mine.setJson("/settings/theme", "\"dark\"")
