@@ -8,6 +8,19 @@ use super::*;
 /// Most messages buffered for a document while it loads from storage.
 const MAX_PENDING_PER_DOC: usize = 4096;
 
+/// Logs the shape of a sync message going `way` ("received", "sending").
+fn trace_sync(way: &str, id: &DocumentId, peer: &PeerId, message: &sync::Message, request: bool) {
+    tracing::debug!(
+        document = %id,
+        %peer,
+        heads = message.heads.len(),
+        need = message.need.len(),
+        changes = message.changes.len(),
+        request,
+        "{way} sync message"
+    );
+}
+
 impl Engine {
     pub(super) fn new_replica(&mut self) -> Box<dyn Replica> {
         (self.cfg.replica)(
@@ -83,15 +96,7 @@ impl Engine {
         let Some(doc) = self.docs.get_mut(id) else {
             return;
         };
-        tracing::debug!(
-            document = %id,
-            %peer,
-            heads = message.heads.len(),
-            need = message.need.len(),
-            changes = message.changes.len(),
-            is_request,
-            "received sync message"
-        );
+        trace_sync("received", id, peer, &message, is_request);
         let changed = match doc.receive(peer, message, is_request) {
             Received::Panicked => return self.contain_panic(id, peer, true),
             Received::Rejected(e) => {
@@ -183,15 +188,7 @@ impl Engine {
             self.timers
                 .insert((resync_at, Timer::Resync(id.clone(), peer.clone())));
         }
-        tracing::debug!(
-            document = %id,
-            %peer,
-            heads = message.heads.len(),
-            need = message.need.len(),
-            changes = message.changes.len(),
-            request = as_request,
-            "sending sync message"
-        );
+        trace_sync("sending", id, peer, &message, as_request);
         let doc_message = DocMessage {
             sender_id: self.cfg.peer_id.clone(),
             target_id: peer.clone(),

@@ -182,22 +182,17 @@ impl Request {
     }
 
     /// Whether the round can end now as "unavailable": past the grace
-    /// period, no connected peer we asked still owes an answer, and nobody
-    /// has offered the document. `peers` pairs each peer's part with
-    /// whether it is connected.
-    pub(super) fn all_said_no<'a>(
-        &self,
-        now: Timestamp,
-        peers: impl Iterator<Item = (&'a PeerAsk, bool)>,
-        someone_has_it: bool,
-    ) -> bool {
+    /// period, no connected peer we asked still owes an answer
+    /// (`awaiting`, see [`Request::awaiting`]), and nobody has offered the
+    /// document.
+    pub(super) fn all_said_no(&self, now: Timestamp, awaiting: bool, someone_has_it: bool) -> bool {
         if self
             .round
             .is_some_and(|r| r.grace_until.is_some_and(|g| now < g))
         {
             return false;
         }
-        !someone_has_it && !Self::awaiting(peers)
+        !someone_has_it && !awaiting
     }
 
     /// Some connected peer we asked has not answered no.
@@ -292,35 +287,39 @@ impl Engine {
         self.check_request_done(id);
     }
 
+    /// For a document being requested: whether a connected peer we asked
+    /// still owes an answer, and whether one has offered the document.
+    fn answers(&self, id: &DocumentId) -> Option<(bool, bool)> {
+        let doc = self.docs.get(id)?;
+        if doc.status != DocStatus::Requesting {
+            return None;
+        }
+        let connected = |p: &PeerId| self.peers.contains_key(p);
+        let peers = doc.peers.iter().map(|(p, dp)| (&dp.ask, connected(p)));
+        Some((Request::awaiting(peers), doc.someone_has_it(connected)))
+    }
+
     /// While requesting: if every peer we asked has said no (or left),
     /// the document is unavailable.
     pub(super) fn check_request_done(&mut self, id: &DocumentId) {
-        let Some(doc) = self.docs.get(id) else { return };
-        if doc.status != DocStatus::Requesting {
+        let Some((awaiting, has_it)) = self.answers(id) else {
             return;
-        }
-        let peers = doc
-            .peers
-            .iter()
-            .map(|(p, dp)| (&dp.ask, self.peers.contains_key(p)));
-        let has_it = doc.someone_has_it(|p| self.peers.contains_key(p));
-        if doc.request.all_said_no(self.now, peers, has_it) {
+        };
+        let all_said_no = self
+            .docs
+            .get(id)
+            .is_some_and(|d| d.request.all_said_no(self.now, awaiting, has_it));
+        if all_said_no {
             self.mark_unavailable(id);
         }
     }
 
     /// A request timer fired.
     pub(super) fn request_deadline(&mut self, id: &DocumentId, at: Timestamp) {
-        let Some(doc) = self.docs.get(id) else { return };
-        if doc.status != DocStatus::Requesting {
+        let Some((awaiting, has_it)) = self.answers(id) else {
             return;
-        }
-        let peers = doc
-            .peers
-            .iter()
-            .map(|(p, dp)| (&dp.ask, self.peers.contains_key(p)));
-        let answering =
-            Request::awaiting(peers) || doc.someone_has_it(|p| self.peers.contains_key(p));
+        };
+        let answering = awaiting || has_it;
         let Some(doc) = self.docs.get_mut(id) else {
             return;
         };
@@ -428,16 +427,16 @@ mod tests {
             Begin::Until(T0.plus(TIMEOUT))
         );
         // Nobody asked yet, nobody has it: no grace applies with peers.
-        assert!(req.all_said_no(T0, connected(&peers), false));
+        assert!(req.all_said_no(T0, Request::awaiting(connected(&peers)), false));
         assert!(peers[0].1.ask(true));
         assert!(
-            !req.all_said_no(T0, connected(&peers), false),
+            !req.all_said_no(T0, Request::awaiting(connected(&peers)), false),
             "a asked, no answer yet"
         );
         peers[0].1.on_unavailable();
-        assert!(req.all_said_no(T0, connected(&peers), false));
+        assert!(req.all_said_no(T0, Request::awaiting(connected(&peers)), false));
         assert!(
-            !req.all_said_no(T0, connected(&peers), true),
+            !req.all_said_no(T0, Request::awaiting(connected(&peers)), true),
             "an offer keeps the round open"
         );
     }
@@ -454,9 +453,13 @@ mod tests {
             begin(&mut req, &mut peers, false, GRACE),
             Begin::Until(T0.plus(GRACE))
         );
-        assert!(!req.all_said_no(T0, connected(&peers), false));
-        assert!(!req.all_said_no(Timestamp(T0.0 + 499), connected(&peers), false));
-        assert!(req.all_said_no(T0.plus(GRACE), connected(&peers), false));
+        assert!(!req.all_said_no(T0, Request::awaiting(connected(&peers)), false));
+        assert!(!req.all_said_no(
+            Timestamp(T0.0 + 499),
+            Request::awaiting(connected(&peers)),
+            false
+        ));
+        assert!(req.all_said_no(T0.plus(GRACE), Request::awaiting(connected(&peers)), false));
     }
 
     #[test]
@@ -484,7 +487,8 @@ mod tests {
         assert!(peers[0].1.ask(true));
         let gone = peers.iter().map(|(p, a)| (a, p != &peer("a")));
         assert!(!Request::awaiting(gone));
-        assert!(req.all_said_no(T0, peers.iter().map(|(p, a)| (a, p != &peer("a"))), false));
+        let gone = peers.iter().map(|(p, a)| (a, p != &peer("a")));
+        assert!(req.all_said_no(T0, Request::awaiting(gone), false));
     }
 
     #[test]
