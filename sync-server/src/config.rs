@@ -1,22 +1,84 @@
-//! Relay settings. Precedence: command-line flags, then environment
-//! variables (`CONVERGE_*`), then the TOML file given by `--config`, then
-//! defaults.
+//! The command line, and the relay's settings.
+//!
+//! `converge-server [FLAGS]` (or `converge-server serve [FLAGS]`) runs the
+//! relay; `bench-storage` and `bench-populate` are benchmark tools (see
+//! [`storage_bench`](crate::storage_bench)). The relay's settings come from
+//! command-line flags, then environment variables (`CONVERGE_*`), then the
+//! TOML file given by `--config`, then defaults.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use converge_core::engine::ReplicaKind;
 use serde::Deserialize;
 
-/// The relay's settings.
-#[derive(Debug, Clone, Parser)]
+use crate::storage_bench;
+
+/// What `converge-server` was asked to do.
+#[derive(Debug)]
+pub enum Mode {
+    /// Run the relay: no subcommand, or `serve`.
+    Serve(Config),
+    /// `bench-storage`: measure durable writes on this disk.
+    BenchStorage(storage_bench::Settings),
+    /// `bench-populate`: write numbered documents into a data directory.
+    BenchPopulate(storage_bench::Populate),
+}
+
+/// The command line: the relay's flags, or a subcommand.
+#[derive(Debug, Parser)]
 #[command(
     name = "converge-server",
     version,
-    about = "Converge relay: automerge-repo compatible sync server"
+    about = "Converge relay: automerge-repo compatible sync server",
+    args_conflicts_with_subcommands = true
 )]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay (the same as no subcommand).
+    Serve(Config),
+    /// Measure how many durable changes per second this disk takes,
+    /// through Converge and through RocksDB alone.
+    BenchStorage(storage_bench::Settings),
+    /// Write numbered documents straight into a relay's data directory.
+    BenchPopulate(storage_bench::Populate),
+}
+
+impl Mode {
+    /// Reads the command line `args` (the first being the program name);
+    /// for the relay, also the environment and the config file.
+    pub fn load<I, T>(args: I) -> Result<Mode, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Cli::command()
+            .try_get_matches_from(args)
+            .map_err(ConfigError::Args)?;
+        let cli = Cli::from_arg_matches(&matches).map_err(ConfigError::Args)?;
+        Ok(match cli.command {
+            None => Mode::Serve(cli.serve.finish(&matches)?),
+            Some(Command::Serve(config)) => {
+                let matches = matches.subcommand_matches("serve").unwrap_or(&matches);
+                Mode::Serve(config.finish(matches)?)
+            }
+            Some(Command::BenchStorage(settings)) => Mode::BenchStorage(settings),
+            Some(Command::BenchPopulate(populate)) => Mode::BenchPopulate(populate),
+        })
+    }
+}
+
+/// The relay's settings.
+#[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "CONVERGE_LISTEN", default_value = "127.0.0.1:3030")]
@@ -102,18 +164,10 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads the settings from `args` (the first being the program name),
-    /// the environment and the config file.
-    pub fn load<I, T>(args: I) -> Result<Config, ConfigError>
-    where
-        I: IntoIterator<Item = T>,
-        T: Into<std::ffi::OsString> + Clone,
-    {
-        let matches = Config::command()
-            .try_get_matches_from(args)
-            .map_err(ConfigError::Args)?;
-        let mut config = Config::from_arg_matches(&matches).map_err(ConfigError::Args)?;
-        if let Some(path) = config.config.clone() {
+    /// Applies the config file (under what flags and environment set) and
+    /// checks the result; `matches` are those the settings were read from.
+    fn finish(mut self, matches: &ArgMatches) -> Result<Config, ConfigError> {
+        if let Some(path) = self.config.clone() {
             let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
                 path: path.clone(),
                 source,
@@ -122,10 +176,10 @@ impl Config {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-            config.apply_file(&matches, file)?;
+            self.apply_file(matches, file)?;
         }
-        config.validate()?;
-        Ok(config)
+        self.validate()?;
+        Ok(self)
     }
 
     fn apply_file(&mut self, matches: &ArgMatches, file: FileConfig) -> Result<(), ConfigError> {
@@ -186,8 +240,80 @@ impl Config {
 mod tests {
     use super::*;
 
+    fn mode(args: &[&str]) -> Result<Mode, ConfigError> {
+        Mode::load(std::iter::once("converge-server").chain(args.iter().copied()))
+    }
+
     fn load(args: &[&str]) -> Result<Config, ConfigError> {
-        Config::load(std::iter::once("converge-server").chain(args.iter().copied()))
+        match mode(args)? {
+            Mode::Serve(config) => Ok(config),
+            other => panic!("{args:?} is not the relay: {other:?}"),
+        }
+    }
+
+    /// No subcommand and `serve` both run the relay, with the same flags;
+    /// the benchmark tools are subcommands with flags of their own.
+    #[test]
+    fn subcommands_choose_the_mode() {
+        let plain = load(&["--listen", "127.0.0.1:4001"]).expect("flags alone");
+        assert_eq!(plain.listen.to_string(), "127.0.0.1:4001");
+        let serve = load(&["serve", "--listen", "127.0.0.1:4002"]).expect("serve");
+        assert_eq!(serve.listen.to_string(), "127.0.0.1:4002");
+        assert!(matches!(
+            load(&["serve", "--ping-interval-secs", "0"]),
+            Err(ConfigError::Invalid(_))
+        ));
+
+        let Ok(Mode::BenchStorage(s)) = mode(&[
+            "bench-storage",
+            "--dir",
+            "/tmp/b",
+            "--writers",
+            "8",
+            "--no-sync",
+        ]) else {
+            panic!("bench-storage");
+        };
+        assert_eq!(
+            (s.dir, s.writers, s.sync),
+            (PathBuf::from("/tmp/b"), 8, false)
+        );
+        let Ok(Mode::BenchStorage(s)) = mode(&["bench-storage"]) else {
+            panic!("bench-storage with defaults");
+        };
+        assert_eq!((s.writers, s.secs, s.sync), (1, 3.0, true));
+        assert!(matches!(
+            mode(&["bench-storage", "--writers", "0"]),
+            Err(ConfigError::Args(_))
+        ));
+
+        let Ok(Mode::BenchPopulate(p)) = mode(&[
+            "bench-populate",
+            "--dir",
+            "/tmp/d",
+            "--docs",
+            "10",
+            "--set",
+            "7",
+        ]) else {
+            panic!("bench-populate");
+        };
+        assert_eq!(
+            (p.dir, p.docs, p.set, p.doc_file),
+            (PathBuf::from("/tmp/d"), 10, 7, None)
+        );
+        assert!(
+            matches!(
+                mode(&["bench-populate", "--docs", "1"]),
+                Err(ConfigError::Args(_))
+            ),
+            "--dir is required"
+        );
+        // Relay flags belong to the relay, not to the tools.
+        assert!(matches!(
+            mode(&["--listen", "127.0.0.1:1", "bench-storage"]),
+            Err(ConfigError::Args(_))
+        ));
     }
 
     #[test]
