@@ -1,8 +1,8 @@
 //! The command line, and the relay's settings.
 //!
 //! `converge-server [FLAGS]` (or `converge-server serve [FLAGS]`) runs the
-//! relay; `bench-storage` and `bench-populate` are benchmark tools (see
-//! [`storage_bench`](crate::storage_bench)). The relay's settings come from
+//! relay; with the feature `bench`, `bench-storage` and `bench-populate`
+//! are benchmark tools (see `storage_bench`). The relay's settings come from
 //! command-line flags, then environment variables (`CONVERGE_*`), then the
 //! TOML file given by `--config`, then defaults.
 
@@ -14,6 +14,7 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand}
 use converge_core::engine::ReplicaKind;
 use serde::Deserialize;
 
+#[cfg(feature = "bench")]
 use crate::storage_bench;
 
 /// What `converge-server` was asked to do.
@@ -22,8 +23,10 @@ pub enum Mode {
     /// Run the relay: no subcommand, or `serve`.
     Serve(Config),
     /// `bench-storage`: measure durable writes on this disk.
+    #[cfg(feature = "bench")]
     BenchStorage(storage_bench::Settings),
     /// `bench-populate`: write numbered documents into a data directory.
+    #[cfg(feature = "bench")]
     BenchPopulate(storage_bench::Populate),
 }
 
@@ -48,8 +51,10 @@ enum Command {
     Serve(Config),
     /// Measure how many durable changes per second this disk takes,
     /// through Converge and through RocksDB alone.
+    #[cfg(feature = "bench")]
     BenchStorage(storage_bench::Settings),
     /// Write numbered documents straight into a relay's data directory.
+    #[cfg(feature = "bench")]
     BenchPopulate(storage_bench::Populate),
 }
 
@@ -71,7 +76,9 @@ impl Mode {
                 let matches = matches.subcommand_matches("serve").unwrap_or(&matches);
                 Mode::Serve(config.finish(matches)?)
             }
+            #[cfg(feature = "bench")]
             Some(Command::BenchStorage(settings)) => Mode::BenchStorage(settings),
+            #[cfg(feature = "bench")]
             Some(Command::BenchPopulate(populate)) => Mode::BenchPopulate(populate),
         })
     }
@@ -247,12 +254,12 @@ mod tests {
     fn load(args: &[&str]) -> Result<Config, ConfigError> {
         match mode(args)? {
             Mode::Serve(config) => Ok(config),
+            #[cfg(feature = "bench")]
             other => panic!("{args:?} is not the relay: {other:?}"),
         }
     }
 
-    /// No subcommand and `serve` both run the relay, with the same flags;
-    /// the benchmark tools are subcommands with flags of their own.
+    /// No subcommand and `serve` both run the relay, with the same flags.
     #[test]
     fn subcommands_choose_the_mode() {
         let plain = load(&["--listen", "127.0.0.1:4001"]).expect("flags alone");
@@ -263,7 +270,18 @@ mod tests {
             load(&["serve", "--ping-interval-secs", "0"]),
             Err(ConfigError::Invalid(_))
         ));
+        // Flags go after the subcommand they belong to.
+        assert!(matches!(
+            mode(&["--listen", "127.0.0.1:1", "serve"]),
+            Err(ConfigError::Args(_))
+        ));
+    }
 
+    /// With the feature `bench`, the benchmark tools are subcommands with
+    /// flags of their own.
+    #[cfg(feature = "bench")]
+    #[test]
+    fn benchmark_subcommands_take_their_flags() {
         let Ok(Mode::BenchStorage(s)) = mode(&[
             "bench-storage",
             "--dir",
@@ -309,7 +327,6 @@ mod tests {
             ),
             "--dir is required"
         );
-        // Relay flags belong to the relay, not to the tools.
         assert!(matches!(
             mode(&["--listen", "127.0.0.1:1", "bench-storage"]),
             Err(ConfigError::Args(_))

@@ -3,6 +3,7 @@
 //! ```sh
 //! converge-server --listen 127.0.0.1:3030 --data-dir ./converge-data
 //! converge-server serve --listen 127.0.0.1:3030   # the same
+//! # built with `--features bench`:
 //! converge-server bench-storage --dir /var/tmp/x --writers 64
 //! converge-server bench-populate --dir ./converge-data --docs 100000
 //! ```
@@ -16,6 +17,7 @@ use converge_core::runtime::{load_or_create_storage_id, Repo, RepoConfig};
 use converge_core::storage::RocksStorage;
 use converge_server::config::{ConfigError, Mode};
 use converge_server::server::{serve, AppState};
+#[cfg(feature = "bench")]
 use converge_server::storage_bench;
 use tracing_subscriber::EnvFilter;
 
@@ -23,7 +25,9 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> anyhow::Result<()> {
     let config = match Mode::load(std::env::args_os()) {
         Ok(Mode::Serve(config)) => config,
+        #[cfg(feature = "bench")]
         Ok(Mode::BenchStorage(settings)) => return storage_bench::run(settings).await,
+        #[cfg(feature = "bench")]
         Ok(Mode::BenchPopulate(populate)) => return storage_bench::populate(&populate),
         Err(ConfigError::Args(e)) => e.exit(),
         Err(e) => {
