@@ -9,6 +9,7 @@
 //! | `GET /v1/contexts/{id}/history?offset=&limit=` | changes, newest first |
 //! | `GET /v1/contexts/{id}/metadata` | created, updated, size, change count, last writer |
 //! | `GET /v1/contexts/{id}/events?path=` | server-sent events: each change as patches |
+//! | `GET /v1/sessions` | connected peers: peer id, storage id, address, connected since |
 //!
 //! The event stream sends `event: change` with `{origin, heads, patches}`
 //! for each change under the path. A client too slow to keep up is never
@@ -52,6 +53,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/contexts/{id}/history", get(history))
         .route("/v1/contexts/{id}/metadata", get(metadata))
         .route("/v1/contexts/{id}/events", get(events))
+        .route("/v1/sessions", get(sessions))
 }
 
 /// An API error: a status and a machine-readable code with a message.
@@ -511,4 +513,12 @@ async fn events(
         },
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+// ------------------------------------------------------------------ sessions
+
+/// Every connected peer: peer id, storage id, address, connected since.
+async fn sessions(State(state): State<AppState>) -> Result<Json<JsonValue>, ApiError> {
+    let list = state.repo.sessions().await?;
+    Ok(Json(json!({ "sessions": list })))
 }

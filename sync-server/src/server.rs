@@ -1,5 +1,5 @@
-//! The relay's HTTP face: the automerge-repo WebSocket endpoint at `/` and
-//! a health check at `/healthz`.
+//! The relay's HTTP face: the automerge-repo WebSocket endpoint at `/`, a
+//! health check at `/healthz`, and the HTTP API ([`crate::api`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -35,7 +35,6 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(websocket))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/v1/sessions", get(sessions))
         .merge(crate::api::routes())
         .with_state(state)
 }
@@ -115,18 +114,4 @@ async fn connection(state: AppState, socket: WebSocket, remote: SocketAddr) {
     )
     .await;
     tracing::debug!(reason = %ended.reason, "connection ended");
-}
-
-/// Every connected peer: peer id, storage id, address, connected since.
-async fn sessions(State(state): State<AppState>) -> Response {
-    match state.repo.sessions().await {
-        Ok(list) => axum::Json(serde_json::json!({ "sessions": list })).into_response(),
-        Err(e) => (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(
-                serde_json::json!({"error": {"code": "unavailable", "message": e.to_string()}}),
-            ),
-        )
-            .into_response(),
-    }
 }
