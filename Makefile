@@ -132,7 +132,7 @@ bench-ffi: deps-rust
 
 bench: deps-rust deps-node
 	@python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
-	$(CARGO) build --release -p converge-server
+	$(CARGO) build --release -p converge-server --features bench
 	$(CARGO) build --release -p converge-bench
 	$(CARGO) build --release -p converge-ffi --lib --bins --examples
 	cd bench/samod-relay && $(CARGO) build --release --locked

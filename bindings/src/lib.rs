@@ -13,20 +13,27 @@
 //! only awaits the result. The other calls touch the in-memory document
 //! and return at once (they still take the repo's actor, so keep them off a
 //! UI thread that must never wait).
+//!
+//! Layout: this file holds the errors, the runtime, [`Repo`] and
+//! [`Context`]; `ops.rs` the edits a transaction takes ([`ContextOp`]);
+//! `presence.rs` presence ([`PresenceHandle`], [`PresenceListener`]).
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use converge_core::context::{ContextError, Op, Path, Value};
+use converge_core::context::{ContextError, Op, Path};
 use converge_core::engine::Origin;
-use converge_core::runtime::{
-    self, ContextEvent, PresenceConfig, PresenceEvent, RepoConfig, RepoError,
-};
+use converge_core::runtime::{self, ContextEvent, RepoConfig, RepoError};
 use converge_core::storage::{MemoryStorage, RocksStorage, Storage};
 use converge_core::transport::ws;
-use converge_core::wire::{AutomergeUrl, PeerId};
+use converge_core::wire::AutomergeUrl;
 
 uniffi::setup_scaffolding!();
+
+mod ops;
+mod presence;
+
+pub use ops::ContextOp;
+pub use presence::{PresenceHandle, PresenceListener};
 
 /// Everything that can go wrong, with a message a person can act on.
 #[derive(Debug, thiserror::Error, uniffi::Error)]
@@ -101,10 +108,6 @@ fn parse_json(json: &str) -> Result<serde_json::Value, ConvergeError> {
     serde_json::from_str(json).map_err(|e| invalid(format!("not valid JSON: {e}")))
 }
 
-fn parse_path(path: &str) -> Result<Path, ConvergeError> {
-    path.parse::<Path>().map_err(|e| invalid(e.to_string()))
-}
-
 /// One change in a context's history.
 #[derive(Debug, Clone, uniffi::Record)]
 pub struct ChangeRecord {
@@ -132,15 +135,6 @@ pub trait ContextListener: Send + Sync {
     /// go on applying the `on_change` calls that follow, none of which are
     /// already part of these heads.
     fn on_lagged(&self, missed: u64, heads: Vec<String>) -> Result<(), ConvergeError>;
-}
-
-/// Receives other peers' presence.
-#[uniffi::export(with_foreign)]
-pub trait PresenceListener: Send + Sync {
-    /// A peer's state (JSON object) appeared or changed.
-    fn on_update(&self, peer_id: String, state_json: String) -> Result<(), ConvergeError>;
-    /// A peer left (`goodbye`) or timed out.
-    fn on_leave(&self, peer_id: String, goodbye: bool) -> Result<(), ConvergeError>;
 }
 
 /// A repo: your documents, their storage, and your connections.
@@ -363,134 +357,6 @@ impl Repo {
 pub struct Context {
     rt: Arc<Rt>,
     ctx: runtime::Context,
-}
-
-/// One edit in a transaction ([`Context::transact`]). Values are JSON.
-#[derive(Debug, Clone, uniffi::Enum)]
-pub enum ContextOp {
-    /// Sets `path` to a JSON value (strings become collaborative text).
-    Set {
-        /// Where.
-        path: String,
-        /// The value, as JSON.
-        json: String,
-    },
-    /// Sets `path` to a counter starting at `value`.
-    SetCounter {
-        /// Where.
-        path: String,
-        /// The start value.
-        value: i64,
-    },
-    /// Deletes a map key or list element.
-    Delete {
-        /// What.
-        path: String,
-    },
-    /// Adds `by` to the counter at `path`.
-    Increment {
-        /// The counter.
-        path: String,
-        /// By how much (may be negative).
-        by: i64,
-    },
-    /// Inserts a JSON value into the list at `path` before `index`.
-    Insert {
-        /// The list.
-        path: String,
-        /// Before which element (the length appends).
-        index: u64,
-        /// The value, as JSON.
-        json: String,
-    },
-    /// Removes `count` elements from the list at `path`.
-    Remove {
-        /// The list.
-        path: String,
-        /// From where.
-        index: u64,
-        /// How many.
-        count: u64,
-    },
-    /// Replaces `delete` characters of the text at `path` with `insert`.
-    Splice {
-        /// The text.
-        path: String,
-        /// Where, in characters.
-        index: u64,
-        /// How many characters to delete.
-        delete: u64,
-        /// What to insert.
-        insert: String,
-    },
-    /// Merges a JSON object into the map at `path` (`null` deletes keys).
-    MergeJson {
-        /// The map.
-        path: String,
-        /// The object, as JSON.
-        json: String,
-    },
-}
-
-fn index(n: u64) -> Result<usize, ConvergeError> {
-    usize::try_from(n).map_err(|_| invalid(format!("{n} is too large for an index")))
-}
-
-impl TryFrom<ContextOp> for Op {
-    type Error = ConvergeError;
-
-    fn try_from(op: ContextOp) -> Result<Op, ConvergeError> {
-        Ok(match op {
-            ContextOp::Set { path, json } => Op::Set {
-                path: parse_path(&path)?,
-                value: Value::from_json(&parse_json(&json)?),
-            },
-            ContextOp::SetCounter { path, value } => Op::Set {
-                path: parse_path(&path)?,
-                value: Value::Counter(value),
-            },
-            ContextOp::Delete { path } => Op::Delete {
-                path: parse_path(&path)?,
-            },
-            ContextOp::Increment { path, by } => Op::Increment {
-                path: parse_path(&path)?,
-                by,
-            },
-            ContextOp::Insert {
-                path,
-                index: i,
-                json,
-            } => Op::Insert {
-                path: parse_path(&path)?,
-                index: index(i)?,
-                value: Value::from_json(&parse_json(&json)?),
-            },
-            ContextOp::Remove {
-                path,
-                index: i,
-                count,
-            } => Op::Remove {
-                path: parse_path(&path)?,
-                index: index(i)?,
-                count: index(count)?,
-            },
-            ContextOp::Splice {
-                path,
-                index: i,
-                delete,
-                insert,
-            } => Op::Splice {
-                path: parse_path(&path)?,
-                index: index(i)?,
-                delete: index(delete)?,
-                insert,
-            },
-            ContextOp::MergeJson { path, json } => Op::MergeJson {
-                path: parse_path(&path)?,
-                json: parse_json(&json)?,
-            },
-        })
-    }
 }
 
 /// How far one connected peer has synced a context.
@@ -728,104 +594,6 @@ impl Context {
         });
         Ok(Arc::new(Subscription { task }))
     }
-
-    /// Starts presence on this context with `state_json` (a JSON object);
-    /// `listener` hears about other peers. `heartbeat_ms`/`ttl_ms` of 0
-    /// mean automerge-repo's defaults (15 s / 45 s).
-    pub fn start_presence(
-        &self,
-        state_json: String,
-        heartbeat_ms: u64,
-        ttl_ms: u64,
-        listener: Arc<dyn PresenceListener>,
-    ) -> Result<Arc<PresenceHandle>, ConvergeError> {
-        let state = parse_json(&state_json)?;
-        let mut config = PresenceConfig::default();
-        if heartbeat_ms > 0 {
-            config.heartbeat = std::time::Duration::from_millis(heartbeat_ms);
-        }
-        if ttl_ms > 0 {
-            config.ttl = std::time::Duration::from_millis(ttl_ms);
-        }
-        let handle = self.ctx.handle().clone();
-        let presence = self
-            .rt
-            .block_on(async move { runtime::Presence::start(handle, state, config).await })?;
-        let mut events = presence.events();
-        let presence = Arc::new(Mutex::new(Some(presence)));
-        let shared = presence.clone();
-        let task = self.rt.spawn(async move {
-            // The peers the listener was told are present: after a lag, it
-            // is brought up to date from what presence holds now.
-            let mut told = BTreeSet::new();
-            loop {
-                let updates = match events.recv().await {
-                    Ok(event) => vec![event],
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        let now = shared
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .as_ref()
-                            .map(runtime::Presence::peers)
-                            .unwrap_or_default();
-                        catch_up(&told, now)
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                };
-                for event in updates {
-                    match &event {
-                        PresenceEvent::Joined { peer, .. }
-                        | PresenceEvent::Updated { peer, .. } => {
-                            told.insert(peer.clone());
-                        }
-                        PresenceEvent::Left { peer, .. } => {
-                            told.remove(peer);
-                        }
-                    }
-                    let listener = listener.clone();
-                    let _ = tokio::task::spawn_blocking(move || match event {
-                        PresenceEvent::Joined { peer, state }
-                        | PresenceEvent::Updated { peer, state } => listener.on_update(
-                            peer.to_string(),
-                            serde_json::Value::Object(state).to_string(),
-                        ),
-                        PresenceEvent::Left { peer, goodbye } => {
-                            listener.on_leave(peer.to_string(), goodbye)
-                        }
-                    })
-                    .await;
-                }
-            }
-        });
-        Ok(Arc::new(PresenceHandle {
-            rt: self.rt.clone(),
-            presence,
-            task,
-        }))
-    }
-}
-
-/// What a presence listener that fell behind must hear to match `now`:
-/// the state of every peer present, and a departure for each peer it was
-/// told about that is gone (reported as not a goodbye, since which it was
-/// is lost).
-fn catch_up(
-    told: &BTreeSet<PeerId>,
-    now: BTreeMap<PeerId, serde_json::Map<String, serde_json::Value>>,
-) -> Vec<PresenceEvent> {
-    let mut events: Vec<PresenceEvent> = told
-        .iter()
-        .filter(|peer| !now.contains_key(*peer))
-        .map(|peer| PresenceEvent::Left {
-            peer: peer.clone(),
-            goodbye: false,
-        })
-        .collect();
-    events.extend(
-        now.into_iter()
-            .map(|(peer, state)| PresenceEvent::Updated { peer, state }),
-    );
-    events
 }
 
 /// A live subscription.
@@ -845,94 +613,5 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-/// This peer's presence on a context.
-#[derive(Debug, uniffi::Object)]
-pub struct PresenceHandle {
-    rt: Arc<Rt>,
-    presence: Arc<Mutex<Option<runtime::Presence>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-#[uniffi::export]
-impl PresenceHandle {
-    /// Sets one channel of our state (e.g. `cursor`) to a JSON value.
-    pub fn set(&self, channel: String, value_json: String) -> Result<(), ConvergeError> {
-        let value = parse_json(&value_json)?;
-        let guard = self.presence.lock().unwrap_or_else(|p| p.into_inner());
-        let presence = guard
-            .as_ref()
-            .ok_or_else(|| invalid("presence was stopped"))?;
-        self.rt.block_on(presence.set(&channel, value))?;
-        Ok(())
-    }
-
-    /// Other peers present now, as a JSON object keyed by peer id.
-    pub fn peers_json(&self) -> String {
-        let guard = self.presence.lock().unwrap_or_else(|p| p.into_inner());
-        let peers = guard.as_ref().map(|p| p.peers()).unwrap_or_default();
-        let map: serde_json::Map<String, serde_json::Value> = peers
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), serde_json::Value::Object(v)))
-            .collect();
-        serde_json::Value::Object(map).to_string()
-    }
-
-    /// Says goodbye and stops.
-    pub fn stop(&self) -> Result<(), ConvergeError> {
-        self.task.abort();
-        let presence = self
-            .presence
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(p) = presence {
-            self.rt.block_on(p.stop())?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for PresenceHandle {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn peer(name: &str) -> PeerId {
-        PeerId::new(name).expect("valid peer id")
-    }
-
-    /// A presence listener that fell behind hears that a peer it knew left
-    /// and the current state of everyone present, known or not.
-    #[test]
-    fn catching_up_reports_departures_and_current_states() {
-        let told: BTreeSet<PeerId> = [peer("alice"), peer("bob")].into();
-        let mut state = serde_json::Map::new();
-        state.insert("cursor".into(), serde_json::json!(3));
-        let now = BTreeMap::from([(peer("bob"), state.clone()), (peer("carol"), state.clone())]);
-        assert_eq!(
-            catch_up(&told, now),
-            vec![
-                PresenceEvent::Left {
-                    peer: peer("alice"),
-                    goodbye: false
-                },
-                PresenceEvent::Updated {
-                    peer: peer("bob"),
-                    state: state.clone()
-                },
-                PresenceEvent::Updated {
-                    peer: peer("carol"),
-                    state
-                },
-            ]
-        );
     }
 }

@@ -5,10 +5,11 @@
 //! | `POST /v1/contexts` | create a context, empty or from a JSON object |
 //! | `GET /v1/contexts?prefix=&after=&limit=` | list contexts by id |
 //! | `GET /v1/contexts/{id}?path=&heads=` | read a context (or a subtree) as JSON, now or at heads |
-//! | `POST /v1/contexts/{id}/ops` | apply operations as one change, synced at once |
+//! | `POST /v1/contexts/{id}/ops` | apply operations ([`JsonOp`]s) as one change, synced at once |
 //! | `GET /v1/contexts/{id}/history?offset=&limit=` | changes, newest first |
 //! | `GET /v1/contexts/{id}/metadata` | created, updated, size, change count, last writer |
 //! | `GET /v1/contexts/{id}/events?path=` | server-sent events: each change as patches |
+//! | `GET /v1/sessions` | connected peers: peer id, storage id, address, connected since |
 //!
 //! The event stream sends `event: change` with `{origin, heads, patches}`
 //! for each change under the path. A client too slow to keep up is never
@@ -30,7 +31,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use converge_core::context::{ContextError, Op, Path, Value};
+use converge_core::context::{ContextError, JsonOp, JsonOpError, Op, Path};
 use converge_core::engine::Origin;
 use converge_core::runtime::{ContextEvent, DocHandle, Repo, RepoError};
 use converge_core::storage::{DocKey, DocMeta, StorageKey};
@@ -50,6 +51,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/contexts/{id}/history", get(history))
         .route("/v1/contexts/{id}/metadata", get(metadata))
         .route("/v1/contexts/{id}/events", get(events))
+        .route("/v1/sessions", get(sessions))
 }
 
 /// An API error: a status and a machine-readable code with a message.
@@ -207,12 +209,7 @@ async fn create(
             )
             .await?;
     }
-    let heads: Vec<String> = handle
-        .heads()
-        .await?
-        .iter()
-        .map(|h| h.to_string())
-        .collect();
+    let heads = hex_heads(&handle.heads().await?);
     let body = json!({"id": handle.id().to_string(), "url": handle.url(), "heads": heads});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -255,111 +252,15 @@ struct OpsBody {
     message: Option<String>,
 }
 
-fn field<'a>(op: &'a JsonValue, name: &str, i: usize) -> Result<&'a JsonValue, ApiError> {
-    op.get(name).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_op",
-            format!("op {i}: missing `{name}`"),
-        )
-    })
-}
-
-fn usize_field(op: &JsonValue, name: &str, i: usize) -> Result<usize, ApiError> {
-    field(op, name, i)?
-        .as_u64()
-        .and_then(|n| usize::try_from(n).ok())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_op",
-                format!("op {i}: `{name}` must be a non-negative integer"),
-            )
-        })
-}
-
-/// A JSON value, typed by an optional `type` field of the op.
-fn typed_value(op: &JsonValue, i: usize) -> Result<Value, ApiError> {
-    let value = field(op, "value", i)?;
-    let bad =
-        |what: &str| ApiError::new(StatusCode::BAD_REQUEST, "bad_op", format!("op {i}: {what}"));
-    let text = || {
-        value
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| bad("this type needs a JSON string"))
+/// Op `i` of a request, read as a [`JsonOp`].
+fn parse_op(op: JsonValue, i: usize) -> Result<Op, ApiError> {
+    let bad = |code, e: &dyn std::fmt::Display| {
+        ApiError::new(StatusCode::BAD_REQUEST, code, format!("op {i}: {e}"))
     };
-    let int = || {
-        value
-            .as_i64()
-            .ok_or_else(|| bad("this type needs an integer"))
-    };
-    Ok(match op.get("type").and_then(JsonValue::as_str) {
-        None | Some("json") => Value::from_json(value),
-        Some("string") => Value::Str(text()?),
-        Some("text") => Value::Text(text()?),
-        Some("counter") => Value::Counter(int()?),
-        Some("timestamp") => Value::Timestamp(int()?),
-        Some("int") => Value::Int(int()?),
-        Some("float") => Value::Float(
-            value
-                .as_f64()
-                .ok_or_else(|| bad("a float needs a number"))?,
-        ),
-        Some("bytes") => Value::Bytes(
-            value
-                .as_str()
-                .and_then(|s| hex::decode(s).ok())
-                .ok_or_else(|| bad("bytes need a hex string"))?,
-        ),
-        Some(other) => return Err(bad(&format!("unknown type `{other}`"))),
-    })
-}
-
-fn parse_op(op: &JsonValue, i: usize) -> Result<Op, ApiError> {
-    let kind = field(op, "op", i)?.as_str().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_op",
-            format!("op {i}: `op` must be a string"),
-        )
-    })?;
-    let path = parse_path(Some(field(op, "path", i)?.as_str().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_op",
-            format!("op {i}: `path` must be a string"),
-        )
-    })?))?;
-    Ok(match kind {
-        "set" => Op::Set { path, value: typed_value(op, i)? },
-        "delete" => Op::Delete { path },
-        "increment" => Op::Increment {
-            path,
-            by: op.get("by").map_or(Some(1), JsonValue::as_i64).ok_or_else(|| {
-                ApiError::new(StatusCode::BAD_REQUEST, "bad_op", format!("op {i}: `by` must be an integer"))
-            })?,
-        },
-        "insert" => Op::Insert { path, index: usize_field(op, "index", i)?, value: typed_value(op, i)? },
-        "remove" => Op::Remove {
-            path,
-            index: usize_field(op, "index", i)?,
-            count: op.get("count").map_or(Ok(1), |_| usize_field(op, "count", i))?,
-        },
-        "splice" => Op::Splice {
-            path,
-            index: usize_field(op, "index", i)?,
-            delete: op.get("delete").map_or(Ok(0), |_| usize_field(op, "delete", i))?,
-            insert: op.get("insert").and_then(JsonValue::as_str).unwrap_or_default().to_owned(),
-        },
-        "merge" => Op::MergeJson { path, json: field(op, "value", i)?.clone() },
-        other => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_op",
-                format!("op {i}: unknown op `{other}` (set, delete, increment, insert, remove, splice, merge)"),
-            ))
-        }
+    let op: JsonOp = serde_json::from_value(op).map_err(|e| bad("bad_op", &e))?;
+    op.into_op().map_err(|e| match e {
+        JsonOpError::BadPath(e) => bad("bad_path", &e),
+        other => bad("bad_op", &other),
     })
 }
 
@@ -372,18 +273,13 @@ async fn apply_ops(
     let Json(body) = body?;
     let ops = body
         .ops
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, op)| parse_op(op, i))
         .collect::<Result<Vec<_>, _>>()?;
     let handle = find(&state.repo, &id).await?;
     let change = handle.context().apply(ops, body.message).await?;
-    let heads: Vec<String> = handle
-        .heads()
-        .await?
-        .iter()
-        .map(|h| h.to_string())
-        .collect();
+    let heads = hex_heads(&handle.heads().await?);
     Ok(Json(
         json!({"change": change.map(|h| h.to_string()), "heads": heads}),
     ))
@@ -435,12 +331,7 @@ async fn metadata(
         .with_doc(converge_core::context::change_count)
         .await?
         .unwrap_or(0);
-    let heads: Vec<String> = handle
-        .heads()
-        .await?
-        .iter()
-        .map(|h| h.to_string())
-        .collect();
+    let heads = hex_heads(&handle.heads().await?);
     Ok(Json(json!({
         "id": id.to_string(),
         "url": handle.url(),
@@ -537,4 +428,12 @@ async fn events(
         },
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+// ------------------------------------------------------------------ sessions
+
+/// Every connected peer: peer id, storage id, address, connected since.
+async fn sessions(State(state): State<AppState>) -> Result<Json<JsonValue>, ApiError> {
+    let list = state.repo.sessions().await?;
+    Ok(Json(json!({ "sessions": list })))
 }

@@ -1,22 +1,91 @@
-//! Relay settings. Precedence: command-line flags, then environment
-//! variables (`CONVERGE_*`), then the TOML file given by `--config`, then
-//! defaults.
+//! The command line, and the relay's settings.
+//!
+//! `converge-server [FLAGS]` (or `converge-server serve [FLAGS]`) runs the
+//! relay; with the feature `bench`, `bench-storage` and `bench-populate`
+//! are benchmark tools (see `storage_bench`). The relay's settings come from
+//! command-line flags, then environment variables (`CONVERGE_*`), then the
+//! TOML file given by `--config`, then defaults.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use converge_core::engine::ReplicaKind;
 use serde::Deserialize;
 
-/// The relay's settings.
-#[derive(Debug, Clone, Parser)]
+#[cfg(feature = "bench")]
+use crate::storage_bench;
+
+/// What `converge-server` was asked to do.
+#[derive(Debug)]
+pub enum Mode {
+    /// Run the relay: no subcommand, or `serve`.
+    Serve(Config),
+    /// `bench-storage`: measure durable writes on this disk.
+    #[cfg(feature = "bench")]
+    BenchStorage(storage_bench::Settings),
+    /// `bench-populate`: write numbered documents into a data directory.
+    #[cfg(feature = "bench")]
+    BenchPopulate(storage_bench::Populate),
+}
+
+/// The command line: the relay's flags, or a subcommand.
+#[derive(Debug, Parser)]
 #[command(
     name = "converge-server",
     version,
-    about = "Converge relay: automerge-repo compatible sync server"
+    about = "Converge relay: automerge-repo compatible sync server",
+    args_conflicts_with_subcommands = true
 )]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay (the same as no subcommand).
+    Serve(Config),
+    /// Measure how many durable changes per second this disk takes,
+    /// through Converge and through RocksDB alone.
+    #[cfg(feature = "bench")]
+    BenchStorage(storage_bench::Settings),
+    /// Write numbered documents straight into a relay's data directory.
+    #[cfg(feature = "bench")]
+    BenchPopulate(storage_bench::Populate),
+}
+
+impl Mode {
+    /// Reads the command line `args` (the first being the program name);
+    /// for the relay, also the environment and the config file.
+    pub fn load<I, T>(args: I) -> Result<Mode, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Cli::command()
+            .try_get_matches_from(args)
+            .map_err(ConfigError::Args)?;
+        let cli = Cli::from_arg_matches(&matches).map_err(ConfigError::Args)?;
+        Ok(match cli.command {
+            None => Mode::Serve(cli.serve.finish(&matches)?),
+            Some(Command::Serve(config)) => {
+                let matches = matches.subcommand_matches("serve").unwrap_or(&matches);
+                Mode::Serve(config.finish(matches)?)
+            }
+            #[cfg(feature = "bench")]
+            Some(Command::BenchStorage(settings)) => Mode::BenchStorage(settings),
+            #[cfg(feature = "bench")]
+            Some(Command::BenchPopulate(populate)) => Mode::BenchPopulate(populate),
+        })
+    }
+}
+
+/// The relay's settings.
+#[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "CONVERGE_LISTEN", default_value = "127.0.0.1:3030")]
@@ -102,18 +171,10 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads the settings from `args` (the first being the program name),
-    /// the environment and the config file.
-    pub fn load<I, T>(args: I) -> Result<Config, ConfigError>
-    where
-        I: IntoIterator<Item = T>,
-        T: Into<std::ffi::OsString> + Clone,
-    {
-        let matches = Config::command()
-            .try_get_matches_from(args)
-            .map_err(ConfigError::Args)?;
-        let mut config = Config::from_arg_matches(&matches).map_err(ConfigError::Args)?;
-        if let Some(path) = config.config.clone() {
+    /// Applies the config file (under what flags and environment set) and
+    /// checks the result; `matches` are those the settings were read from.
+    fn finish(mut self, matches: &ArgMatches) -> Result<Config, ConfigError> {
+        if let Some(path) = self.config.clone() {
             let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
                 path: path.clone(),
                 source,
@@ -122,10 +183,10 @@ impl Config {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-            config.apply_file(&matches, file)?;
+            self.apply_file(matches, file)?;
         }
-        config.validate()?;
-        Ok(config)
+        self.validate()?;
+        Ok(self)
     }
 
     fn apply_file(&mut self, matches: &ArgMatches, file: FileConfig) -> Result<(), ConfigError> {
@@ -186,8 +247,90 @@ impl Config {
 mod tests {
     use super::*;
 
+    fn mode(args: &[&str]) -> Result<Mode, ConfigError> {
+        Mode::load(std::iter::once("converge-server").chain(args.iter().copied()))
+    }
+
     fn load(args: &[&str]) -> Result<Config, ConfigError> {
-        Config::load(std::iter::once("converge-server").chain(args.iter().copied()))
+        match mode(args)? {
+            Mode::Serve(config) => Ok(config),
+            #[cfg(feature = "bench")]
+            other => panic!("{args:?} is not the relay: {other:?}"),
+        }
+    }
+
+    /// No subcommand and `serve` both run the relay, with the same flags.
+    #[test]
+    fn subcommands_choose_the_mode() {
+        let plain = load(&["--listen", "127.0.0.1:4001"]).expect("flags alone");
+        assert_eq!(plain.listen.to_string(), "127.0.0.1:4001");
+        let serve = load(&["serve", "--listen", "127.0.0.1:4002"]).expect("serve");
+        assert_eq!(serve.listen.to_string(), "127.0.0.1:4002");
+        assert!(matches!(
+            load(&["serve", "--ping-interval-secs", "0"]),
+            Err(ConfigError::Invalid(_))
+        ));
+        // Flags go after the subcommand they belong to.
+        assert!(matches!(
+            mode(&["--listen", "127.0.0.1:1", "serve"]),
+            Err(ConfigError::Args(_))
+        ));
+    }
+
+    /// With the feature `bench`, the benchmark tools are subcommands with
+    /// flags of their own.
+    #[cfg(feature = "bench")]
+    #[test]
+    fn benchmark_subcommands_take_their_flags() {
+        let Ok(Mode::BenchStorage(s)) = mode(&[
+            "bench-storage",
+            "--dir",
+            "/tmp/b",
+            "--writers",
+            "8",
+            "--no-sync",
+        ]) else {
+            panic!("bench-storage");
+        };
+        assert_eq!(
+            (s.dir, s.writers, s.sync),
+            (PathBuf::from("/tmp/b"), 8, false)
+        );
+        let Ok(Mode::BenchStorage(s)) = mode(&["bench-storage"]) else {
+            panic!("bench-storage with defaults");
+        };
+        assert_eq!((s.writers, s.secs, s.sync), (1, 3.0, true));
+        assert!(matches!(
+            mode(&["bench-storage", "--writers", "0"]),
+            Err(ConfigError::Args(_))
+        ));
+
+        let Ok(Mode::BenchPopulate(p)) = mode(&[
+            "bench-populate",
+            "--dir",
+            "/tmp/d",
+            "--docs",
+            "10",
+            "--set",
+            "7",
+        ]) else {
+            panic!("bench-populate");
+        };
+        assert_eq!(
+            (p.dir, p.docs, p.set, p.doc_file),
+            (PathBuf::from("/tmp/d"), 10, 7, None)
+        );
+        assert!(
+            matches!(
+                mode(&["bench-populate", "--docs", "1"]),
+                Err(ConfigError::Args(_))
+            ),
+            "--dir is required"
+        );
+        assert!(matches!(
+            mode(&["--listen", "127.0.0.1:1", "bench-storage"]),
+            Err(ConfigError::Args(_))
+        ));
     }
 
     #[test]

@@ -11,8 +11,10 @@
 //! - [`server`]: the axum router (WebSocket at `/`, `/healthz`) and
 //!   [`server::serve`], which takes a bound listener and a shutdown future so
 //!   tests can run a relay on port 0.
+//! - `storage_bench` (feature `bench`): the benchmark subcommands.
 
 pub mod api;
 pub mod config;
 pub mod server;
+#[cfg(feature = "bench")]
 pub mod storage_bench;

@@ -2,6 +2,10 @@
 //!
 //! ```sh
 //! converge-server --listen 127.0.0.1:3030 --data-dir ./converge-data
+//! converge-server serve --listen 127.0.0.1:3030   # the same
+//! # built with `--features bench`:
+//! converge-server bench-storage --dir /var/tmp/x --writers 64
+//! converge-server bench-populate --dir ./converge-data --docs 100000
 //! ```
 
 use std::sync::Arc;
@@ -11,23 +15,21 @@ use anyhow::Context;
 use converge_core::engine::RelayPolicy;
 use converge_core::runtime::{load_or_create_storage_id, Repo, RepoConfig};
 use converge_core::storage::RocksStorage;
-use converge_server::config::Config;
+use converge_server::config::{ConfigError, Mode};
 use converge_server::server::{serve, AppState};
+#[cfg(feature = "bench")]
+use converge_server::storage_bench;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("bench-storage") {
-        let settings = converge_server::storage_bench::Settings::parse(&args[2..])?;
-        return converge_server::storage_bench::run(settings).await;
-    }
-    if args.get(1).map(String::as_str) == Some("bench-populate") {
-        return converge_server::storage_bench::populate(&args[2..]);
-    }
-    let config = match Config::load(std::env::args_os()) {
-        Ok(c) => c,
-        Err(converge_server::config::ConfigError::Args(e)) => e.exit(),
+    let config = match Mode::load(std::env::args_os()) {
+        Ok(Mode::Serve(config)) => config,
+        #[cfg(feature = "bench")]
+        Ok(Mode::BenchStorage(settings)) => return storage_bench::run(settings).await,
+        #[cfg(feature = "bench")]
+        Ok(Mode::BenchPopulate(populate)) => return storage_bench::populate(&populate),
+        Err(ConfigError::Args(e)) => e.exit(),
         Err(e) => {
             eprintln!("converge-server: {e}");
             std::process::exit(2);

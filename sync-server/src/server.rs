@@ -1,5 +1,5 @@
-//! The relay's HTTP face: the automerge-repo WebSocket endpoint at `/` and
-//! a health check at `/healthz`.
+//! The relay's HTTP face: the automerge-repo WebSocket endpoint at `/`, a
+//! health check at `/healthz`, and the HTTP API ([`crate::api`]).
 
 use converge_core::transport::SocketSettings;
 use std::future::Future;
@@ -36,7 +36,6 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(websocket))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/v1/sessions", get(sessions))
         .merge(crate::api::routes())
         .with_state(state)
 }
@@ -119,18 +118,4 @@ async fn connection(state: AppState, socket: WebSocket, remote: SocketAddr) {
     )
     .await;
     tracing::debug!(reason = %ended.reason, "connection ended");
-}
-
-/// Every connected peer: peer id, storage id, address, connected since.
-async fn sessions(State(state): State<AppState>) -> Response {
-    match state.repo.sessions().await {
-        Ok(list) => axum::Json(serde_json::json!({ "sessions": list })).into_response(),
-        Err(e) => (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(
-                serde_json::json!({"error": {"code": "unavailable", "message": e.to_string()}}),
-            ),
-        )
-            .into_response(),
-    }
 }

@@ -25,47 +25,45 @@ use automerge::ROOT;
 use converge_core::runtime::{Repo, RepoConfig};
 use converge_core::storage::{rocksdb, RocksStorage};
 
-/// What to measure.
-#[derive(Debug, Clone)]
+/// What to measure: the flags of `bench-storage`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
     /// Scratch directory (two databases are created inside).
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("converge-bench-storage"))]
     pub dir: PathBuf,
     /// Concurrent writers.
-    pub writers: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub writers: u32,
     /// Seconds per measurement.
+    #[arg(long, default_value_t = 3.0, value_parser = positive_secs)]
     pub secs: f64,
-    /// fsync every write (the default) or not.
+    /// fsync every write; `--no-sync` turns it off.
+    #[arg(long = "no-sync", action = clap::ArgAction::SetFalse)]
     pub sync: bool,
 }
 
-impl Settings {
-    /// Parses `--dir D --writers N --secs S [--no-sync]`.
-    pub fn parse(args: &[String]) -> anyhow::Result<Settings> {
-        let mut s = Settings {
-            dir: std::env::temp_dir().join("converge-bench-storage"),
-            writers: 1,
-            secs: 3.0,
-            sync: true,
-        };
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-            match flag.as_str() {
-                "--dir" => s.dir = PathBuf::from(value()?),
-                "--writers" => s.writers = value()?.parse().context("--writers")?,
-                "--secs" => s.secs = value()?.parse().context("--secs")?,
-                "--no-sync" => s.sync = false,
-                other => anyhow::bail!(
-                    "unknown flag {other} (expected --dir, --writers, --secs, --no-sync)"
-                ),
-            }
-        }
-        anyhow::ensure!(
-            s.writers >= 1 && s.secs > 0.0,
-            "--writers and --secs must be positive"
-        );
-        Ok(s)
+fn positive_secs(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs.is_finite() => Ok(secs),
+        _ => Err(format!("`{text}` is not a positive number of seconds")),
     }
+}
+
+/// The flags of `bench-populate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Populate {
+    /// The relay's data directory (created if missing).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// How many documents.
+    #[arg(long)]
+    pub docs: u64,
+    /// Which numbered set the ids come from.
+    #[arg(long, default_value_t = 5)]
+    pub set: u64,
+    /// A saved document to store as every document's snapshot.
+    #[arg(long)]
+    pub doc_file: Option<PathBuf>,
 }
 
 fn fresh(dir: &Path) -> anyhow::Result<PathBuf> {
@@ -179,31 +177,17 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 /// (an incremental chunk) or, with `--doc-file`, the saved document in that
 /// file (a snapshot). Uploading a million documents through the protocol
 /// would take minutes.
-pub fn populate(args: &[String]) -> anyhow::Result<()> {
+pub fn populate(p: &Populate) -> anyhow::Result<()> {
     use converge_core::storage::{BatchOp, ChunkKind, Storage, StorageKey};
     use converge_core::wire::DocumentId;
-    let (mut dir, mut docs, mut set, mut doc_file) = (None, 0u64, 5u64, None);
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--dir" => dir = Some(PathBuf::from(value()?)),
-            "--docs" => docs = value()?.parse().context("--docs")?,
-            "--set" => set = value()?.parse().context("--set")?,
-            "--doc-file" => doc_file = Some(PathBuf::from(value()?)),
-            other => {
-                anyhow::bail!("unknown flag {other} (expected --dir, --docs, --set, --doc-file)")
-            }
-        }
-    }
-    let dir = dir.context("--dir is required")?;
-    std::fs::create_dir_all(&dir)?;
-    let store = RocksStorage::open(&dir, false)
+    let (dir, docs, set) = (&p.dir, p.docs, p.set);
+    std::fs::create_dir_all(dir)?;
+    let store = RocksStorage::open(dir, false)
         .with_context(|| format!("cannot open RocksDB in {}", dir.display()))?;
     let started = Instant::now();
     let mut batch = Vec::new();
-    if let Some(file) = doc_file {
-        let saved = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+    if let Some(file) = &p.doc_file {
+        let saved = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let heads = automerge::Automerge::load(&saved)
             .with_context(|| format!("{} is not a saved document", file.display()))?
             .get_heads();

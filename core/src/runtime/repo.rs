@@ -145,8 +145,8 @@ pub fn random_seed() -> u64 {
     h.finish()
 }
 
-/// Reads the store's storage id, creating and saving a fresh UUID-shaped
-/// one the first time (automerge-repo keeps it under `storage-adapter-id`).
+/// Reads the store's storage id, creating and saving a fresh random UUID
+/// the first time (automerge-repo keeps it under `storage-adapter-id`).
 pub fn load_or_create_storage_id(storage: &dyn Storage) -> Result<StorageId, RepoError> {
     let key = StorageKey::new(["storage-adapter-id"]);
     let existing = storage.get(&key).map_err(RepoError::storage)?;
@@ -158,15 +158,7 @@ pub fn load_or_create_storage_id(storage: &dyn Storage) -> Result<StorageId, Rep
             return Ok(id);
         }
     }
-    let (a, b) = (random_seed(), random_seed());
-    let text = format!(
-        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xfff,
-        b >> 52,
-        b & 0xffff_ffff_ffff
-    );
+    let text = uuid::Uuid::new_v4().to_string();
     storage
         .batch(vec![crate::storage::BatchOp::Put(
             key,

@@ -11,5 +11,6 @@ mod rocks;
 #[cfg(feature = "rocksdb")]
 pub use rocks::RocksStorage;
 
-#[cfg(feature = "rocksdb")]
+/// The RocksDB crate, for tools that measure RocksDB itself.
+#[cfg(all(feature = "rocksdb", feature = "test-support"))]
 pub use rocksdb;

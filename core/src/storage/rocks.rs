@@ -48,7 +48,8 @@ fn backend(e: rocksdb::Error) -> StorageError {
 impl RocksStorage {
     /// The underlying database, for tools that measure RocksDB itself
     /// (`converge-server bench-storage`). Writing to it directly bypasses
-    /// the key layout above.
+    /// the key layout above. (Feature `test-support`.)
+    #[cfg(feature = "test-support")]
     pub fn raw(&self) -> &DB {
         &self.db
     }

@@ -164,6 +164,7 @@ fn read_leb128(input: &mut &[u8]) -> Result<u64, InvalidSyncMessage> {
 /// Builds the hostile Bloom filter bytes that crash an unguarded peer, for
 /// tests here and elsewhere: `entries` entries, `bits_per_entry` bits each,
 /// `probes` probes, and a bit array of `bits` bytes.
+#[cfg(any(test, feature = "test-support"))]
 pub fn hostile_bloom_bytes(entries: u32, bits_per_entry: u32, probes: u32, bits: usize) -> Vec<u8> {
     let mut out = Vec::new();
     for mut n in [
@@ -187,6 +188,7 @@ pub fn hostile_bloom_bytes(entries: u32, bits_per_entry: u32, probes: u32, bits:
 
 /// Wraps Bloom filter bytes into a v1 sync message with no heads, no
 /// needs, no changes and one `have` (empty `last_sync`) carrying the filter.
+#[cfg(any(test, feature = "test-support"))]
 pub fn sync_message_with_bloom(bloom: &[u8]) -> Vec<u8> {
     let mut out = vec![0x42, 0, 0, 1, 0];
     let mut len = bloom.len();

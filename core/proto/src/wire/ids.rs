@@ -119,7 +119,8 @@ impl DocumentId {
 
     /// Document `n` of a numbered set named `set`: the same pair always
     /// gives the same id. Benchmarks name the documents they store and later
-    /// ask for this way, across processes.
+    /// ask for this way, across processes. (Feature `test-support`.)
+    #[cfg(feature = "test-support")]
     pub fn numbered(n: u64, set: u64) -> Self {
         let mut bytes = [0u8; 16];
         bytes[..8].copy_from_slice(&n.to_le_bytes());
