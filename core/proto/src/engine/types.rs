@@ -121,12 +121,6 @@ impl EngineConfig {
             max_docs_in_memory: 10_000,
         }
     }
-
-    /// The same with another share policy.
-    pub fn with_policy(mut self, policy: Arc<dyn SharePolicy>) -> Self {
-        self.policy = policy;
-        self
-    }
 }
 
 impl fmt::Debug for EngineConfig {
