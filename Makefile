@@ -17,9 +17,9 @@ DATA_DIR ?= ./converge-data
 NPM_STAMP := tests/js/node_modules/.converge-installed
 
 .PHONY: test run check fmt lint sans-io unit fixtures-live deps deps-rust deps-node deps-python deps-kotlin \
-	build-debug bindings bindings-tests python-tests kotlin-tests bench-ffi bench bench-smoke
+	build-debug bindings bindings-tests python-tests kotlin-tests bench-ffi bench bench-smoke api-property
 
-test: deps lint unit fixtures-live bindings-tests bench-smoke
+test: deps lint unit fixtures-live api-property bindings-tests bench-smoke
 	@echo "make test: all green"
 
 ## ---------------------------------------------------------------- deps
@@ -28,6 +28,8 @@ deps: deps-rust deps-node deps-python deps-kotlin
 
 deps-python:
 	@python3 -c "import pytest" 2>/dev/null || python3 -m pip install --quiet pytest
+	@python3 -c "import schemathesis" 2>/dev/null || \
+		python3 -m pip install --quiet "schemathesis>=4.3,<5"
 
 # RocksDB's bindings are generated with bindgen, which needs libclang; its
 # C++ needs a compiler.
@@ -76,6 +78,10 @@ fixtures-live: deps-node
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	CONVERGE_FIXTURE_OUT=$$tmp node tests/js/gen-fixtures.mjs && \
 	CONVERGE_FIXTURE_DIR=$$tmp $(CARGO) test --workspace --test suite wire_fixtures
+
+# The HTTP API held to openapi.json by generated requests (Schemathesis).
+api-property: deps-python build-debug
+	tests/openapi/run.sh $(SERVER_BIN) 100
 
 ## ---------------------------------------------------------------- bindings
 # The bindings are generated from the very library the tests load (uniffi

@@ -19,13 +19,25 @@
 //! already part of those heads.
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` with a 4xx
-//! status; a request that fails changes nothing.
+//! status (503 when storage fails); a request that fails changes nothing.
+//! Every rejection is in that shape, those of the query string, the URL
+//! and the body included, and for unknown routes and methods too.
+//!
+//! What is refused as malformed (400) is exactly what `openapi.json`
+//! declares invalid: an id outside the base58 alphabet, a path that is not
+//! a JSON Pointer, heads that are neither hex nor base58, a `limit` outside
+//! 1..=1000, `null` where an object or a string is required. A request that
+//! is well formed but names what is not there is a 404 (an unknown context,
+//! including an id whose checksum fails; a missing path), and one that is
+//! well formed but impossible on this context is a 422 (heads it does not
+//! have, a value that does not fit its `type`, a wrong kind of object).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequestParts, Path as UrlPath, Query, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -37,7 +49,8 @@ use converge_core::runtime::{ContextEvent, DocHandle, Repo, RepoError};
 use converge_core::storage::{DocKey, DocMeta, StorageKey};
 use converge_core::wire::{decode_head, DocumentId};
 use futures::Stream;
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value as JsonValue};
 
 use crate::server::AppState;
@@ -52,6 +65,20 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/contexts/{id}/metadata", get(metadata))
         .route("/v1/contexts/{id}/events", get(events))
         .route("/v1/sessions", get(sessions))
+}
+
+/// The answer to a request no route takes, in the API's error shape.
+pub async fn no_route() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint")
+}
+
+/// The answer to a method a route does not take.
+pub async fn no_method() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
 }
 
 /// An API error: a status and a machine-readable code with a message.
@@ -79,10 +106,91 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<JsonRejection> for ApiError {
-    fn from(e: JsonRejection) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.body_text())
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> ApiError {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "too_large"
+        } else {
+            "bad_body"
+        };
+        ApiError::new(status, code, e.body_text())
     }
+}
+
+/// The query string as `T`; a query that does not parse is a 400 in the
+/// API's error shape (axum's own rejection is plain text).
+struct ApiQuery<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(ApiQuery(q)),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                e.body_text(),
+            )),
+        }
+    }
+}
+
+/// The `{id}` of the URL, checked against the id's alphabet (a 400 if
+/// outside it). Whether it is an id at all (its checksum) is asked by
+/// [`ApiId::doc`] once the rest of the request is known to be well formed:
+/// a malformed request is a 400 whatever the id.
+struct ApiId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let UrlPath(id) = UrlPath::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_id", e.body_text()))?;
+        if !is_base58(&id) || id.len() > MAX_ID_LEN {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_id",
+                format!("`{id}` is not a context id (base58, at most {MAX_ID_LEN} characters)"),
+            ));
+        }
+        Ok(ApiId(id))
+    }
+}
+
+impl ApiId {
+    /// The document it names; one whose checksum fails names no context,
+    /// a 404 like an id nobody created.
+    fn doc(&self) -> Result<DocumentId, ApiError> {
+        self.0.parse().map_err(|e| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no context {} ({e})", self.0),
+            )
+        })
+    }
+}
+
+/// A `limit` of 1..=1000 (100 when absent), as `openapi.json` says.
+fn page_limit(limit: Option<u64>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(100),
+        Some(n @ 1..=1000) => Ok(n as usize),
+        Some(n) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("limit must be 1 to 1000, not {n}"),
+        )),
+    }
+}
+
+/// For optional fields that may be absent but not `null`.
+fn not_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 impl From<ContextError> for ApiError {
@@ -90,7 +198,7 @@ impl From<ContextError> for ApiError {
         let (status, code) = match &e {
             ContextError::BadPath(_) => (StatusCode::BAD_REQUEST, "bad_path"),
             ContextError::NotFound(_) => (StatusCode::NOT_FOUND, "path_not_found"),
-            ContextError::UnknownHeads(_) => (StatusCode::BAD_REQUEST, "unknown_heads"),
+            ContextError::UnknownHeads(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_heads"),
             ContextError::TypeMismatch { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "type_mismatch")
             }
@@ -122,15 +230,16 @@ impl From<RepoError> for ApiError {
     }
 }
 
-fn parse_id(id: &str) -> Result<DocumentId, ApiError> {
-    id.parse().map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_id",
-            format!("`{id}` is not a context id: {e}"),
-        )
-    })
+/// The base58 alphabet (no 0, O, I, l).
+fn is_base58(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() && !matches!(b, b'0' | b'O' | b'I' | b'l'))
 }
+
+/// The longest id `openapi.json` allows (real ones are about 28).
+const MAX_ID_LEN: usize = 64;
 
 fn parse_path(path: Option<&str>) -> Result<Path, ApiError> {
     path.unwrap_or("")
@@ -140,24 +249,45 @@ fn parse_path(path: Option<&str>) -> Result<Path, ApiError> {
         })
 }
 
+/// Heads: change hashes, each 64 hex digits or base58 (as automerge-repo
+/// writes them), separated by `|` or `,`. Malformed is a 400; well formed
+/// but not a hash (a base58 checksum that fails) is a head this context
+/// cannot have, a 422 like any unknown head.
 fn parse_heads(heads: Option<&str>) -> Result<Option<Vec<automerge::ChangeHash>>, ApiError> {
     let Some(text) = heads.filter(|t| !t.is_empty()) else {
         return Ok(None);
     };
     text.split(['|', ','])
         .map(|h| {
-            decode_head(h)
-                .or_else(|_| h.parse::<automerge::ChangeHash>())
-                .map_err(|_| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "bad_heads",
-                        format!("`{h}` is not a change hash"),
-                    )
-                })
+            let hex = h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit());
+            if hex {
+                return h.parse::<automerge::ChangeHash>().map_err(|_| bad_head(h));
+            }
+            if !is_base58(h) || !BASE58_HEAD_LEN.contains(&h.len()) {
+                return Err(bad_head(h));
+            }
+            decode_head(h).map_err(|_| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "unknown_heads",
+                    format!("`{h}` is not a change of this context"),
+                )
+            })
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
+}
+
+/// How long a change hash is in base58check (36 bytes: about 49
+/// characters), with room on both sides.
+const BASE58_HEAD_LEN: std::ops::RangeInclusive<usize> = 40..=60;
+
+fn bad_head(h: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_heads",
+        format!("`{h}` is not a change hash (64 hex digits or base58)"),
+    )
 }
 
 async fn find(repo: &Repo, id: &DocumentId) -> Result<DocHandle, ApiError> {
@@ -172,23 +302,27 @@ fn hex_heads(heads: &[automerge::ChangeHash]) -> Vec<String> {
 
 async fn create(
     State(state): State<AppState>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let parsed = if body.iter().all(u8::is_ascii_whitespace) {
-        JsonValue::Null
+    let body = body?;
+    let initial = if body.iter().all(u8::is_ascii_whitespace) {
+        None
     } else {
-        serde_json::from_slice(&body).map_err(|e| {
+        let parsed: JsonValue = serde_json::from_slice(&body).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_json",
                 format!("the body is not JSON: {e}"),
             )
-        })?
+        })?;
+        Some(parsed)
     };
-    let initial = match parsed {
-        JsonValue::Object(m) => Some(JsonValue::Object(m)),
-        JsonValue::Null => None,
-        _ => {
+    // No body is an empty context; a body must be an object (`null` too
+    // is refused).
+    let initial = match initial {
+        Some(JsonValue::Object(m)) => Some(JsonValue::Object(m)),
+        None => None,
+        Some(_) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_json",
@@ -224,12 +358,12 @@ struct ReadQuery {
 
 async fn read(
     State(state): State<AppState>,
-    UrlPath(id): UrlPath<String>,
-    Query(q): Query<ReadQuery>,
+    id: ApiId,
+    ApiQuery(q): ApiQuery<ReadQuery>,
 ) -> Result<Json<JsonValue>, ApiError> {
-    let id = parse_id(&id)?;
     let path = parse_path(q.path.as_deref())?;
     let heads = parse_heads(q.heads.as_deref())?;
+    let id = id.doc()?;
     let handle = find(&state.repo, &id).await?;
     let json = handle
         .with_doc(move |doc| converge_core::context::to_json(doc, &path, heads.as_deref()))
@@ -249,6 +383,7 @@ async fn read(
 #[derive(Deserialize)]
 struct OpsBody {
     ops: Vec<JsonValue>,
+    #[serde(default, deserialize_with = "not_null")]
     message: Option<String>,
 }
 
@@ -260,23 +395,36 @@ fn parse_op(op: JsonValue, i: usize) -> Result<Op, ApiError> {
     let op: JsonOp = serde_json::from_value(op).map_err(|e| bad("bad_op", &e))?;
     op.into_op().map_err(|e| match e {
         JsonOpError::BadPath(e) => bad("bad_path", &e),
-        other => bad("bad_op", &other),
+        // Well formed, but the value does not fit its `type` or the index
+        // is beyond any list: impossible rather than malformed.
+        other => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "wrong_value",
+            format!("op {i}: {other}"),
+        ),
     })
 }
 
 async fn apply_ops(
     State(state): State<AppState>,
-    UrlPath(id): UrlPath<String>,
-    body: Result<Json<OpsBody>, JsonRejection>,
+    id: ApiId,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<JsonValue>, ApiError> {
-    let id = parse_id(&id)?;
-    let Json(body) = body?;
+    // Any content type (`curl -d` sends a form type): the body is JSON.
+    let body: OpsBody = serde_json::from_slice(&body?).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("the body is not {{\"ops\": [...], \"message\"?: \"...\"}}: {e}"),
+        )
+    })?;
     let ops = body
         .ops
         .into_iter()
         .enumerate()
         .map(|(i, op)| parse_op(op, i))
         .collect::<Result<Vec<_>, _>>()?;
+    let id = id.doc()?;
     let handle = find(&state.repo, &id).await?;
     let change = handle.context().apply(ops, body.message).await?;
     let heads = hex_heads(&handle.heads().await?);
@@ -289,21 +437,19 @@ async fn apply_ops(
 
 #[derive(Deserialize)]
 struct Page {
-    offset: Option<usize>,
-    limit: Option<usize>,
+    offset: Option<u32>,
+    limit: Option<u64>,
 }
 
 async fn history(
     State(state): State<AppState>,
-    UrlPath(id): UrlPath<String>,
-    Query(page): Query<Page>,
+    id: ApiId,
+    ApiQuery(page): ApiQuery<Page>,
 ) -> Result<Json<JsonValue>, ApiError> {
-    let id = parse_id(&id)?;
+    let limit = page_limit(page.limit)?;
+    let offset = page.offset.unwrap_or(0) as usize;
+    let id = id.doc()?;
     let handle = find(&state.repo, &id).await?;
-    let (offset, limit) = (
-        page.offset.unwrap_or(0),
-        page.limit.unwrap_or(100).min(1000),
-    );
     let changes = handle.context().history(offset, limit).await?;
     Ok(Json(
         json!({"offset": offset, "limit": limit, "changes": changes}),
@@ -312,11 +458,8 @@ async fn history(
 
 // ------------------------------------------------------------------ metadata
 
-async fn metadata(
-    State(state): State<AppState>,
-    UrlPath(id): UrlPath<String>,
-) -> Result<Json<JsonValue>, ApiError> {
-    let id = parse_id(&id)?;
+async fn metadata(State(state): State<AppState>, id: ApiId) -> Result<Json<JsonValue>, ApiError> {
+    let id = id.doc()?;
     let handle = find(&state.repo, &id).await?;
     let meta = state.repo.meta(&id).await?;
     let size: usize = state
@@ -335,7 +478,7 @@ async fn metadata(
     Ok(Json(json!({
         "id": id.to_string(),
         "url": handle.url(),
-        "created_ms": meta.as_ref().map(|m| m.created_ms),
+        "created_ms": meta.as_ref().and_then(|m| m.created_ms),
         "updated_ms": meta.as_ref().map(|m| m.updated_ms),
         "last_writer": meta.and_then(|m| m.last_writer),
         "size_bytes": size,
@@ -350,14 +493,14 @@ async fn metadata(
 struct ListQuery {
     prefix: Option<String>,
     after: Option<String>,
-    limit: Option<usize>,
+    limit: Option<u64>,
 }
 
 async fn list(
     State(state): State<AppState>,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<JsonValue>, ApiError> {
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = page_limit(q.limit)?;
     // The same source as the bindings' `list_documents`.
     let mut ids: BTreeMap<String, Option<DocMeta>> = BTreeMap::new();
     for (id, meta) in state.repo.documents_with_meta().await? {
@@ -393,11 +536,11 @@ struct EventsQuery {
 
 async fn events(
     State(state): State<AppState>,
-    UrlPath(id): UrlPath<String>,
-    Query(q): Query<EventsQuery>,
+    id: ApiId,
+    ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let id = parse_id(&id)?;
     let path = parse_path(q.path.as_deref())?;
+    let id = id.doc()?;
     let handle = find(&state.repo, &id).await?;
     let stream = futures::stream::unfold(
         handle.context().subscribe(&path.to_string())?,

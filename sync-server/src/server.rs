@@ -36,8 +36,21 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(websocket))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/openapi.json", get(openapi))
         .merge(crate::api::routes())
+        .fallback(crate::api::no_route)
+        .method_not_allowed_fallback(crate::api::no_method)
         .with_state(state)
+}
+
+/// The API's description, as served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and returns once

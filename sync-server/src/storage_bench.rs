@@ -176,16 +176,27 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 /// `DocumentId::numbered(n, S)` and either one change setting `seed` to `n`
 /// (an incremental chunk) or, with `--doc-file`, the saved document in that
 /// file (a snapshot). Uploading a million documents through the protocol
-/// would take minutes.
+/// would take minutes. Each document gets its metadata too, and the store
+/// the marker saying so, as one written by this version has: the relay
+/// does not backfill metadata for a million documents at start, which
+/// would be measured instead of the workload.
 pub fn populate(p: &Populate) -> anyhow::Result<()> {
-    use converge_core::storage::{BatchOp, ChunkKind, Storage, StorageKey};
+    use converge_core::storage::{BatchOp, ChunkKind, DocMeta, Storage, StorageKey};
     use converge_core::wire::DocumentId;
     let (dir, docs, set) = (&p.dir, p.docs, p.set);
     std::fs::create_dir_all(dir)?;
     let store = RocksStorage::open(dir, false)
         .with_context(|| format!("cannot open RocksDB in {}", dir.display()))?;
     let started = Instant::now();
-    let mut batch = Vec::new();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let meta = DocMeta {
+        created_ms: Some(now_ms),
+        updated_ms: now_ms,
+        last_writer: None,
+    };
+    let mut batch = vec![BatchOp::Put(StorageKey::meta_backfilled(), Vec::new())];
     if let Some(file) = &p.doc_file {
         let saved = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let heads = automerge::Automerge::load(&saved)
@@ -196,8 +207,11 @@ pub fn populate(p: &Populate) -> anyhow::Result<()> {
         for n in 0..docs {
             let id = DocumentId::numbered(n, set);
             let key = StorageKey::doc_chunk(&id, ChunkKind::Snapshot, &name);
-            store.batch(vec![BatchOp::Put(key, saved.clone())])?;
+            let mut ops = meta.ops(&id, true);
+            ops.push(BatchOp::Put(key, saved.clone()));
+            store.batch(ops)?;
         }
+        store.batch(batch)?;
         store.flush()?;
         println!("{{\"populated\":{docs}}}");
         return Ok(());
@@ -208,13 +222,11 @@ pub fn populate(p: &Populate) -> anyhow::Result<()> {
         tx.put(ROOT, "seed", n as i64)?;
         tx.commit();
         let change = doc.get_last_local_change().context("no change")?;
-        let key = StorageKey::doc_chunk(
-            &DocumentId::numbered(n, set),
-            ChunkKind::Incremental,
-            &change.hash().to_string(),
-        );
+        let id = DocumentId::numbered(n, set);
+        let key = StorageKey::doc_chunk(&id, ChunkKind::Incremental, &change.hash().to_string());
         batch.push(BatchOp::Put(key, change.raw_bytes().to_vec()));
-        if batch.len() == 10_000 {
+        batch.extend(meta.ops(&id, true));
+        if batch.len() >= 20_000 {
             store.batch(std::mem::take(&mut batch))?;
         }
     }

@@ -295,6 +295,9 @@ impl Repo {
     pub async fn documents_with_meta(
         &self,
     ) -> Result<BTreeMap<DocumentId, Option<DocMeta>>, RepoError> {
+        // The store first, then the engine: what the engine holds is never
+        // older than what it wrote.
+        let stored = self.read_storage(DocMeta::all).await?;
         let in_memory = self
             .inspect(|engine| {
                 engine
@@ -304,6 +307,43 @@ impl Repo {
                     .collect::<Vec<_>>()
             })
             .await?;
+        let mut all: BTreeMap<DocumentId, Option<DocMeta>> =
+            stored.into_iter().map(|(id, m)| (id, Some(m))).collect();
+        for (id, meta) in in_memory {
+            let entry = all.entry(id).or_default();
+            if let Some(newer) = meta {
+                *entry = Some(match entry.take() {
+                    Some(stored) => stored.overlay(newer),
+                    None => newer,
+                });
+            }
+        }
+        Ok(all)
+    }
+
+    /// What the store keeps about one document (`None` if nothing: a
+    /// document without a change stored here), with the engine's newer
+    /// copy over it if the document is in memory.
+    pub async fn meta(&self, id: &DocumentId) -> Result<Option<DocMeta>, RepoError> {
+        let key = id.clone();
+        let stored = self
+            .read_storage(move |storage| DocMeta::load(storage, &key))
+            .await?;
+        let id = id.clone();
+        let newer = self
+            .inspect(move |engine| engine.meta(&id).cloned())
+            .await?;
+        Ok(match (stored, newer) {
+            (Some(stored), Some(newer)) => Some(stored.overlay(newer)),
+            (stored, newer) => newer.or(stored),
+        })
+    }
+
+    /// Runs a read of the store on the blocking pool.
+    async fn read_storage<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&dyn Storage) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, RepoError> {
         let storage = self
             .inner
             .storage
@@ -311,26 +351,10 @@ impl Repo {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or(RepoError::Stopped)?;
-        let stored = tokio::task::spawn_blocking(move || DocMeta::all(&*storage))
+        tokio::task::spawn_blocking(move || read(&*storage))
             .await
             .map_err(|_| RepoError::storage(StorageError::Panicked))?
-            .map_err(RepoError::storage)?;
-        let mut all: BTreeMap<DocumentId, Option<DocMeta>> =
-            stored.into_iter().map(|(id, m)| (id, Some(m))).collect();
-        for (id, meta) in in_memory {
-            let entry = all.entry(id).or_default();
-            if meta.is_some() {
-                *entry = meta;
-            }
-        }
-        Ok(all)
-    }
-
-    /// What the store keeps about one document, if it is in memory (a
-    /// `find` puts it there).
-    pub async fn meta(&self, id: &DocumentId) -> Result<Option<DocMeta>, RepoError> {
-        let id = id.clone();
-        self.inspect(move |engine| engine.meta(&id).cloned()).await
+            .map_err(RepoError::storage)
     }
 
     /// Every engine event, as it happens. A receiver that falls more than

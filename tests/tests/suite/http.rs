@@ -23,10 +23,21 @@ fn addr(relay: &Relay) -> String {
 /// One HTTP/1.1 request; returns the status and the body parsed as JSON
 /// (or as a JSON string if it is not JSON).
 async fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    http_as(addr, method, path, body, "application/json").await
+}
+
+/// [`http`] with another content type.
+async fn http_as(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    content_type: &str,
+) -> (u16, Value) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let body = body.unwrap_or("");
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.expect("write");
@@ -321,7 +332,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
             "GET",
             format!("/v1/contexts/{id}?heads={}", "ab".repeat(32)),
             None,
-            400,
+            422,
             "unknown_heads",
             "/v1/contexts/{id}",
         ),
@@ -377,8 +388,8 @@ async fn bad_requests_are_refused_and_change_nothing() {
             "POST",
             ops.clone(),
             Some(r#"{"ops": [{"op": "set", "path": "/n", "value": "x", "type": "counter"}]}"#),
-            400,
-            "bad_op",
+            422,
+            "wrong_value",
             "/v1/contexts/{id}/ops",
         ),
         (
@@ -428,8 +439,73 @@ async fn bad_requests_are_refused_and_change_nothing() {
             format!("/v1/contexts/{id}/history?limit=x"),
             None,
             400,
-            "",
+            "bad_query",
             "/v1/contexts/{id}/history",
+        ),
+        (
+            "GET",
+            format!("/v1/contexts/{id}/history?limit=0"),
+            None,
+            400,
+            "bad_query",
+            "/v1/contexts/{id}/history",
+        ),
+        (
+            "GET",
+            "/v1/contexts?limit=1001".into(),
+            None,
+            400,
+            "bad_query",
+            "/v1/contexts",
+        ),
+        (
+            "GET",
+            format!("/v1/contexts/{id}/history?offset=-1"),
+            None,
+            400,
+            "bad_query",
+            "/v1/contexts/{id}/history",
+        ),
+        (
+            "POST",
+            "/v1/contexts".into(),
+            Some("null"),
+            400,
+            "bad_json",
+            "/v1/contexts",
+        ),
+        (
+            "POST",
+            ops.clone(),
+            Some(r#"{"ops": [], "message": null}"#),
+            400,
+            "bad_json",
+            "/v1/contexts/{id}/ops",
+        ),
+        (
+            "POST",
+            ops.clone(),
+            Some(r#"{"ops": null}"#),
+            400,
+            "bad_json",
+            "/v1/contexts/{id}/ops",
+        ),
+        (
+            // In the id alphabet, but its checksum fails: no such context.
+            "GET",
+            format!("/v1/contexts/{}", "2".repeat(28)),
+            None,
+            404,
+            "not_found",
+            "/v1/contexts/{id}",
+        ),
+        (
+            "GET",
+            format!("/v1/contexts/{id}?heads={}", "2".repeat(40)),
+            None,
+            422,
+            "unknown_heads",
+            "/v1/contexts/{id}",
         ),
         (
             "GET",
@@ -460,6 +536,20 @@ async fn bad_requests_are_refused_and_change_nothing() {
             conforms(&spec, &schema, &err, &path).unwrap_or_else(|e| panic!("{e}"));
         }
     }
+    // Unknown routes and methods answer in the same JSON shape.
+    for (method, path, status, code) in [
+        ("GET", "/v1/nothing-here", 404, "no_route"),
+        ("DELETE", "/v1/contexts", 405, "method_not_allowed"),
+    ] {
+        let (s, err) = http(&a, method, path, None).await;
+        assert_eq!(
+            (s, err["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{method} {path}: {err}"
+        );
+        conforms(&spec, &spec["components"]["schemas"]["Error"], &err, path)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     let (_, after) = http(&a, "GET", &format!("/v1/contexts/{id}/metadata"), None).await;
     assert_eq!(
         before["heads"], after["heads"],
@@ -467,6 +557,39 @@ async fn bad_requests_are_refused_and_change_nothing() {
     );
     let (_, doc) = http(&a, "GET", &format!("/v1/contexts/{id}"), None).await;
     assert_eq!(doc, json!({"n": 1, "text": "hi"}));
+    relay.stop().await;
+}
+
+/// The README's `curl -d` examples work as written: curl sends them as a
+/// form, and the API reads the body as JSON whatever its content type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_curl_examples_work_as_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = Relay::start(dir.path()).await;
+    let a = addr(&relay);
+    let form = "application/x-www-form-urlencoded";
+    let (s, created) = http_as(
+        &a,
+        "POST",
+        "/v1/contexts",
+        Some(r#"{"room": {"topic": "hello"}}"#),
+        form,
+    )
+    .await;
+    assert_eq!(s, 201, "{created}");
+    let id = created["id"].as_str().expect("id");
+    let ops = r#"{"ops": [{"op": "set", "path": "/room/topic", "value": "updated"}], "message": "from a service"}"#;
+    let (s, applied) = http_as(
+        &a,
+        "POST",
+        &format!("/v1/contexts/{id}/ops"),
+        Some(ops),
+        form,
+    )
+    .await;
+    assert_eq!(s, 200, "{applied}");
+    let (_, doc) = http(&a, "GET", &format!("/v1/contexts/{id}"), None).await;
+    assert_eq!(doc, json!({"room": {"topic": "updated"}}));
     relay.stop().await;
 }
 

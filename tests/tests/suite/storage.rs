@@ -684,7 +684,8 @@ async fn metadata_is_written_with_the_change_and_names_the_writer() {
     );
     let meta = stored.get(&doc).expect("metadata for the document");
     assert_eq!(meta.last_writer.as_deref(), Some(alice.peer_id().as_str()));
-    assert!(meta.created_ms <= meta.updated_ms);
+    let created = meta.created_ms.expect("created is recorded");
+    assert!(created <= meta.updated_ms);
     // A change made on bob's side names nobody (made here).
     put_n(&on_bob, 1).await;
     on_bob.saved().await.expect("saved");
@@ -694,11 +695,28 @@ async fn metadata_is_written_with_the_change_and_names_the_writer() {
     bob.shutdown().await;
     drop((on_bob, store));
 
-    // After a restart the listing has it, from disk.
+    // After a restart the listing has it, from disk; a change to the
+    // document opened from disk updates it and keeps when it was created
+    // (the engine does not read metadata to open a document).
     let bob = Repo::start(RepoConfig::new(None), open(dir.path()));
     let listed = bob.documents_with_meta().await.expect("list");
     assert_eq!(listed.get(&doc), Some(&Some(mine.clone())));
+    let reopened = bob.find(&doc).await.expect("find");
+    put_n(&reopened, 2).await;
+    reopened.saved().await.expect("saved");
+    let after = bob.meta(&doc).await.expect("meta").expect("some");
+    assert_eq!(
+        after.created_ms,
+        Some(created),
+        "created stays after a reopen"
+    );
+    assert!(after.updated_ms >= mine.updated_ms);
+    let listed = bob.documents_with_meta().await.expect("list");
+    assert_eq!(listed.get(&doc), Some(&Some(after.clone())));
+    drop(reopened);
     bob.shutdown().await;
+    let on_disk = DocMeta::all(&*open(dir.path())).expect("read")[&doc].clone();
+    assert_eq!(on_disk, after);
 
     // A store whose documents predate metadata: the next start fills it in
     // for every document, once.
@@ -706,6 +724,7 @@ async fn metadata_is_written_with_the_change_and_names_the_writer() {
     legacy
         .batch(vec![
             BatchOp::Delete(StorageKey::doc_meta(&doc)),
+            BatchOp::Delete(StorageKey::doc_created(&doc)),
             BatchOp::Delete(StorageKey::new(["meta-backfilled"])),
         ])
         .expect("forget metadata");

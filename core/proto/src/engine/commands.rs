@@ -55,6 +55,7 @@ impl Engine {
             }
         }
         let mut doc = Doc::new(DocStatus::Ready, replica);
+        doc.fresh = true;
         doc.request.want();
         self.docs.insert(id.clone(), doc);
         self.doc_changed(&id, Origin::Local);

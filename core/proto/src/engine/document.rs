@@ -64,11 +64,15 @@ pub(super) struct Doc {
     pub(super) last_used: Timestamp,
     /// The heads last reported in an [`Event::DocChanged`].
     pub(super) announced_heads: Vec<ChangeHash>,
-    /// What the store keeps about the document (read with it, or started
-    /// by its first change here).
+    /// The document's metadata as far as the engine knows it: started by
+    /// its first change here, never read from storage (the store's copy
+    /// is written blind; readers overlay this one on it).
     pub(super) meta: Option<DocMeta>,
     /// `meta` changed since it was last written.
     pub(super) meta_dirty: bool,
+    /// The store did not hold the document when it was opened here: its
+    /// first save records when it was created.
+    pub(super) fresh: bool,
 }
 
 impl Doc {
@@ -85,13 +89,15 @@ impl Doc {
             announced_heads: Vec::new(),
             meta: None,
             meta_dirty: false,
+            fresh: false,
         }
     }
 
     /// A change arrived from `writer` (`None`: made here) at `now_ms`.
     pub(super) fn touch_meta(&mut self, now_ms: u64, writer: Option<String>) {
+        let fresh = self.fresh;
         let meta = self.meta.get_or_insert(DocMeta {
-            created_ms: now_ms,
+            created_ms: fresh.then_some(now_ms),
             updated_ms: now_ms,
             last_writer: None,
         });

@@ -121,7 +121,6 @@ pub struct Engine {
 #[derive(Debug)]
 enum Task {
     LoadDoc(DocumentId),
-    LoadMeta(DocumentId),
     SaveDoc {
         doc: DocumentId,
         /// The write's number (see [`Durability`]).

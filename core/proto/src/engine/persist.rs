@@ -54,12 +54,6 @@ impl Engine {
     }
 
     pub(super) fn start_load(&mut self, id: &DocumentId) {
-        // Storage answers in order: the metadata is here before the
-        // document, so before any change could touch it.
-        self.storage(
-            StorageOp::Load(StorageKey::doc_meta(id)),
-            Task::LoadMeta(id.clone()),
-        );
         self.storage(
             StorageOp::LoadRange(StorageKey::doc_prefix(id)),
             Task::LoadDoc(id.clone()),
@@ -80,13 +74,6 @@ impl Engine {
             (Task::LoadDoc(id), StorageResult::Range(entries)) => self.loaded(&id, entries),
             (Task::LoadDoc(id), StorageResult::Failed(reason)) => self.load_failed(&id, reason),
             (Task::LoadDoc(id), _) => self.loaded(&id, Vec::new()),
-            (Task::LoadMeta(id), StorageResult::Loaded(Some(bytes))) => {
-                if let Some(doc) = self.docs.get_mut(&id) {
-                    if doc.meta.is_none() {
-                        doc.meta = DocMeta::decode(&bytes);
-                    }
-                }
-            }
             (Task::Compact { doc, replaced }, result) => {
                 if let Some(d) = self.docs.get_mut(&doc) {
                     let snapshot = match result {
@@ -105,8 +92,10 @@ impl Engine {
                     _ => None,
                 };
                 if failed.is_some() {
-                    // The retry writes the metadata again too.
+                    // The retry writes the metadata again too (and the
+                    // creation time, if this store is where it began).
                     d.meta_dirty = d.meta.is_some();
+                    d.fresh = d.meta.as_ref().is_some_and(|m| m.created_ms.is_some());
                 }
                 let done = d
                     .durable
@@ -219,6 +208,7 @@ impl Engine {
         let pending = std::mem::take(&mut doc.pending);
         if doc.replica.is_empty() {
             doc.status = DocStatus::Unavailable;
+            doc.fresh = true;
             if doc.request.has_waiters() {
                 self.begin_request(id);
             }
@@ -267,9 +257,13 @@ impl Engine {
             .meta
             .as_ref()
             .filter(|_| std::mem::take(&mut doc.meta_dirty))
-            .map(|m| BatchOp::Put(StorageKey::doc_meta(id), m.encode()));
+            .map(|m| m.ops(id, std::mem::take(&mut doc.fresh)));
         let op = match meta {
-            Some(meta) => StorageOp::Batch(vec![BatchOp::Put(plan.key.clone(), plan.chunk), meta]),
+            Some(meta) => StorageOp::Batch(
+                std::iter::once(BatchOp::Put(plan.key.clone(), plan.chunk))
+                    .chain(meta)
+                    .collect(),
+            ),
             None => StorageOp::Put(plan.key.clone(), plan.chunk),
         };
         self.storage(

@@ -85,14 +85,26 @@ impl StorageKey {
         ])
     }
 
-    /// `meta/<id>`: the document's [`DocMeta`].
+    /// `meta/<id>`: when the document last changed and who changed it
+    /// (see [`DocMeta`]).
     pub fn doc_meta(doc: &DocumentId) -> Self {
         Self::new(["meta".to_owned(), doc.to_string()])
+    }
+
+    /// `meta/<id>/created`: when this store first held the document.
+    pub fn doc_created(doc: &DocumentId) -> Self {
+        Self::new(["meta".to_owned(), doc.to_string(), "created".to_owned()])
     }
 
     /// `meta`: every document's [`DocMeta`].
     pub fn meta_prefix() -> Self {
         Self::new(["meta"])
+    }
+
+    /// `meta-backfilled`: present once every stored document has its
+    /// [`DocMeta`] (see [`backfill_meta`]).
+    pub fn meta_backfilled() -> Self {
+        Self::new(["meta-backfilled"])
     }
 
     /// What a key under `doc/<id>` holds, if it is one of ours.
@@ -123,12 +135,21 @@ impl fmt::Display for StorageKey {
 
 /// What the store keeps about a document beside its contents. The engine
 /// is its one writer: it goes to storage in the same atomic write as the
-/// changes it describes (under [`StorageKey::doc_meta`]).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// changes it describes.
+///
+/// Two keys, both written blind so that the engine never reads them to
+/// open a document (a read per document open would cost block cache on a
+/// relay touching millions): [`StorageKey::doc_meta`] holds `updated_ms`
+/// and `last_writer`, rewritten with every save; [`StorageKey::doc_created`]
+/// holds `created_ms`, written once, with the first save of a document
+/// this store did not hold before.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DocMeta {
     /// When this store first held a change of the document (ms since the
-    /// Unix epoch, the engine's clock).
-    pub created_ms: u64,
+    /// Unix epoch, the engine's clock); `None` when not known (in the
+    /// engine's memory, for a document it loaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_ms: Option<u64>,
     /// When a change last arrived or was made.
     pub updated_ms: u64,
     /// The peer whose change arrived last; `None` for a change made here.
@@ -136,14 +157,54 @@ pub struct DocMeta {
 }
 
 impl DocMeta {
-    /// The stored form (JSON).
+    /// The stored form of `meta/<id>` (JSON; `created_ms` is stored under
+    /// its own key).
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        let updated = DocMeta {
+            created_ms: None,
+            ..self.clone()
+        };
+        serde_json::to_vec(&updated).unwrap_or_default()
     }
 
-    /// Reads the stored form; `None` if it is not one.
+    /// The write ops storing `self` for `id`: `meta/<id>`, and
+    /// `meta/<id>/created` too when `with_created` and `created_ms` is
+    /// known.
+    pub fn ops(&self, id: &DocumentId, with_created: bool) -> Vec<BatchOp> {
+        let mut ops = vec![BatchOp::Put(StorageKey::doc_meta(id), self.encode())];
+        if let Some(created) = self.created_ms.filter(|_| with_created) {
+            ops.push(BatchOp::Put(
+                StorageKey::doc_created(id),
+                created.to_string().into_bytes(),
+            ));
+        }
+        ops
+    }
+
+    /// Reads `meta/<id>`; `None` if it is not one. (Stores written before
+    /// the split kept `created_ms` in it too: it is read.)
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         serde_json::from_slice(bytes).ok()
+    }
+
+    /// Folds one stored entry under `meta/<id>` into `self`.
+    fn absorb(&mut self, key: &StorageKey, value: &[u8]) {
+        match key.parts() {
+            [_, _] => {
+                if let Some(m) = DocMeta::decode(value) {
+                    self.updated_ms = m.updated_ms;
+                    self.last_writer = m.last_writer;
+                    self.created_ms = self.created_ms.or(m.created_ms);
+                }
+            }
+            [_, _, created] if created == "created" => {
+                let ms = std::str::from_utf8(value).ok().and_then(|t| t.parse().ok());
+                if ms.is_some() {
+                    self.created_ms = ms;
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Every document's metadata in `storage`, by id (entries that do not
@@ -151,14 +212,36 @@ impl DocMeta {
     pub fn all(
         storage: &dyn Storage,
     ) -> Result<std::collections::BTreeMap<DocumentId, DocMeta>, StorageError> {
-        Ok(storage
-            .range(&StorageKey::meta_prefix())?
-            .into_iter()
-            .filter_map(|(key, value)| {
-                let id = key.parts().get(1)?.parse().ok()?;
-                Some((id, DocMeta::decode(&value)?))
-            })
-            .collect())
+        let mut all = std::collections::BTreeMap::<DocumentId, DocMeta>::new();
+        for (key, value) in storage.range(&StorageKey::meta_prefix())? {
+            let Some(Ok(id)) = key.parts().get(1).map(|id| id.parse::<DocumentId>()) else {
+                continue;
+            };
+            all.entry(id).or_default().absorb(&key, &value);
+        }
+        Ok(all)
+    }
+
+    /// One document's metadata in `storage`, if it has any.
+    pub fn load(storage: &dyn Storage, id: &DocumentId) -> Result<Option<DocMeta>, StorageError> {
+        let entries = storage.range(&StorageKey::doc_meta(id))?;
+        if entries.is_empty() {
+            return Ok(None);
+        }
+        let mut meta = DocMeta::default();
+        for (key, value) in entries {
+            meta.absorb(&key, &value);
+        }
+        Ok(Some(meta))
+    }
+
+    /// `newer` (the engine's, a write ahead of the disk) over `self` (the
+    /// stored): the latest update, the stored creation time if known.
+    pub fn overlay(self, newer: DocMeta) -> DocMeta {
+        DocMeta {
+            created_ms: self.created_ms.or(newer.created_ms),
+            ..newer
+        }
     }
 }
 
@@ -167,7 +250,7 @@ impl DocMeta {
 /// metadata list all their documents too. Runs once per store (a marker
 /// key records it); returns how many documents it filled in.
 pub fn backfill_meta(storage: &dyn Storage, now_ms: u64) -> Result<usize, StorageError> {
-    let marker = StorageKey::new(["meta-backfilled"]);
+    let marker = StorageKey::meta_backfilled();
     if storage.get(&marker)?.is_some() {
         return Ok(0);
     }
@@ -177,14 +260,11 @@ pub fn backfill_meta(storage: &dyn Storage, now_ms: u64) -> Result<usize, Storag
         .filter(|id| !known.contains_key(id))
         .collect();
     let meta = DocMeta {
-        created_ms: now_ms,
+        created_ms: Some(now_ms),
         updated_ms: now_ms,
         last_writer: None,
     };
-    let mut ops: Vec<BatchOp> = missing
-        .iter()
-        .map(|id| BatchOp::Put(StorageKey::doc_meta(id), meta.encode()))
-        .collect();
+    let mut ops: Vec<BatchOp> = missing.iter().flat_map(|id| meta.ops(id, true)).collect();
     ops.push(BatchOp::Put(marker, Vec::new()));
     storage.batch(ops)?;
     Ok(missing.len())
