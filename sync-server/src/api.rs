@@ -9,7 +9,17 @@
 //! | `GET /v1/contexts/{id}/history?offset=&limit=` | changes, newest first |
 //! | `GET /v1/contexts/{id}/metadata` | created, updated, size, change count, last writer |
 //! | `GET /v1/contexts/{id}/events?path=` | server-sent events: each change as patches |
-//! | `GET /v1/sessions` | connected peers: peer id, storage id, address, connected since |
+//! | `GET /v1/sessions` | connected peers: peer id, storage id, address, subject, connected since |
+//! | `GET /v1/admin/contexts/{id}/access` | a context's access list |
+//! | `PUT /v1/admin/contexts/{id}/access` | give a user read or write (or `none`) |
+//! | `POST /v1/admin/revoke` | close a user's (or a token's) connections, refuse its tokens |
+//!
+//! Requests carry the same tokens as WebSocket clients (see [`crate::auth`]):
+//! reads need read on the context, ops need write, creating needs `create`;
+//! listing, sessions, the admin routes and the metadata of contexts one
+//! does not own need `admin`. No or a bad token is a 401; a context the
+//! caller may not read is a 404, as one that does not exist (its existence
+//! does not leak); lacking a further right is a 403.
 //!
 //! The event stream sends `event: change` with `{origin, heads, patches}`
 //! for each change under the path. A client too slow to keep up is never
@@ -44,7 +54,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use converge_core::context::{ContextError, JsonOp, JsonOpError, Op, Path};
-use converge_core::engine::Origin;
+use converge_core::engine::{Access, Grant, Origin};
 use converge_core::runtime::{ContextEvent, DocHandle, Repo, RepoError};
 use converge_core::storage::{DocKey, DocMeta, StorageKey};
 use converge_core::wire::{decode_head, DocumentId};
@@ -65,6 +75,75 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/contexts/{id}/metadata", get(metadata))
         .route("/v1/contexts/{id}/events", get(events))
         .route("/v1/sessions", get(sessions))
+        .route(
+            "/v1/admin/contexts/{id}/access",
+            get(get_access).put(put_access),
+        )
+        .route("/v1/admin/revoke", post(revoke))
+}
+
+/// A 401 for a request without a usable token.
+pub fn unauthorized(e: crate::auth::AuthError) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+}
+
+fn forbidden(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("this token may not {what}"),
+    )
+}
+
+/// Who is asking: the grant of the request's token (or the anonymous one).
+struct Caller(Grant);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        state
+            .auth
+            .authenticate(&parts.headers, parts.uri.query())
+            .map(Caller)
+            .map_err(unauthorized)
+    }
+}
+
+impl Caller {
+    fn admin(&self, what: &str) -> Result<(), ApiError> {
+        if self.0.admin {
+            Ok(())
+        } else {
+            Err(forbidden(what))
+        }
+    }
+
+    /// The caller's access to `id` (its token and the context's list): a
+    /// 404 if it may not even read it (as for a context that does not
+    /// exist), a 403 if it may read but `want` more.
+    async fn needs(
+        &self,
+        state: &AppState,
+        id: &DocumentId,
+        want: Access,
+    ) -> Result<Access, ApiError> {
+        let has = if self.0.admin {
+            Access::Write
+        } else {
+            let acl = state.repo.acl(id).await?;
+            self.0.access(Some(&acl), id)
+        };
+        match has {
+            Access::None => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no context {id}"),
+            )),
+            has if has < want => Err(forbidden(&format!("{want} {id}"))),
+            has => Ok(has),
+        }
+    }
 }
 
 /// The answer to a request no route takes, in the API's error shape.
@@ -302,8 +381,12 @@ fn hex_heads(heads: &[automerge::ChangeHash]) -> Vec<String> {
 
 async fn create(
     State(state): State<AppState>,
+    caller: Caller,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    if !(caller.0.create || caller.0.admin) {
+        return Err(forbidden("create contexts"));
+    }
     let body = body?;
     let initial = if body.iter().all(u8::is_ascii_whitespace) {
         None
@@ -330,7 +413,10 @@ async fn create(
             ))
         }
     };
-    let handle = state.repo.create(None).await?;
+    let handle = state
+        .repo
+        .create_owned(None, caller.0.subject.clone())
+        .await?;
     if let Some(json) = initial {
         handle
             .context()
@@ -358,12 +444,14 @@ struct ReadQuery {
 
 async fn read(
     State(state): State<AppState>,
+    caller: Caller,
     id: ApiId,
     ApiQuery(q): ApiQuery<ReadQuery>,
 ) -> Result<Json<JsonValue>, ApiError> {
     let path = parse_path(q.path.as_deref())?;
     let heads = parse_heads(q.heads.as_deref())?;
     let id = id.doc()?;
+    caller.needs(&state, &id, Access::Read).await?;
     let handle = find(&state.repo, &id).await?;
     let json = handle
         .with_doc(move |doc| converge_core::context::to_json(doc, &path, heads.as_deref()))
@@ -407,6 +495,7 @@ fn parse_op(op: JsonValue, i: usize) -> Result<Op, ApiError> {
 
 async fn apply_ops(
     State(state): State<AppState>,
+    caller: Caller,
     id: ApiId,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<JsonValue>, ApiError> {
@@ -425,6 +514,7 @@ async fn apply_ops(
         .map(|(i, op)| parse_op(op, i))
         .collect::<Result<Vec<_>, _>>()?;
     let id = id.doc()?;
+    caller.needs(&state, &id, Access::Write).await?;
     let handle = find(&state.repo, &id).await?;
     let change = handle.context().apply(ops, body.message).await?;
     let heads = hex_heads(&handle.heads().await?);
@@ -443,12 +533,14 @@ struct Page {
 
 async fn history(
     State(state): State<AppState>,
+    caller: Caller,
     id: ApiId,
     ApiQuery(page): ApiQuery<Page>,
 ) -> Result<Json<JsonValue>, ApiError> {
     let limit = page_limit(page.limit)?;
     let offset = page.offset.unwrap_or(0) as usize;
     let id = id.doc()?;
+    caller.needs(&state, &id, Access::Read).await?;
     let handle = find(&state.repo, &id).await?;
     let changes = handle.context().history(offset, limit).await?;
     Ok(Json(
@@ -458,8 +550,19 @@ async fn history(
 
 // ------------------------------------------------------------------ metadata
 
-async fn metadata(State(state): State<AppState>, id: ApiId) -> Result<Json<JsonValue>, ApiError> {
+async fn metadata(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: ApiId,
+) -> Result<Json<JsonValue>, ApiError> {
     let id = id.doc()?;
+    caller.needs(&state, &id, Access::Read).await?;
+    if !caller.0.admin {
+        let acl = state.repo.acl(&id).await?;
+        if acl.owner.is_none() || acl.owner != caller.0.subject {
+            return Err(forbidden("read the metadata of contexts it does not own"));
+        }
+    }
     let handle = find(&state.repo, &id).await?;
     let meta = state.repo.meta(&id).await?;
     let size: usize = state
@@ -498,9 +601,11 @@ struct ListQuery {
 
 async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<JsonValue>, ApiError> {
     let limit = page_limit(q.limit)?;
+    caller.admin("list contexts")?;
     // The same source as the bindings' `list_documents`.
     let mut ids: BTreeMap<String, Option<DocMeta>> = BTreeMap::new();
     for (id, meta) in state.repo.documents_with_meta().await? {
@@ -536,11 +641,13 @@ struct EventsQuery {
 
 async fn events(
     State(state): State<AppState>,
+    caller: Caller,
     id: ApiId,
     ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let path = parse_path(q.path.as_deref())?;
     let id = id.doc()?;
+    caller.needs(&state, &id, Access::Read).await?;
     let handle = find(&state.repo, &id).await?;
     let stream = futures::stream::unfold(
         handle.context().subscribe(&path.to_string())?,
@@ -576,7 +683,95 @@ async fn events(
 // ------------------------------------------------------------------ sessions
 
 /// Every connected peer: peer id, storage id, address, connected since.
-async fn sessions(State(state): State<AppState>) -> Result<Json<JsonValue>, ApiError> {
+async fn sessions(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<JsonValue>, ApiError> {
+    caller.admin("list sessions")?;
     let list = state.repo.sessions().await?;
     Ok(Json(json!({ "sessions": list })))
+}
+
+// ------------------------------------------------------------------ admin
+
+async fn get_access(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: ApiId,
+) -> Result<Json<JsonValue>, ApiError> {
+    caller.admin("read access lists")?;
+    let id = id.doc()?;
+    let acl = state.repo.acl(&id).await?;
+    Ok(Json(
+        json!({"id": id.to_string(), "owner": acl.owner, "users": acl.users}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct AccessBody {
+    subject: String,
+    access: Access,
+}
+
+async fn put_access(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: ApiId,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Result<Json<JsonValue>, ApiError> {
+    caller.admin("change access lists")?;
+    let body: AccessBody = serde_json::from_slice(&body?).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("the body is not {{\"subject\": \"...\", \"access\": \"read\"|\"write\"|\"none\"}}: {e}"),
+        )
+    })?;
+    let id = id.doc()?;
+    let acl = state
+        .repo
+        .set_access(&id, body.subject, body.access)
+        .await?;
+    Ok(Json(
+        json!({"id": id.to_string(), "owner": acl.owner, "users": acl.users}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct RevokeBody {
+    #[serde(default, deserialize_with = "not_null")]
+    sub: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    jti: Option<String>,
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Result<Json<JsonValue>, ApiError> {
+    caller.admin("revoke")?;
+    let body: RevokeBody = serde_json::from_slice(&body?).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("the body is not {{\"sub\"?: \"...\", \"jti\"?: \"...\"}}: {e}"),
+        )
+    })?;
+    if body.sub.is_none() && body.jti.is_none() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            "name a `sub` or a `jti` to revoke",
+        ));
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    state
+        .auth
+        .revoke(body.sub.as_deref(), body.jti.as_deref(), now_ms)
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage", e.to_string()))?;
+    let closed = state.repo.revoke(body.sub, body.jti).await?;
+    Ok(Json(json!({ "closed": closed })))
 }

@@ -28,6 +28,65 @@ pub enum Mode {
     /// `bench-populate`: write numbered documents into a data directory.
     #[cfg(feature = "bench")]
     BenchPopulate(storage_bench::Populate),
+    /// `token`: mint an HS256 token.
+    Token(TokenArgs),
+}
+
+/// `converge-server token`: mint a token with the relay's HS256 secret.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// File holding the HS256 secret (as for `--jwt-secret-file`).
+    #[arg(long)]
+    pub secret_file: PathBuf,
+    /// The user (`sub`).
+    #[arg(long)]
+    pub sub: String,
+    /// A document id (or `*`) the token may write; repeat for more.
+    #[arg(long)]
+    pub write: Vec<String>,
+    /// A document id (or `*`) the token may read; repeat for more.
+    #[arg(long)]
+    pub read: Vec<String>,
+    /// May bring new documents to the relay.
+    #[arg(long)]
+    pub create: bool,
+    /// May do everything, the admin API included.
+    #[arg(long)]
+    pub admin: bool,
+    /// How long it is valid: seconds, or a number with s, m, h or d.
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    pub ttl: u64,
+    /// `aud`, if the relay requires one.
+    #[arg(long)]
+    pub aud: Option<String>,
+    /// `iss`, if the relay requires one.
+    #[arg(long)]
+    pub iss: Option<String>,
+    /// A token id (`jti`), to revoke this one token later.
+    #[arg(long)]
+    pub jti: Option<String>,
+}
+
+/// `90`, `90s`, `15m`, `1h`, `7d` as seconds.
+fn parse_ttl(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 90s, 15m, 1h or 7d"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("`{text}`: the unit is s, m, h or d")),
+    };
+    match n.checked_mul(scale) {
+        Some(0) | None => Err(format!("`{text}` is not a positive duration")),
+        Some(secs) => Ok(secs),
+    }
 }
 
 /// The command line: the relay's flags, or a subcommand.
@@ -56,6 +115,8 @@ enum Command {
     /// Write numbered documents straight into a relay's data directory.
     #[cfg(feature = "bench")]
     BenchPopulate(storage_bench::Populate),
+    /// Mint a token signed with the relay's HS256 secret.
+    Token(TokenArgs),
 }
 
 impl Mode {
@@ -80,6 +141,7 @@ impl Mode {
             Some(Command::BenchStorage(settings)) => Mode::BenchStorage(settings),
             #[cfg(feature = "bench")]
             Some(Command::BenchPopulate(populate)) => Mode::BenchPopulate(populate),
+            Some(Command::Token(args)) => Mode::Token(args),
         })
     }
 }
@@ -124,6 +186,38 @@ pub struct Config {
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "CONVERGE_LOG", default_value = "info")]
     pub log: String,
+    /// File holding the HS256 secret that signs tokens (at least 32
+    /// bytes). With no key configured the relay is open to everyone.
+    #[arg(long, env = "CONVERGE_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// Ed25519 or P-256 public key (PEM) that signs tokens, as `KID=PATH`
+    /// or `PATH` (kid = file name without extension). Repeat for several
+    /// (key rotation); the environment takes a comma-separated list.
+    #[arg(long, env = "CONVERGE_JWT_PUBLIC_KEY_FILE", value_delimiter = ',')]
+    pub jwt_public_key_file: Vec<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "CONVERGE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` claim.
+    #[arg(long, env = "CONVERGE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// What a request without a token may do when keys are configured:
+    /// `none` (the default then), `read` or `write`.
+    #[arg(long, env = "CONVERGE_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: Option<crate::auth::Anonymous>,
+}
+
+impl Config {
+    /// The token settings.
+    pub fn auth(&self) -> crate::auth::AuthSettings {
+        crate::auth::AuthSettings {
+            secret_file: self.jwt_secret_file.clone(),
+            public_keys: self.jwt_public_key_file.clone(),
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+            anonymous: self.allow_anonymous,
+        }
+    }
 }
 
 /// The file form: every key optional.
@@ -139,6 +233,11 @@ struct FileConfig {
     sync_writes: Option<bool>,
     replica: Option<String>,
     log: Option<String>,
+    jwt_secret_file: Option<PathBuf>,
+    jwt_public_key_file: Option<Vec<String>>,
+    jwt_audience: Option<String>,
+    jwt_issuer: Option<String>,
+    allow_anonymous: Option<crate::auth::Anonymous>,
 }
 
 /// Why the settings are unusable.
@@ -214,6 +313,22 @@ impl Config {
         }
         if let (true, Some(v)) = (defaulted("log"), file.log) {
             self.log = v;
+        }
+        let unset = |id: &str| matches.value_source(id).is_none();
+        if let (true, Some(v)) = (unset("jwt_secret_file"), file.jwt_secret_file) {
+            self.jwt_secret_file = Some(v);
+        }
+        if let (true, Some(v)) = (unset("jwt_public_key_file"), file.jwt_public_key_file) {
+            self.jwt_public_key_file = v;
+        }
+        if let (true, Some(v)) = (unset("jwt_audience"), file.jwt_audience) {
+            self.jwt_audience = Some(v);
+        }
+        if let (true, Some(v)) = (unset("jwt_issuer"), file.jwt_issuer) {
+            self.jwt_issuer = Some(v);
+        }
+        if let (true, Some(v)) = (unset("allow_anonymous"), file.allow_anonymous) {
+            self.allow_anonymous = Some(v);
         }
         if let (true, Some(v)) = (defaulted("replica"), file.replica) {
             self.replica = v.parse().map_err(ConfigError::Invalid)?;

@@ -14,6 +14,7 @@
 //! - `storage_bench` (feature `bench`): the benchmark subcommands.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod server;
 #[cfg(feature = "bench")]

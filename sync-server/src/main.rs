@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use converge_core::engine::Access;
 use converge_core::engine::RelayPolicy;
 use converge_core::runtime::{load_or_create_storage_id, Repo, RepoConfig};
 use converge_core::storage::RocksStorage;
-use converge_server::config::{ConfigError, Mode};
+use converge_server::auth::{mint_hs256, read_secret, Auth, Claims, Rights};
+use converge_server::config::{ConfigError, Mode, TokenArgs};
 use converge_server::server::{serve, AppState};
 #[cfg(feature = "bench")]
 use converge_server::storage_bench;
@@ -29,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
         Ok(Mode::BenchStorage(settings)) => return storage_bench::run(settings).await,
         #[cfg(feature = "bench")]
         Ok(Mode::BenchPopulate(populate)) => return storage_bench::populate(&populate),
+        Ok(Mode::Token(args)) => return mint(&args),
         Err(ConfigError::Args(e)) => e.exit(),
         Err(e) => {
             eprintln!("converge-server: {e}");
@@ -55,6 +58,16 @@ async fn main() -> anyhow::Result<()> {
     repo_config.engine.max_docs_in_memory = config.max_docs_in_memory;
     repo_config.engine.replica = config.replica.factory();
     let repo = Repo::start(repo_config, storage.clone());
+    let auth = Arc::new(Auth::open(&config.auth(), storage.clone())?);
+    if auth.is_open() {
+        tracing::warn!(
+            "NO AUTHENTICATION: no --jwt-secret-file or --jwt-public-key-file, so anyone who \
+             can reach this relay may read and write every document. Configure a key before \
+             exposing it."
+        );
+    } else if let Some(anonymous) = auth.anonymous() {
+        tracing::warn!(every = %anonymous.every, "requests without a token are allowed (--allow-anonymous)");
+    }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -73,12 +86,46 @@ async fn main() -> anyhow::Result<()> {
         max_message_bytes: config.max_message_bytes,
         ping_interval: Duration::from_secs(config.ping_interval_secs),
         storage: storage.clone(),
+        auth,
     };
     serve(listener, state, shutdown_signal()).await?;
     tracing::info!("shutting down: finishing storage writes");
     repo.shutdown().await;
     storage.flush().context("final flush failed")?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `converge-server token`: prints a token signed with the HS256 secret.
+fn mint(args: &TokenArgs) -> anyhow::Result<()> {
+    let secret = read_secret(&args.secret_file)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let mut docs = std::collections::BTreeMap::new();
+    for id in &args.read {
+        docs.insert(id.clone(), Access::Read);
+    }
+    for id in &args.write {
+        docs.insert(id.clone(), Access::Write);
+    }
+    let claims = Claims {
+        sub: Some(args.sub.clone()),
+        exp: now + args.ttl,
+        iat: Some(now),
+        jti: args.jti.clone(),
+        aud: args.aud.clone(),
+        iss: args.iss.clone(),
+        converge: Rights {
+            docs,
+            create: args.create,
+            admin: args.admin,
+        },
+        ..Claims::default()
+    };
+    // The ids must be ones the relay will take.
+    claims.grant().map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{}", mint_hs256(&secret, &claims)?);
     Ok(())
 }
 

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use converge_core::engine::Direction;
+use converge_core::engine::{Direction, Grant};
 use converge_core::runtime::Repo;
 use converge_core::transport::{drive, Incoming, Outgoing};
 use futures::{SinkExt, StreamExt};
@@ -29,6 +29,8 @@ pub struct AppState {
     pub ping_interval: Duration,
     /// The relay's storage (for metadata and listings).
     pub storage: std::sync::Arc<dyn converge_core::storage::Storage>,
+    /// Checks tokens.
+    pub auth: std::sync::Arc<crate::auth::Auth>,
 }
 
 /// The relay's routes.
@@ -77,11 +79,22 @@ pub async fn serve(
 async fn websocket(
     State(state): State<AppState>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
+    RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let Ok(upgrade) = upgrade else {
         return "Converge relay: connect with an automerge-repo WebSocket client to this URL.\n"
             .into_response();
+    };
+    // Checked before the upgrade: without a valid token there is no
+    // WebSocket at all, just a 401.
+    let grant = match state.auth.authenticate(&headers, query.as_deref()) {
+        Ok(grant) => grant,
+        Err(e) => {
+            tracing::info!(%remote, reason = %e, "refused a WebSocket without a valid token");
+            return crate::api::unauthorized(e).into_response();
+        }
     };
     // The client's settings too (`SocketSettings::tungstenite`); axum only
     // takes them one by one.
@@ -92,10 +105,10 @@ async fn websocket(
         .max_write_buffer_size(socket.max_write_buffer)
         .max_message_size(socket.max_message)
         .max_frame_size(socket.max_message)
-        .on_upgrade(move |socket| connection(state, socket, remote))
+        .on_upgrade(move |socket| connection(state, socket, remote, grant))
 }
 
-async fn connection(state: AppState, socket: WebSocket, remote: SocketAddr) {
+async fn connection(state: AppState, socket: WebSocket, remote: SocketAddr, grant: Grant) {
     let (sink, stream) = socket.split();
     let stream = stream.map(|m| match m {
         Ok(Message::Binary(b)) => Incoming::Binary(b.to_vec()),
@@ -125,6 +138,7 @@ async fn connection(state: AppState, socket: WebSocket, remote: SocketAddr) {
         &state.repo,
         Direction::Incoming,
         Some(remote.to_string()),
+        grant,
         Box::pin(stream),
         Box::pin(sink),
         Some(state.ping_interval),

@@ -17,7 +17,7 @@
 
 import fs from "node:fs"
 import { Repo, parseAutomergeUrl, decodeHeads } from "@automerge/automerge-repo"
-import { Automerge } from "@automerge/automerge-repo/slim"
+import { Automerge, cbor } from "@automerge/automerge-repo/slim"
 import { WebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket"
 
 export { Automerge }
@@ -231,7 +231,22 @@ export class RecordingClientAdapter extends WebSocketClientAdapter {
     super(url, retryInterval)
     this.sent = []
     this.received = []
+    // Every byte the relay sent (as latin1 text, to search for content that
+    // must not leak) and the `error` messages, which the adapter only logs.
+    this.raw = ""
+    this.errors = []
     this.on("message", msg => this.received.push(summarize(msg)))
+  }
+  receiveMessage(messageBytes) {
+    const bytes = new Uint8Array(messageBytes)
+    this.raw += Buffer.from(bytes).toString("latin1")
+    try {
+      const msg = cbor.decode(bytes)
+      if (msg && msg.type === "error") this.errors.push(String(msg.message))
+    } catch {
+      // the adapter reports undecodable frames itself
+    }
+    return super.receiveMessage(messageBytes)
   }
   send(message) {
     this.sent.push(summarize(message))

@@ -27,7 +27,7 @@ use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{Automerge, ObjType, ReadDoc, ScalarValue, ROOT};
 use converge_core::engine::{
     CloseReason, Command, CommandId, CommandResult, ConnectionId, Direction, DocStatus, Engine,
-    EngineConfig, Event, Input, Output, RelayPolicy, ReplicaKind, Timestamp,
+    EngineConfig, Event, Grant, Input, Output, RelayPolicy, ReplicaKind, Timestamp,
 };
 use converge_core::storage::{
     BatchOp, DocKey, Storage, StorageError, StorageKey, StorageOp, StorageResult, TaskId,
@@ -456,6 +456,7 @@ impl Sim {
             .command(
                 n,
                 Command::Create {
+                    owner: None,
                     initial: Some(initial.save()),
                 },
             )
@@ -501,6 +502,7 @@ impl Sim {
             Input::Connected {
                 conn,
                 direction: Direction::Incoming,
+                grant: Grant::everything(),
             },
         );
     }
@@ -657,6 +659,7 @@ impl Sim {
                     Input::Connected {
                         conn: conns.1,
                         direction: Direction::Incoming,
+                        grant: Grant::everything(),
                     },
                 );
                 self.feed(
@@ -664,6 +667,7 @@ impl Sim {
                     Input::Connected {
                         conn: conns.0,
                         direction: Direction::Outgoing,
+                        grant: Grant::everything(),
                     },
                 );
             }

@@ -30,7 +30,7 @@
 //! use automerge::{transaction::Transactable, ReadDoc, ROOT};
 //! use converge_proto::engine::{
 //!     perform, Command, CommandId, CommandResult, ConnectionId, Direction, Engine,
-//!     EngineConfig, Input, Output, Timestamp,
+//!     EngineConfig, Grant, Input, Output, Timestamp,
 //! };
 //! use converge_proto::storage::MemoryStorage;
 //! use converge_proto::wire::{encode, PeerId};
@@ -57,7 +57,7 @@
 //! let mut queue = VecDeque::new();
 //!
 //! // Alice creates a document and writes into it.
-//! let out = engines[0].handle(now, Input::Command(CommandId(1), Command::Create { initial: None }));
+//! let out = engines[0].handle(now, Input::Command(CommandId(1), Command::Create { initial: None, owner: None }));
 //! let Some((_, CommandResult::Create(Ok(id)))) = out.completed.first() else {
 //!     panic!("create answers at once");
 //! };
@@ -71,8 +71,8 @@
 //! // One connection, seen from both ends (the same id on each side here):
 //! // Bob dials, Alice accepts, and Bob asks for the document.
 //! let link = ConnectionId(1);
-//! queue.push_back((0, Input::Connected { conn: link, direction: Direction::Incoming }));
-//! queue.push_back((1, Input::Connected { conn: link, direction: Direction::Outgoing }));
+//! queue.push_back((0, Input::Connected { conn: link, direction: Direction::Incoming, grant: Grant::everything() }));
+//! queue.push_back((1, Input::Connected { conn: link, direction: Direction::Outgoing, grant: Grant::everything() }));
 //! queue.push_back((1, Input::Command(CommandId(2), Command::Find { document_id: id.clone() })));
 //!
 //! // Deliver everything, in order, until neither engine has more to say.

@@ -13,8 +13,8 @@ use super::outbound::ConnTx;
 use super::storage_thread::spawn_storage_thread;
 use super::{RepoConfig, Session};
 use crate::engine::{
-    ChangeError, Command, CommandId, CommandResult, ConnectionId, CreateError, Direction, Engine,
-    Event, FindError, Input, Output, Timestamp,
+    Acl, ChangeError, Command, CommandId, CommandResult, ConnectionId, CreateError, Direction,
+    Engine, Event, FindError, Grant, Input, Output, Timestamp,
 };
 use crate::storage::{Storage, StorageOp, StorageResult, TaskId};
 use crate::wire::{self, DocumentId};
@@ -32,7 +32,7 @@ pub(super) enum Msg {
     Change(DocumentId, Editor, oneshot::Sender<Result<(), ChangeError>>),
     Read(DocumentId, Reader),
     Inspect(Inspector),
-    Opened(ConnectionId, Direction, ConnTx, Option<String>),
+    Opened(ConnectionId, Direction, ConnTx, Option<String>, Box<Grant>),
     Sessions(oneshot::Sender<Vec<Session>>),
     Bytes(ConnectionId, Vec<u8>),
     Closed(ConnectionId),
@@ -46,6 +46,8 @@ pub(super) enum Responder {
     Find(oneshot::Sender<Result<DocumentId, FindError>>),
     Broadcast(oneshot::Sender<usize>),
     Saved(oneshot::Sender<()>),
+    Revoked(oneshot::Sender<usize>),
+    AccessSet(oneshot::Sender<Option<Acl>>),
 }
 
 impl Responder {
@@ -56,11 +58,21 @@ impl Responder {
             (Responder::Find(tx), CommandResult::Find(r)) => drop(tx.send(r)),
             (Responder::Broadcast(tx), CommandResult::Broadcast(n)) => drop(tx.send(n)),
             (Responder::Saved(tx), CommandResult::Saved(_)) => drop(tx.send(())),
+            (Responder::Revoked(tx), CommandResult::Revoked(n)) => drop(tx.send(n)),
+            (Responder::AccessSet(tx), CommandResult::AccessSet(acl)) => drop(tx.send(acl)),
             // The engine answers each command with its own variant; were
             // that broken, the caller would see the repo as stopped.
             (_, result) => tracing::error!(?result, "a command got another command's result"),
         }
     }
+}
+
+/// Who is on a connection, for session listings.
+struct Remote {
+    /// The network address, when the transport knows it.
+    address: Option<String>,
+    /// The grant's subject.
+    subject: Option<String>,
 }
 
 /// `Msg` holds closures, which are not `Debug`; this wrapper is.
@@ -101,7 +113,7 @@ fn take_more<T>(
 /// Owns the engine; see the [module docs](super).
 pub(super) struct Actor {
     engine: Engine,
-    remotes: BTreeMap<ConnectionId, String>,
+    remotes: BTreeMap<ConnectionId, Remote>,
     sessions: BTreeMap<ConnectionId, Session>,
     clock: Arc<dyn Clock>,
     conns: BTreeMap<ConnectionId, ConnTx>,
@@ -251,13 +263,23 @@ impl Actor {
                     }
                     continue;
                 }
-                Msg::Opened(conn, direction, tx, remote) => {
+                Msg::Opened(conn, direction, tx, remote, grant) => {
                     self.conns.insert(conn, tx);
-                    if let Some(remote) = remote {
-                        self.remotes.insert(conn, remote);
-                    }
-                    self.engine
-                        .handle(now, Input::Connected { conn, direction })
+                    self.remotes.insert(
+                        conn,
+                        Remote {
+                            address: remote,
+                            subject: grant.subject.clone(),
+                        },
+                    );
+                    self.engine.handle(
+                        now,
+                        Input::Connected {
+                            conn,
+                            direction,
+                            grant: *grant,
+                        },
+                    )
                 }
                 Msg::Bytes(conn, bytes) => {
                     // Take whatever else arrived meanwhile and answer it as
@@ -370,7 +392,8 @@ impl Actor {
                             peer_id: peer_id.clone(),
                             storage_id: metadata.storage_id.clone(),
                             ephemeral: metadata.ephemeral(),
-                            remote: self.remotes.get(conn).cloned(),
+                            remote: self.remotes.get(conn).and_then(|r| r.address.clone()),
+                            subject: self.remotes.get(conn).and_then(|r| r.subject.clone()),
                             connected_since_ms: self.clock.now().0,
                         },
                     );

@@ -13,8 +13,8 @@ use super::clock::{Clock, SystemClock};
 use super::outbound::{self, OutboundQueue};
 use super::DocHandle;
 use crate::engine::{
-    ChangeError, Command, ConnectionId, CreateError, Direction, DocStatus, Engine, EngineConfig,
-    Event, FindError,
+    Access, Acl, ChangeError, Command, ConnectionId, CreateError, Direction, DocStatus, Engine,
+    EngineConfig, Event, FindError, Grant,
 };
 use crate::storage::{backfill_meta, DocMeta, Storage, StorageError, StorageKey};
 use crate::wire::{DocumentId, PeerId, StorageId};
@@ -73,6 +73,8 @@ pub struct Session {
     pub ephemeral: bool,
     /// Its network address, when the transport knows it.
     pub remote: Option<String>,
+    /// Who it is (its token's `sub`), if it authenticated.
+    pub subject: Option<String>,
     /// When the handshake completed, ms since the epoch.
     pub connected_since_ms: u64,
 }
@@ -237,9 +239,18 @@ impl Repo {
 
     /// Creates a document (empty, or from `Automerge::save` bytes).
     pub async fn create(&self, initial: Option<Vec<u8>>) -> Result<DocHandle, RepoError> {
+        self.create_owned(initial, None).await
+    }
+
+    /// Creates a document owned by `owner` (see [`Acl::owner`]).
+    pub async fn create_owned(
+        &self,
+        initial: Option<Vec<u8>>,
+        owner: Option<String>,
+    ) -> Result<DocHandle, RepoError> {
         let (tx, rx) = oneshot::channel();
         self.send(Msg::Command(
-            Command::Create { initial },
+            Command::Create { initial, owner },
             Responder::Create(tx),
         ))?;
         let id = rx.await.map_err(|_| RepoError::Stopped)??;
@@ -372,11 +383,61 @@ impl Repo {
         &self,
         direction: Direction,
         remote: Option<String>,
+        grant: Grant,
     ) -> Result<(ConnectionId, OutboundQueue), RepoError> {
         let conn = ConnectionId(self.inner.next_conn.fetch_add(1, Ordering::Relaxed));
         let (sender, queue) = outbound::queue(self.inner.clock.clone());
-        self.send(Msg::Opened(conn, direction, sender, remote))?;
+        self.send(Msg::Opened(
+            conn,
+            direction,
+            sender,
+            remote,
+            Box::new(grant),
+        ))?;
         Ok((conn, queue))
+    }
+
+    /// Closes every connection of `subject` or of the token `token_id`
+    /// (close code 4403); returns how many.
+    pub async fn revoke(
+        &self,
+        subject: Option<String>,
+        token_id: Option<String>,
+    ) -> Result<usize, RepoError> {
+        let (tx, rx) = oneshot::channel();
+        let revoke = Command::Revoke { subject, token_id };
+        self.send(Msg::Command(revoke, Responder::Revoked(tx)))?;
+        rx.await.map_err(|_| RepoError::Stopped)
+    }
+
+    /// Gives `subject` `access` on a document (`Access::None` removes it
+    /// from the list); returns the list as it is now. Connected peers that
+    /// can no longer read it are dropped from it.
+    pub async fn set_access(
+        &self,
+        id: &DocumentId,
+        subject: String,
+        access: Access,
+    ) -> Result<Acl, RepoError> {
+        self.find(id).await?;
+        let (tx, rx) = oneshot::channel();
+        let set = Command::SetAccess {
+            document_id: id.clone(),
+            subject,
+            access,
+        };
+        self.send(Msg::Command(set, Responder::AccessSet(tx)))?;
+        rx.await
+            .map_err(|_| RepoError::Stopped)?
+            .ok_or_else(|| RepoError::Unavailable(id.clone()))
+    }
+
+    /// A document's access list (found first, so it is loaded).
+    pub async fn acl(&self, id: &DocumentId) -> Result<Acl, RepoError> {
+        self.find(id).await?;
+        let id = id.clone();
+        let acl = self.inspect(move |engine| engine.acl(&id).cloned()).await?;
+        Ok(acl.unwrap_or_default())
     }
 
     /// Every connection that completed the handshake: a session each.

@@ -45,7 +45,11 @@ async fn next_message(queue: &mut OutboundQueue, what: &str) -> Message {
 /// then answers nothing.
 async fn silent_peer(repo: &Repo) -> (ConnectionId, OutboundQueue) {
     let (conn, mut queue) = repo
-        .open_connection(Direction::Incoming, None)
+        .open_connection(
+            Direction::Incoming,
+            None,
+            crate::engine::Grant::everything(),
+        )
         .expect("repo alive");
     let join = Message::Join {
         sender_id: PeerId::new("silent").expect("valid"),
@@ -66,7 +70,11 @@ async fn a_silent_connection_is_closed_at_the_handshake_timeout() {
     let (repo, config) = repo_on(&clock);
     let timeout = config.engine.handshake_timeout;
     let (_conn, mut queue) = repo
-        .open_connection(Direction::Incoming, None)
+        .open_connection(
+            Direction::Incoming,
+            None,
+            crate::engine::Grant::everything(),
+        )
         .expect("repo alive");
     settle(&repo).await;
 

@@ -104,6 +104,7 @@ impl RocksStorage {
         let name = match key.classify() {
             Some(DocKey::Chunk(..)) => CF_CHUNKS,
             Some(DocKey::SyncState(_)) => CF_SYNC,
+            Some(DocKey::Acl) => "default",
             None if key.parts().first().map(String::as_str) == Some("meta") => CF_META,
             None => "default",
         };

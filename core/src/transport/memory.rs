@@ -39,7 +39,16 @@ pub fn connect(dialer: &Repo, listener: &Repo) -> Link {
                 Outgoing::Ping => Incoming::Alive,
                 Outgoing::Close(..) => Incoming::Close,
             });
-            let _ = drive(&repo, direction, Some("in-memory".into()), stream, tx, None).await;
+            let _ = drive(
+                &repo,
+                direction,
+                Some("in-memory".into()),
+                crate::engine::Grant::everything(),
+                stream,
+                tx,
+                None,
+            )
+            .await;
         })
     };
     Link {

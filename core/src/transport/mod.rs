@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::time::Instant;
 
-use crate::engine::Direction;
+use crate::engine::{Direction, Grant};
 use crate::runtime::{Next, Outbound, Repo};
 
 /// A frame read from a WebSocket, reduced to what matters here.
@@ -58,12 +58,16 @@ pub struct Ended {
 }
 
 /// Runs one connection until it ends. `remote` names the other end (for
-/// session listings); `ping_every` sends a ping at that interval and gives
-/// up on a peer silent for two intervals.
+/// session listings); `grant` is what it may do (see [`Grant`]: a relay
+/// builds it from the client's token, everyone else gives
+/// [`Grant::everything`]); `ping_every` sends a ping at that interval and
+/// gives up on a peer silent for two intervals.
+#[allow(clippy::too_many_arguments)]
 pub async fn drive<St, Si>(
     repo: &Repo,
     direction: Direction,
     remote: Option<String>,
+    grant: Grant,
     mut stream: St,
     mut sink: Si,
     ping_every: Option<Duration>,
@@ -72,7 +76,7 @@ where
     St: Stream<Item = Incoming> + Unpin,
     Si: Sink<Outgoing> + Unpin,
 {
-    let Ok((conn, mut outbound)) = repo.open_connection(direction, remote) else {
+    let Ok((conn, mut outbound)) = repo.open_connection(direction, remote, grant) else {
         return Ended {
             reason: "repo stopped".into(),
         };

@@ -1,6 +1,7 @@
 //! The Converge test suite, in one binary (each extra test binary costs a
 //! link step, and links are slow with RocksDB in the tree).
 
+mod auth;
 mod context;
 mod hostile;
 mod http;

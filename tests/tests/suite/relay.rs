@@ -51,6 +51,28 @@ impl Relay {
         replica: ReplicaKind,
         outbound: Option<(usize, Duration)>,
     ) -> Relay {
+        Self::start_full(
+            dir,
+            max_message_bytes,
+            replica,
+            outbound,
+            Default::default(),
+        )
+        .await
+    }
+
+    /// A relay checking tokens as `auth` says.
+    pub(crate) async fn start_auth(dir: &Path, auth: converge_server::auth::AuthSettings) -> Relay {
+        Self::start_full(dir, 64 << 20, ReplicaKind::ChangeLog, None, auth).await
+    }
+
+    async fn start_full(
+        dir: &Path,
+        max_message_bytes: usize,
+        replica: ReplicaKind,
+        outbound: Option<(usize, Duration)>,
+        auth: converge_server::auth::AuthSettings,
+    ) -> Relay {
         // A previous relay on this directory may still be letting go of it
         // (its connection tasks end asynchronously); wait for the lock.
         let storage = wait::until(
@@ -84,6 +106,9 @@ impl Relay {
             max_message_bytes,
             ping_interval: Duration::from_secs(5),
             storage: storage.clone(),
+            auth: Arc::new(
+                converge_server::auth::Auth::open(&auth, storage.clone()).expect("auth settings"),
+            ),
         };
         let relay_repo = repo.clone();
         let done = tokio::spawn(async move {
@@ -128,7 +153,7 @@ fn node_command(script: &str, args: &[&str]) -> tokio::process::Command {
 
 /// Runs a script to completion; returns its JSON result or panics with
 /// its stderr.
-async fn node(script: &str, args: &[&str]) -> Value {
+pub(crate) async fn node(script: &str, args: &[&str]) -> Value {
     let out = node_command(script, args)
         .output()
         .await
@@ -228,12 +253,16 @@ impl Script {
     }
 }
 
-fn rust_client() -> Repo {
+pub(crate) fn rust_client() -> Repo {
     Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()))
 }
 
 /// Sets a string in the document's root map, through the repo.
-async fn put(handle: &converge_core::runtime::DocHandle, key: &'static str, value: &'static str) {
+pub(crate) async fn put(
+    handle: &converge_core::runtime::DocHandle,
+    key: &'static str,
+    value: &'static str,
+) {
     handle
         .change(move |d| {
             let mut tx = d.transaction();

@@ -568,7 +568,13 @@ fn when_saved_answers_for_the_changes_made_before_it() {
     let now = Timestamp(1_000);
     let out = engine.handle(
         now,
-        Input::Command(CommandId(1), Command::Create { initial: None }),
+        Input::Command(
+            CommandId(1),
+            Command::Create {
+                initial: None,
+                owner: None,
+            },
+        ),
     );
     let Some((_, CommandResult::Create(Ok(id)))) = out.completed.first() else {
         panic!("not created: {:?}", out.completed);

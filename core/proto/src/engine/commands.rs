@@ -8,7 +8,7 @@ const MAX_EPHEMERAL_SESSIONS: usize = 65_536;
 impl Engine {
     pub(super) fn on_command(&mut self, cmd: CommandId, command: Command) {
         match command {
-            Command::Create { initial } => self.create(cmd, initial),
+            Command::Create { initial, owner } => self.create(cmd, initial, owner),
             Command::Find { document_id } => self.find(cmd, document_id),
             Command::Broadcast { document_id, data } => {
                 let sent = self.broadcast(&document_id, data);
@@ -17,10 +17,62 @@ impl Engine {
                     .push((cmd, CommandResult::Broadcast(sent)));
             }
             Command::WhenSaved { document_id } => self.when_saved(cmd, document_id),
+            Command::Revoke { subject, token_id } => {
+                let closed = self.revoke(subject.as_deref(), token_id.as_deref());
+                self.out
+                    .completed
+                    .push((cmd, CommandResult::Revoked(closed)));
+            }
+            Command::SetAccess {
+                document_id,
+                subject,
+                access,
+            } => {
+                let acl = self.set_access(&document_id, subject, access);
+                self.out
+                    .completed
+                    .push((cmd, CommandResult::AccessSet(acl)));
+            }
         }
     }
 
-    pub(super) fn create(&mut self, cmd: CommandId, initial: Option<Vec<u8>>) {
+    /// Changes a ready document's access list and writes it; peers that
+    /// can no longer read it are dropped from it (and told it is
+    /// unavailable).
+    fn set_access(&mut self, id: &DocumentId, subject: String, access: Access) -> Option<Acl> {
+        let doc = self
+            .docs
+            .get_mut(id)
+            .filter(|d| d.status == DocStatus::Ready)?;
+        if access == Access::None {
+            doc.acl.users.remove(&subject);
+        } else {
+            doc.acl.users.insert(subject, access);
+        }
+        let acl = doc.acl.clone();
+        let peers: Vec<PeerId> = doc.peers.keys().cloned().collect();
+        self.storage(
+            StorageOp::Put(StorageKey::doc_acl(id), acl.encode()),
+            Task::Other,
+        );
+        for peer in peers {
+            if self.access(&peer, id) == Access::None {
+                if let Some(doc) = self.docs.get_mut(id) {
+                    doc.remove_peer(&peer);
+                }
+                self.unindex(id, &peer);
+                self.tell_unavailable(&peer, id);
+            }
+        }
+        Some(acl)
+    }
+
+    pub(super) fn create(
+        &mut self,
+        cmd: CommandId,
+        initial: Option<Vec<u8>>,
+        owner: Option<String>,
+    ) {
         let id = DocumentId::from_random(self.rng.bytes::<16>());
         let mut replica = self.new_replica();
         match &initial {
@@ -56,6 +108,10 @@ impl Engine {
         }
         let mut doc = Doc::new(DocStatus::Ready, replica);
         doc.fresh = true;
+        if owner.is_some() {
+            doc.acl.owner = owner;
+            doc.acl_dirty = true;
+        }
         doc.request.want();
         self.docs.insert(id.clone(), doc);
         self.doc_changed(&id, Origin::Local);
@@ -117,7 +173,7 @@ impl Engine {
             .unwrap_or_default();
         if !self.cfg.policy.announces_nothing() {
             for peer in self.peers.keys() {
-                if self.cfg.policy.announce(peer, id) {
+                if self.cfg.policy.announce(peer, id) && self.access(peer, id) >= Access::Read {
                     out.insert(peer.clone());
                 }
             }
@@ -128,7 +184,12 @@ impl Engine {
     }
 
     pub(super) fn on_ephemeral(&mut self, from: &PeerId, m: EphemeralMessage) {
-        if !self.cfg.policy.access(from, &m.document_id) || m.sender_id == self.cfg.peer_id {
+        let allowed = match self.access(from, &m.document_id) {
+            Access::Write => true,
+            Access::Read => self.cfg.read_only_ephemeral,
+            Access::None => false,
+        };
+        if !allowed || m.sender_id == self.cfg.peer_id {
             return;
         }
         let key = (m.sender_id.clone(), m.session_id.clone());

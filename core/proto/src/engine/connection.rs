@@ -9,7 +9,14 @@ pub(super) struct Connection {
     pub(super) state: ConnState,
     pub(super) direction: Direction,
     pub(super) handshake_deadline: Timestamp,
+    /// What the other end may do.
+    pub(super) grant: Grant,
+    /// Messages with changes refused because the peer may only read.
+    pub(super) refused_writes: u32,
 }
+
+/// Refused messages with changes after which a read-only peer is closed.
+const MAX_REFUSED_WRITES: u32 = 3;
 
 #[derive(Debug)]
 pub(super) enum ConnState {
@@ -25,9 +32,13 @@ pub(super) enum ConnState {
 }
 
 impl Engine {
-    pub(super) fn on_connected(&mut self, conn: ConnectionId, direction: Direction) {
+    pub(super) fn on_connected(&mut self, conn: ConnectionId, direction: Direction, grant: Grant) {
         if self.connections.contains_key(&conn) {
             self.close(conn, CloseReason::ConnectionReused);
+        }
+        if let Some(ms) = grant.expires_ms {
+            self.timers
+                .insert((Timestamp(ms), Timer::GrantExpiry(conn)));
         }
         let deadline = self.now.plus(self.cfg.handshake_timeout);
         let state = match direction {
@@ -40,6 +51,8 @@ impl Engine {
                 state,
                 direction,
                 handshake_deadline: deadline,
+                grant,
+                refused_writes: 0,
             },
         );
         self.timers.insert((deadline, Timer::Handshake(conn)));
@@ -217,6 +230,14 @@ impl Engine {
         }
         if let Some(old) = self.peers.get(&peer).copied() {
             if old != conn {
+                // Only the same user takes over its own peer id: someone
+                // else claiming it cannot push the owner off.
+                let subject =
+                    |c: ConnectionId| self.connections.get(&c).map(|c| c.grant.subject.clone());
+                if subject(old) != subject(conn) {
+                    self.close(conn, CloseReason::PeerIdTaken);
+                    return;
+                }
                 self.close(old, CloseReason::Replaced);
             }
         }
@@ -296,6 +317,77 @@ impl Engine {
             // Heads gossip and `leave` are optional; we do not act on them.
             _ => {}
         }
+    }
+
+    /// The grant of `peer`'s connection (`None` if it is not connected).
+    pub(super) fn grant_of(&self, peer: &PeerId) -> Option<&Grant> {
+        let conn = self.peers.get(peer)?;
+        Some(&self.connections.get(conn)?.grant)
+    }
+
+    /// What `peer` may do with `id`: its grant and the document's list
+    /// together (the list counts once the document is loaded), narrowed by
+    /// the share policy.
+    pub(super) fn access(&self, peer: &PeerId, id: &DocumentId) -> Access {
+        if !self.cfg.policy.access(peer, id) {
+            return Access::None;
+        }
+        let Some(grant) = self.grant_of(peer) else {
+            return Access::None;
+        };
+        let acl = self
+            .docs
+            .get(id)
+            .filter(|d| d.status != DocStatus::Loading)
+            .map(|d| &d.acl);
+        grant.access(acl, id)
+    }
+
+    /// A message with changes from a peer that may only read `id`: nothing
+    /// of it is applied; the peer is told, and closed if it keeps trying.
+    pub(super) fn refuse_write(&mut self, peer: &PeerId, id: &DocumentId) {
+        let Some(conn) = self.peers.get(peer).copied() else {
+            return;
+        };
+        let refused = match self.connections.get_mut(&conn) {
+            Some(c) => {
+                c.refused_writes += 1;
+                c.refused_writes
+            }
+            None => return,
+        };
+        tracing::info!(%peer, document = %id, refused, "refused changes from a read-only peer");
+        if refused >= MAX_REFUSED_WRITES {
+            self.close(conn, CloseReason::ReadOnly(id.clone()));
+            return;
+        }
+        self.send(
+            conn,
+            Message::Error {
+                sender_id: Some(self.cfg.peer_id.clone()),
+                target_id: Some(peer.clone()),
+                message: format!("read-only: your changes to {id} were not applied"),
+            },
+        );
+    }
+
+    /// Closes every connection whose grant names `subject` or `token_id`;
+    /// returns how many.
+    pub(super) fn revoke(&mut self, subject: Option<&str>, token_id: Option<&str>) -> usize {
+        let hit: Vec<ConnectionId> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| {
+                let g = &c.grant;
+                (subject.is_some() && g.subject.as_deref() == subject)
+                    || (token_id.is_some() && g.token_id.as_deref() == token_id)
+            })
+            .map(|(conn, _)| *conn)
+            .collect();
+        for conn in &hit {
+            self.close(*conn, CloseReason::Revoked);
+        }
+        hit.len()
     }
 
     pub(super) fn close_peer(&mut self, peer: &PeerId, reason: CloseReason) {

@@ -73,6 +73,11 @@ pub(super) struct Doc {
     /// The store did not hold the document when it was opened here: its
     /// first save records when it was created.
     pub(super) fresh: bool,
+    /// Who may do what with it beside what their grants say (read with
+    /// the document).
+    pub(super) acl: Acl,
+    /// `acl` changed since it was last written.
+    pub(super) acl_dirty: bool,
 }
 
 impl Doc {
@@ -90,6 +95,8 @@ impl Doc {
             meta: None,
             meta_dirty: false,
             fresh: false,
+            acl: Acl::default(),
+            acl_dirty: false,
         }
     }
 

@@ -15,6 +15,15 @@ impl Engine {
         self.docs.get(id).and_then(|d| d.meta.as_ref())
     }
 
+    /// A loaded document's access list (`None` if it is not in memory or
+    /// still loading).
+    pub fn acl(&self, id: &DocumentId) -> Option<&Acl> {
+        self.docs
+            .get(id)
+            .filter(|d| d.status != DocStatus::Loading)
+            .map(|d| &d.acl)
+    }
+
     /// A document's status, if it is in memory.
     pub fn status(&self, id: &DocumentId) -> Option<DocStatus> {
         self.docs.get(id).map(|d| d.status)

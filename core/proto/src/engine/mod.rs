@@ -31,6 +31,7 @@
 //!   frames, invalid sync messages (see [`validate`]) and any panic inside
 //!   Automerge, which is caught and contained.
 
+mod access;
 mod changelog;
 mod commands;
 mod compaction;
@@ -58,6 +59,7 @@ use automerge::sync;
 use automerge::transaction::CommitOptions;
 use automerge::{ActorId, Automerge, ChangeHash};
 
+pub use access::{Access, Acl, Grant};
 pub use changelog::ChangeLog;
 pub use compaction::compaction;
 pub use local::ChangeError;
@@ -212,7 +214,11 @@ impl Engine {
     fn step(&mut self, input: Input) {
         match input {
             Input::Command(id, command) => self.on_command(id, command),
-            Input::Connected { conn, direction } => self.on_connected(conn, direction),
+            Input::Connected {
+                conn,
+                direction,
+                grant,
+            } => self.on_connected(conn, direction, grant),
             Input::Disconnected { conn } => self.forget_connection(conn),
             Input::Received { conn, bytes } => self.on_received(conn, &bytes),
             Input::Storage { task, result } => self.on_storage(task, result),

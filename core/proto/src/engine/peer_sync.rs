@@ -37,13 +37,8 @@ impl Engine {
         is_request: bool,
     ) {
         let id = m.document_id;
-        if !self.cfg.policy.access(&peer, &id) {
-            let reply = Message::DocUnavailable {
-                sender_id: self.cfg.peer_id.clone(),
-                target_id: peer,
-                document_id: id,
-            };
-            self.send(conn, reply);
+        if !self.may_reach(&peer, &id) {
+            self.tell_unavailable(&peer, &id);
             return;
         }
         let message = match validate::decode_sync_message(&m.data, &self.cfg.limits) {
@@ -92,6 +87,11 @@ impl Engine {
         if !self.peers.contains_key(peer) {
             return; // the peer left while the document loaded
         }
+        // With the document loaded its access list counts: the decision
+        // made here is the one that holds.
+        let Some(message) = self.admit(id, peer, message) else {
+            return;
+        };
         self.activate(id, peer);
         let Some(doc) = self.docs.get_mut(id) else {
             return;
@@ -121,6 +121,92 @@ impl Engine {
         }
         if lacking {
             self.begin_request(id);
+        }
+    }
+
+    /// Whether `peer` could have any business with `id` before it is
+    /// loaded: read by its grant, or possibly by the document's access
+    /// list (it has a subject) or by creating it (it may create). The
+    /// answer that counts is [`Engine::admit`]'s once the document is
+    /// loaded; this one spares loading documents for peers that can have
+    /// nothing to do with them.
+    fn may_reach(&self, peer: &PeerId, id: &DocumentId) -> bool {
+        if !self.cfg.policy.access(peer, id) {
+            return false;
+        }
+        let Some(grant) = self.grant_of(peer) else {
+            return false;
+        };
+        if grant.on(id) >= Access::Read {
+            return true;
+        }
+        match self.docs.get(id) {
+            Some(doc) if doc.status != DocStatus::Loading => {
+                self.access(peer, id) >= Access::Read
+                    || (doc.replica.is_empty() && grant.may_create(id))
+            }
+            _ => grant.subject.is_some() || grant.may_create(id),
+        }
+    }
+
+    /// Answers `doc-unavailable`, as for a document nobody has.
+    pub(super) fn tell_unavailable(&mut self, peer: &PeerId, id: &DocumentId) {
+        let reply = Message::DocUnavailable {
+            sender_id: self.cfg.peer_id.clone(),
+            target_id: peer.clone(),
+            document_id: id.clone(),
+        };
+        self.send_to_peer(peer, reply);
+    }
+
+    /// Applies the peer's rights to a sync message for a loaded document:
+    /// `None` if nothing of it may be applied (the peer has been answered),
+    /// else the message to apply — without its changes if the peer may
+    /// only read. A peer that brings a document this store does not hold
+    /// becomes its owner.
+    fn admit(
+        &mut self,
+        id: &DocumentId,
+        peer: &PeerId,
+        mut message: sync::Message,
+    ) -> Option<sync::Message> {
+        let access = self.access(peer, id);
+        let (empty, grant) = match (self.docs.get(id), self.grant_of(peer)) {
+            (Some(doc), Some(grant)) => (doc.replica.is_empty(), grant),
+            _ => return None,
+        };
+        // A document this store does not hold: a peer that may create it
+        // syncs (its first message offers heads, the next brings changes),
+        // and owns it once its changes arrive.
+        if empty && grant.may_create(id) {
+            let owner = grant
+                .subject
+                .clone()
+                .filter(|_| !message.changes.is_empty());
+            if let (Some(owner), Some(doc)) = (owner, self.docs.get_mut(id)) {
+                if doc.acl.owner.is_none() {
+                    doc.acl.owner = Some(owner);
+                    doc.acl_dirty = true;
+                }
+            }
+            return Some(message);
+        }
+        match access {
+            Access::Write => Some(message),
+            Access::None => {
+                self.tell_unavailable(peer, id);
+                None
+            }
+            Access::Read => {
+                if !message.changes.is_empty() {
+                    message.changes = sync::ChunkList::empty();
+                    self.refuse_write(peer, id);
+                    if !self.peers.contains_key(peer) {
+                        return None;
+                    }
+                }
+                Some(message)
+            }
         }
     }
 

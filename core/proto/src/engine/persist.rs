@@ -96,6 +96,7 @@ impl Engine {
                     // creation time, if this store is where it began).
                     d.meta_dirty = d.meta.is_some();
                     d.fresh = d.meta.as_ref().is_some_and(|m| m.created_ms.is_some());
+                    d.acl_dirty = !d.acl.is_empty();
                 }
                 let done = d
                     .durable
@@ -168,6 +169,7 @@ impl Engine {
                     let storage = storage.to_owned();
                     doc.stored_sync_states.insert(storage, bytes);
                 }
+                Some(DocKey::Acl) => doc.acl = Acl::decode(&bytes),
                 None => {}
             }
         }
@@ -258,13 +260,17 @@ impl Engine {
             .as_ref()
             .filter(|_| std::mem::take(&mut doc.meta_dirty))
             .map(|m| m.ops(id, std::mem::take(&mut doc.fresh)));
-        let op = match meta {
-            Some(meta) => StorageOp::Batch(
+        // So does the access list naming the owner of a new document.
+        let acl = std::mem::take(&mut doc.acl_dirty)
+            .then(|| BatchOp::Put(StorageKey::doc_acl(id), doc.acl.encode()));
+        let op = match (meta, acl) {
+            (None, None) => StorageOp::Put(plan.key.clone(), plan.chunk),
+            (meta, acl) => StorageOp::Batch(
                 std::iter::once(BatchOp::Put(plan.key.clone(), plan.chunk))
-                    .chain(meta)
+                    .chain(meta.into_iter().flatten())
+                    .chain(acl)
                     .collect(),
             ),
-            None => StorageOp::Put(plan.key.clone(), plan.chunk),
         };
         self.storage(
             op,

@@ -6,6 +6,8 @@ use super::*;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Timer {
     Handshake(ConnectionId),
+    /// The connection's grant ends.
+    GrantExpiry(ConnectionId),
     Request(DocumentId),
     Resync(DocumentId, PeerId),
     RetrySave(DocumentId),
@@ -27,6 +29,15 @@ impl Engine {
                     });
                     if expired {
                         self.close(conn, CloseReason::HandshakeTimeout);
+                    }
+                }
+                Timer::GrantExpiry(conn) => {
+                    let expired = self
+                        .connections
+                        .get(&conn)
+                        .is_some_and(|c| c.grant.expires_ms.is_some_and(|ms| Timestamp(ms) <= at));
+                    if expired {
+                        self.close(conn, CloseReason::TokenExpired);
                     }
                 }
                 Timer::Request(id) => self.request_deadline(&id, at),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use automerge::ChangeHash;
 
+use super::access::{Access, Acl, Grant};
 use super::policy::{AnnounceAll, SharePolicy};
 use super::replica::{ReplicaError, ReplicaFactory};
 use super::validate::SyncLimits;
@@ -100,6 +101,10 @@ pub struct EngineConfig {
     /// Merging reads the whole document; the floor keeps small, busy
     /// documents from being re-read every few changes.
     pub compact_after_bytes: usize,
+    /// Whether a peer that may only read a document may still send
+    /// ephemeral messages about it (cursors, presence). Default: yes,
+    /// viewers show where they look.
+    pub read_only_ephemeral: bool,
 }
 
 impl EngineConfig {
@@ -119,6 +124,7 @@ impl EngineConfig {
             resync_interval: Duration::from_secs(15),
             compact_after_bytes: 64 << 10,
             max_docs_in_memory: 10_000,
+            read_only_ephemeral: true,
         }
     }
 }
@@ -152,6 +158,9 @@ pub enum Input {
         conn: ConnectionId,
         /// Who dialled.
         direction: Direction,
+        /// What the other end may do (see [`Grant`]); connections the
+        /// application makes itself get [`Grant::everything`].
+        grant: Grant,
     },
     /// A connection closed (from either side, for any reason).
     Disconnected {
@@ -183,6 +192,8 @@ pub enum Command {
     Create {
         /// `Automerge::save` output to start from.
         initial: Option<Vec<u8>>,
+        /// Who owns it (see [`Acl::owner`]), if anyone.
+        owner: Option<String>,
     },
     /// Get a document from storage or from peers.
     Find {
@@ -202,6 +213,25 @@ pub enum Command {
         /// Which document.
         document_id: DocumentId,
     },
+    /// Close every connection whose grant names this subject or token id
+    /// ([`CloseReason::Revoked`]).
+    Revoke {
+        /// The token's `sub`.
+        subject: Option<String>,
+        /// The token's `jti`.
+        token_id: Option<String>,
+    },
+    /// Give `subject` `access` on a document in memory (see [`Acl`];
+    /// `Access::None` takes it away). Peers that lose read are dropped
+    /// from the document.
+    SetAccess {
+        /// Which document (`Find` it first).
+        document_id: DocumentId,
+        /// Who.
+        subject: String,
+        /// What.
+        access: Access,
+    },
 }
 
 /// How a [`Command`] ended: one variant per command, each with its own
@@ -217,6 +247,11 @@ pub enum CommandResult {
     /// `WhenSaved`: what the document held when asked is on disk (or it
     /// was not in memory, so nothing of it was waiting to be written).
     Saved(DocumentId),
+    /// `Revoke` closed this many connections.
+    Revoked(usize),
+    /// `SetAccess`: the document's list now, or `None` if the document is
+    /// not in memory and ready.
+    AccessSet(Option<Acl>),
 }
 
 /// Why `Create` made no document.
@@ -390,6 +425,10 @@ pub mod close_code {
     pub const HANDSHAKE_TIMEOUT: u16 = 4408;
     /// The same peer id connected again; the older connection is closed.
     pub const REPLACED: u16 = 4409;
+    /// The connection's token expired: connect again with a fresh one.
+    pub const TOKEN_EXPIRED: u16 = 4401;
+    /// The user or token was revoked: do not reconnect with it.
+    pub const REVOKED: u16 = 4403;
 }
 
 /// Why the engine closed a connection. The text ([`Display`]) is what the
@@ -456,6 +495,18 @@ pub enum CloseReason {
     /// A newer connection from the same peer id took over.
     #[error("replaced by a newer connection from the same peer")]
     Replaced,
+    /// The connection's grant (its token) expired.
+    #[error("token expired")]
+    TokenExpired,
+    /// The connection's subject or token was revoked.
+    #[error("access revoked")]
+    Revoked,
+    /// The peer kept sending changes to a document it may only read.
+    #[error("changes to document {0} refused: read-only access")]
+    ReadOnly(DocumentId),
+    /// The peer id is held by a connection of another subject.
+    #[error("peer id in use by another user")]
+    PeerIdTaken,
     /// The peer sent an `error` message; we close our side normally.
     #[error("peer reported an error: {0}")]
     PeerError(String),
@@ -472,7 +523,12 @@ impl CloseReason {
             | CloseReason::OwnPeerId
             | CloseReason::ConnectionReused
             | CloseReason::InvalidSync { .. } => close_code::PROTOCOL,
-            CloseReason::Rejected { .. } | CloseReason::TooManyPending(_) => close_code::POLICY,
+            CloseReason::Rejected { .. }
+            | CloseReason::TooManyPending(_)
+            | CloseReason::ReadOnly(_)
+            | CloseReason::PeerIdTaken => close_code::POLICY,
+            CloseReason::TokenExpired => close_code::TOKEN_EXPIRED,
+            CloseReason::Revoked => close_code::REVOKED,
             CloseReason::Internal(_) => close_code::INTERNAL,
             CloseReason::HandshakeTimeout => close_code::HANDSHAKE_TIMEOUT,
             CloseReason::Replaced => close_code::REPLACED,

@@ -85,6 +85,17 @@ impl StorageKey {
         ])
     }
 
+    /// `doc/<id>/acl/list`: the document's access list (read with the
+    /// document).
+    pub fn doc_acl(doc: &DocumentId) -> Self {
+        Self::new([
+            "doc".to_owned(),
+            doc.to_string(),
+            "acl".to_owned(),
+            "list".to_owned(),
+        ])
+    }
+
     /// `meta/<id>`: when the document last changed and who changed it
     /// (see [`DocMeta`]).
     pub fn doc_meta(doc: &DocumentId) -> Self {
@@ -114,6 +125,7 @@ impl StorageKey {
                 "snapshot" => Some(DocKey::Chunk(ChunkKind::Snapshot, name)),
                 "incremental" => Some(DocKey::Chunk(ChunkKind::Incremental, name)),
                 "sync-state" => Some(DocKey::SyncState(name)),
+                "acl" if name == "list" => Some(DocKey::Acl),
                 _ => None,
             },
             _ => None,
@@ -296,6 +308,8 @@ pub enum DocKey<'a> {
     Chunk(ChunkKind, &'a str),
     /// A sync state and the storage id it belongs to.
     SyncState(&'a str),
+    /// The document's access list ([`crate::engine::Acl`]).
+    Acl,
 }
 
 /// Identifies one storage task so its result can be matched to it.

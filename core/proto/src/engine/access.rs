@@ -1,0 +1,247 @@
+//! Who may do what with a document.
+//!
+//! Two sources, and a peer's right on a document is the greater of them:
+//! - the [`Grant`] its connection carries, decided before the connection
+//!   reached the engine (on a relay: from the token the client presented;
+//!   the `peerId` a client claims in `join` proves nothing);
+//! - the document's [`Acl`], kept with the document: its owner (who brought
+//!   it to this store) and users named read or write.
+//!
+//! The engine enforces the result on every message: a peer that may not
+//! read a document is answered `doc-unavailable` exactly as for an unknown
+//! one and never hears of it (sync, announcements, ephemeral messages); a
+//! read-only peer syncs, but a message of its that carries changes is not
+//! applied, stored or forwarded.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::DocumentId;
+
+/// A level of access to one document. Ordered: `None < Read < Write`.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Not even its existence.
+    #[default]
+    None,
+    /// Sync it and receive its changes and ephemeral messages.
+    Read,
+    /// Also change it.
+    Write,
+}
+
+impl Access {
+    /// Its name as in tokens and the API (`none`, `read`, `write`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::None => "none",
+            Access::Read => "read",
+            Access::Write => "write",
+        }
+    }
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What one connection may do: decided outside the engine (from a token on
+/// a relay), fixed for the connection's life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// Who: the token's `sub`; `None` for an anonymous connection. The
+    /// subject is what document access lists name.
+    pub subject: Option<String>,
+    /// The token's `jti`, if it had one (for revocation).
+    pub token_id: Option<String>,
+    /// Rights on named documents.
+    pub docs: BTreeMap<DocumentId, Access>,
+    /// Rights on every document (`"*"` in a token).
+    pub every: Access,
+    /// May bring documents this store does not hold yet (and so own them).
+    pub create: bool,
+    /// May do everything.
+    pub admin: bool,
+    /// When the grant ends (ms since the Unix epoch, the engine's clock):
+    /// the engine closes the connection then.
+    pub expires_ms: Option<u64>,
+}
+
+impl Grant {
+    /// Everything, for ever: a store without authentication (and every
+    /// peer an application connects itself).
+    pub fn everything() -> Grant {
+        Grant {
+            subject: None,
+            token_id: None,
+            docs: BTreeMap::new(),
+            every: Access::Write,
+            create: true,
+            admin: true,
+            expires_ms: None,
+        }
+    }
+
+    /// Only `every` on every document, anonymously (`--allow-anonymous
+    /// read` gives `Grant::anonymous(Access::Read)`).
+    pub fn anonymous(every: Access) -> Grant {
+        Grant {
+            subject: None,
+            token_id: None,
+            docs: BTreeMap::new(),
+            every,
+            create: every == Access::Write,
+            admin: false,
+            expires_ms: None,
+        }
+    }
+
+    /// What this grant alone allows on `doc`.
+    pub fn on(&self, doc: &DocumentId) -> Access {
+        if self.admin {
+            return Access::Write;
+        }
+        self.docs
+            .get(doc)
+            .copied()
+            .unwrap_or_default()
+            .max(self.every)
+    }
+
+    /// May this grant bring `doc` to a store that does not hold it? With
+    /// `create`, or with write on it by name or by `"*"`.
+    pub fn may_create(&self, doc: &DocumentId) -> bool {
+        self.create || self.on(doc) == Access::Write
+    }
+
+    /// What this grant and the document's list give together on `doc`:
+    /// the greater of the two.
+    pub fn access(&self, acl: Option<&Acl>, doc: &DocumentId) -> Access {
+        let listed = match (&self.subject, acl) {
+            (Some(subject), Some(acl)) => acl.for_subject(subject),
+            _ => Access::None,
+        };
+        self.on(doc).max(listed)
+    }
+}
+
+impl Default for Grant {
+    fn default() -> Self {
+        Grant::everything()
+    }
+}
+
+/// A document's access list, kept with the document (`doc/<id>/acl/list`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acl {
+    /// Who brought the document to this store: keeps write on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Other subjects and their access.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub users: BTreeMap<String, Access>,
+}
+
+impl Acl {
+    /// What the list gives `subject`.
+    pub fn for_subject(&self, subject: &str) -> Access {
+        if self.owner.as_deref() == Some(subject) {
+            return Access::Write;
+        }
+        self.users.get(subject).copied().unwrap_or_default()
+    }
+
+    /// Whether it names nobody.
+    pub fn is_empty(&self) -> bool {
+        self.owner.is_none() && self.users.is_empty()
+    }
+
+    /// The stored form (JSON).
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads the stored form; an unreadable one is an empty list (which
+    /// grants nothing).
+    pub fn decode(bytes: &[u8]) -> Acl {
+        serde_json::from_slice(bytes).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(n: u8) -> DocumentId {
+        DocumentId::from_random([n; 16])
+    }
+
+    fn alice(docs: &[(u8, Access)]) -> Grant {
+        Grant {
+            subject: Some("alice".into()),
+            docs: docs.iter().map(|&(n, a)| (doc(n), a)).collect(),
+            ..Grant::anonymous(Access::None)
+        }
+    }
+
+    #[test]
+    fn a_grant_gives_the_greater_of_its_named_and_every_rights() {
+        let g = Grant {
+            every: Access::Read,
+            ..alice(&[(1, Access::Write), (2, Access::None)])
+        };
+        assert_eq!(g.on(&doc(1)), Access::Write);
+        assert_eq!(g.on(&doc(2)), Access::Read, "`*` still applies");
+        assert_eq!(g.on(&doc(3)), Access::Read);
+        assert_eq!(alice(&[]).on(&doc(3)), Access::None);
+        let admin = Grant {
+            admin: true,
+            ..alice(&[])
+        };
+        assert_eq!(admin.on(&doc(9)), Access::Write);
+    }
+
+    #[test]
+    fn creating_needs_create_or_write_on_that_document() {
+        assert!(!alice(&[(1, Access::Read)]).may_create(&doc(1)));
+        assert!(alice(&[(1, Access::Write)]).may_create(&doc(1)));
+        assert!(!alice(&[(1, Access::Write)]).may_create(&doc(2)));
+        let creator = Grant {
+            create: true,
+            ..alice(&[])
+        };
+        assert!(creator.may_create(&doc(2)));
+        assert!(!Grant::anonymous(Access::Read).may_create(&doc(2)));
+    }
+
+    #[test]
+    fn the_list_adds_to_the_token_and_the_owner_writes() {
+        let acl = Acl {
+            owner: Some("bob".into()),
+            users: [("alice".to_owned(), Access::Read)].into(),
+        };
+        let d = doc(5);
+        assert_eq!(alice(&[]).access(Some(&acl), &d), Access::Read);
+        assert_eq!(
+            alice(&[(5, Access::Write)]).access(Some(&acl), &d),
+            Access::Write
+        );
+        let bob = Grant {
+            subject: Some("bob".into()),
+            ..alice(&[])
+        };
+        assert_eq!(bob.access(Some(&acl), &d), Access::Write);
+        // Anonymous connections are never on a list.
+        let anon = Grant::anonymous(Access::None);
+        assert_eq!(anon.access(Some(&acl), &d), Access::None);
+        assert_eq!(Acl::decode(&acl.encode()), acl);
+        assert_eq!(Acl::decode(b"not json"), Acl::default());
+    }
+}
