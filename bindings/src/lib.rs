@@ -137,6 +137,15 @@ pub trait ContextListener: Send + Sync {
     fn on_lagged(&self, missed: u64, heads: Vec<String>) -> Result<(), ConvergeError>;
 }
 
+/// Supplies the token a relay that checks tokens wants (see the README,
+/// "Authentication"). Called before every dial, so a reconnect after the
+/// relay closed an expired token (close code 4401) presents a fresh one.
+#[uniffi::export(with_foreign)]
+pub trait TokenProvider: Send + Sync {
+    /// The token for the next connection attempt, or `None` for none.
+    fn token(&self) -> Option<String>;
+}
+
 /// A repo: your documents, their storage, and your connections.
 #[derive(Debug, uniffi::Object)]
 pub struct Repo {
@@ -252,18 +261,44 @@ impl Repo {
 
     /// Keeps a connection to a relay (`ws://…`) up, reconnecting as needed.
     pub fn connect(&self, url: String) -> Result<(), ConvergeError> {
+        self.keep_connected(url, None)
+    }
+
+    /// [`Repo::connect`] to a relay that checks tokens: `tokens` is asked
+    /// for one before every dial (sent as `Authorization: Bearer`).
+    pub fn connect_with_token(
+        &self,
+        url: String,
+        tokens: Arc<dyn TokenProvider>,
+    ) -> Result<(), ConvergeError> {
+        self.keep_connected(url, Some(tokens))
+    }
+}
+
+impl Repo {
+    fn keep_connected(
+        &self,
+        url: String,
+        tokens: Option<Arc<dyn TokenProvider>>,
+    ) -> Result<(), ConvergeError> {
         if !url.starts_with("ws://") && !url.starts_with("wss://") {
             return Err(invalid(format!("`{url}` is not a ws:// or wss:// URL")));
         }
         let _guard = self.rt.enter();
-        let conn = ws::connect(self.repo.clone(), url);
+        let conn = match tokens {
+            Some(tokens) => ws::connect_with_token(self.repo.clone(), url, move || tokens.token()),
+            None => ws::connect(self.repo.clone(), url),
+        };
         self.connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(conn);
         Ok(())
     }
+}
 
+#[uniffi::export]
+impl Repo {
     /// Drops every connection (work continues offline).
     pub fn disconnect(&self) {
         self.connections

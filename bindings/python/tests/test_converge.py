@@ -198,3 +198,36 @@ def test_a_rocksdb_repo_keeps_contexts_across_restarts(converge):
     assert json.loads(asyncio.run(again.find(url)).get_json("/theme")) == "dark"
     with pytest.raises(converge.ConvergeError.Storage):
         converge.Repo.open(os.path.join(path, "CURRENT", "not-a-dir"))
+
+
+def test_a_token_provider_opens_a_relay_that_checks_tokens(converge, secure_relay):
+    """The relay wants tokens: a repo with a provider syncs, with exactly
+    the rights its token names; the provider is asked before each dial."""
+    url, mint = secure_relay
+
+    class Tokens(converge.TokenProvider):
+        def __init__(self, token):
+            self.token_value = token
+            self.asked = 0
+
+        def token(self):
+            self.asked += 1
+            return self.token_value
+
+    writer_tokens = Tokens(mint("alice", "--create", "--write", "*"))
+    alice = converge.Repo.in_memory()
+    alice.connect_with_token(url, writer_tokens)
+    ctx = alice.create(json.dumps({"room": "blue"}))
+    doc_id = ctx.url().removeprefix("automerge:")
+
+    reader = converge.Repo.in_memory()
+    reader.connect_with_token(url, Tokens(mint("bob", "--read", doc_id)))
+    theirs = find(reader, ctx.url())
+    wait_for(lambda: json.loads(theirs.get_json("/room")) == "blue", what="bob reads alice's context")
+    assert writer_tokens.asked >= 1
+
+    # Without a token the relay refuses the connection: nothing arrives.
+    stranger = converge.Repo.in_memory()
+    stranger.connect(url)
+    with pytest.raises(Exception):
+        find(stranger, ctx.url(), timeout=1.5)

@@ -39,13 +39,14 @@ import uniffi.converge_ffi.ContextOp
 import uniffi.converge_ffi.ConvergeException
 import uniffi.converge_ffi.PresenceListener
 import uniffi.converge_ffi.Repo
+import uniffi.converge_ffi.TokenProvider
 import uniffi.converge_ffi.Context as ConvergeContext
 
 /** A converge-server on a free port with a fresh data dir. */
-class Relay(binary: String) : AutoCloseable {
+class Relay(binary: String, vararg extra: String) : AutoCloseable {
     private val dataDir: Path = Files.createTempDirectory("converge-kt-relay-")
     private val process: Process =
-        ProcessBuilder(binary, "--listen", "127.0.0.1:0", "--data-dir", dataDir.toString())
+        ProcessBuilder(binary, "--listen", "127.0.0.1:0", "--data-dir", dataDir.toString(), *extra)
             .redirectErrorStream(true)
             .start()
     private val log = ArrayDeque<String>()
@@ -240,6 +241,41 @@ class ConvergeTest {
     }
 
     // -------------------------------------------------------------- tests
+
+    /** A relay that checks tokens signed with a fresh secret, and `converge-server token`. */
+    private fun secureRelay(): Pair<String, (List<String>) -> String> {
+        val binary = System.getenv("CONVERGE_SERVER_BIN")
+        val secret = File(tempDir("converge-kt-secret-"), "secret")
+        secret.writeText(java.util.UUID.randomUUID().toString() + java.util.UUID.randomUUID().toString())
+        val secured = Relay(binary, "--jwt-secret-file", secret.path).closeAfter()
+        val mint = { args: List<String> ->
+            val proc = ProcessBuilder(listOf(binary, "token", "--secret-file", secret.path) + args).start()
+            val token = proc.inputStream.bufferedReader().readText().trim()
+            assertEquals(0, proc.waitFor(), "converge-server token failed")
+            token
+        }
+        return secured.url to mint
+    }
+
+    @Test
+    fun aTokenProviderOpensARelayThatChecksTokens() {
+        val (url, mint) = secureRelay()
+        class Tokens(private val value: String) : TokenProvider {
+            @Volatile var asked = 0
+            override fun token(): String? {
+                asked++
+                return value
+            }
+        }
+        val writer = Tokens(mint(listOf("--sub", "alice", "--create", "--write", "*")))
+        val alice = newRepo().also { it.connectWithToken(url, writer) }
+        val ctx = alice.create("""{"room": "blue"}""").closeAfter()
+        val id = ctx.url().removePrefix("automerge:")
+        val bob = newRepo().also { it.connectWithToken(url, Tokens(mint(listOf("--sub", "bob", "--read", id)))) }
+        val theirs = find(bob, ctx.url())
+        waitForJson("bob to read alice's context", theirs, "/room", "\"blue\"")
+        assertTrue(writer.asked >= 1, "the provider was asked for a token")
+    }
 
     @Test
     fun twoReposSyncAContextThroughTheRelay() {
