@@ -87,6 +87,16 @@ pub fn unauthorized(e: crate::auth::AuthError) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
 }
 
+/// A connection the limits keep out: 503 when the relay is full, 429 for
+/// one address's limits.
+pub fn refused(why: crate::limits::Refused) -> ApiError {
+    let status = match why {
+        crate::limits::Refused::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::TOO_MANY_REQUESTS,
+    };
+    ApiError::new(status, "limit", why.to_string())
+}
+
 fn forbidden(what: &str) -> ApiError {
     ApiError::new(
         StatusCode::FORBIDDEN,

@@ -201,6 +201,46 @@ pub struct Config {
     /// Required `iss` claim.
     #[arg(long, env = "CONVERGE_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
+    /// Seconds a new connection has to finish the handshake (`join`); then it is closed with 4408.
+    #[arg(long, env = "CONVERGE_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+    /// Open WebSocket connections in total; one more gets HTTP 503.
+    #[arg(long, env = "CONVERGE_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
+    /// Open WebSocket connections from one address; one more gets HTTP 429.
+    #[arg(long, env = "CONVERGE_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    pub max_connections_per_ip: usize,
+    /// New WebSocket connections one address may open per second (as many in a burst); faster gets HTTP 429.
+    #[arg(
+        long,
+        env = "CONVERGE_NEW_CONNECTIONS_PER_IP_PER_SEC",
+        default_value_t = 32.0
+    )]
+    pub new_connections_per_ip_per_sec: f64,
+    /// Messages per second one connection may send (two seconds' worth in a burst); faster closes it with 1008.
+    #[arg(long, env = "CONVERGE_MESSAGES_PER_SEC", default_value_t = 2000.0)]
+    pub messages_per_sec: f64,
+    /// Bytes per second one connection may send (two seconds' worth, and at least one largest message, in a burst); faster closes it with 1008.
+    #[arg(long, env = "CONVERGE_BYTES_PER_SEC", default_value_t = 33554432.0)]
+    pub bytes_per_sec: f64,
+    /// Distinct documents one connection may sync or ask for; one more closes it with 1008.
+    #[arg(
+        long,
+        env = "CONVERGE_MAX_DOCS_PER_CONNECTION",
+        default_value_t = 10_000
+    )]
+    pub max_docs_per_connection: usize,
+    /// Largest change one sync message may carry; a larger one closes the connection with 1002.
+    #[arg(long, env = "CONVERGE_MAX_CHANGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_change_bytes: usize,
+    /// Largest a document may grow to in storage; changes past it are not applied and close the connection with 1009.
+    #[arg(long, env = "CONVERGE_MAX_DOC_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub max_doc_bytes: usize,
+    /// A proxy whose `X-Forwarded-For` is believed for the per-address
+    /// limits (repeat, or comma-separated in the environment); nobody
+    /// else's is.
+    #[arg(long, env = "CONVERGE_TRUSTED_PROXY", value_delimiter = ',')]
+    pub trusted_proxy: Vec<std::net::IpAddr>,
     /// What a request without a token may do when keys are configured:
     /// `none` (the default then), `read` or `write`.
     #[arg(long, env = "CONVERGE_ALLOW_ANONYMOUS")]
@@ -208,6 +248,18 @@ pub struct Config {
 }
 
 impl Config {
+    /// The connection limits.
+    pub fn limits(&self) -> crate::limits::Limits {
+        crate::limits::Limits {
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            new_connections_per_ip_per_sec: self.new_connections_per_ip_per_sec,
+            messages_per_sec: self.messages_per_sec,
+            bytes_per_sec: self.bytes_per_sec,
+            trusted_proxies: self.trusted_proxy.clone(),
+        }
+    }
+
     /// The token settings.
     pub fn auth(&self) -> crate::auth::AuthSettings {
         crate::auth::AuthSettings {
@@ -238,6 +290,16 @@ struct FileConfig {
     jwt_audience: Option<String>,
     jwt_issuer: Option<String>,
     allow_anonymous: Option<crate::auth::Anonymous>,
+    handshake_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    new_connections_per_ip_per_sec: Option<f64>,
+    messages_per_sec: Option<f64>,
+    bytes_per_sec: Option<f64>,
+    max_docs_per_connection: Option<usize>,
+    max_change_bytes: Option<usize>,
+    max_doc_bytes: Option<usize>,
+    trusted_proxy: Option<Vec<std::net::IpAddr>>,
 }
 
 /// Why the settings are unusable.
@@ -330,6 +392,48 @@ impl Config {
         if let (true, Some(v)) = (unset("allow_anonymous"), file.allow_anonymous) {
             self.allow_anonymous = Some(v);
         }
+        if let (true, Some(v)) = (
+            defaulted("handshake_timeout_secs"),
+            file.handshake_timeout_secs,
+        ) {
+            self.handshake_timeout_secs = v;
+        }
+        if let (true, Some(v)) = (defaulted("max_connections"), file.max_connections) {
+            self.max_connections = v;
+        }
+        if let (true, Some(v)) = (
+            defaulted("max_connections_per_ip"),
+            file.max_connections_per_ip,
+        ) {
+            self.max_connections_per_ip = v;
+        }
+        if let (true, Some(v)) = (
+            defaulted("new_connections_per_ip_per_sec"),
+            file.new_connections_per_ip_per_sec,
+        ) {
+            self.new_connections_per_ip_per_sec = v;
+        }
+        if let (true, Some(v)) = (defaulted("messages_per_sec"), file.messages_per_sec) {
+            self.messages_per_sec = v;
+        }
+        if let (true, Some(v)) = (defaulted("bytes_per_sec"), file.bytes_per_sec) {
+            self.bytes_per_sec = v;
+        }
+        if let (true, Some(v)) = (
+            defaulted("max_docs_per_connection"),
+            file.max_docs_per_connection,
+        ) {
+            self.max_docs_per_connection = v;
+        }
+        if let (true, Some(v)) = (defaulted("max_change_bytes"), file.max_change_bytes) {
+            self.max_change_bytes = v;
+        }
+        if let (true, Some(v)) = (defaulted("max_doc_bytes"), file.max_doc_bytes) {
+            self.max_doc_bytes = v;
+        }
+        if let (true, Some(v)) = (unset("trusted_proxy"), file.trusted_proxy) {
+            self.trusted_proxy = v;
+        }
         if let (true, Some(v)) = (defaulted("replica"), file.replica) {
             self.replica = v.parse().map_err(ConfigError::Invalid)?;
         }
@@ -348,6 +452,29 @@ impl Config {
                 "max_outbound_bytes must be at least 65536, got {}",
                 self.max_outbound_bytes
             )));
+        }
+        for (name, value) in [
+            ("handshake_timeout_secs", self.handshake_timeout_secs as f64),
+            ("max_connections", self.max_connections as f64),
+            ("max_connections_per_ip", self.max_connections_per_ip as f64),
+            (
+                "new_connections_per_ip_per_sec",
+                self.new_connections_per_ip_per_sec,
+            ),
+            ("messages_per_sec", self.messages_per_sec),
+            ("bytes_per_sec", self.bytes_per_sec),
+            (
+                "max_docs_per_connection",
+                self.max_docs_per_connection as f64,
+            ),
+            ("max_change_bytes", self.max_change_bytes as f64),
+            ("max_doc_bytes", self.max_doc_bytes as f64),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be a positive number, got {value}"
+                )));
+            }
         }
         if self.ping_interval_secs == 0 {
             return Err(ConfigError::Invalid(

@@ -16,6 +16,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod limits;
 pub mod server;
 #[cfg(feature = "bench")]
 pub mod storage_bench;

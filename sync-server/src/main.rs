@@ -57,6 +57,10 @@ async fn main() -> anyhow::Result<()> {
     repo_config.max_outbound_bytes = config.max_outbound_bytes;
     repo_config.engine.max_docs_in_memory = config.max_docs_in_memory;
     repo_config.engine.replica = config.replica.factory();
+    repo_config.engine.handshake_timeout = Duration::from_secs(config.handshake_timeout_secs);
+    repo_config.engine.max_docs_per_connection = config.max_docs_per_connection;
+    repo_config.engine.max_doc_bytes = config.max_doc_bytes;
+    repo_config.engine.limits.max_change_bytes = config.max_change_bytes;
     let repo = Repo::start(repo_config, storage.clone());
     let auth = Arc::new(Auth::open(&config.auth(), storage.clone())?);
     if auth.is_open() {
@@ -87,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         ping_interval: Duration::from_secs(config.ping_interval_secs),
         storage: storage.clone(),
         auth,
+        gate: converge_server::limits::Gate::new(config.limits()),
     };
     serve(listener, state, shutdown_signal()).await?;
     tracing::info!("shutting down: finishing storage writes");

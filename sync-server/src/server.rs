@@ -31,6 +31,8 @@ pub struct AppState {
     pub storage: std::sync::Arc<dyn converge_core::storage::Storage>,
     /// Checks tokens.
     pub auth: std::sync::Arc<crate::auth::Auth>,
+    /// Counts connections and rates.
+    pub gate: std::sync::Arc<crate::limits::Gate>,
 }
 
 /// The relay's routes.
@@ -87,6 +89,14 @@ async fn websocket(
         return "Converge relay: connect with an automerge-repo WebSocket client to this URL.\n"
             .into_response();
     };
+    let ip = state.gate.client_ip(remote, &headers);
+    let slot = match state.gate.admit(ip) {
+        Ok(slot) => slot,
+        Err(refused) => {
+            tracing::warn!(%ip, %refused, "refused a connection");
+            return crate::api::refused(refused).into_response();
+        }
+    };
     // Checked before the upgrade: without a valid token there is no
     // WebSocket at all, just a 401.
     let grant = match state.auth.authenticate(&headers, query.as_deref()) {
@@ -105,12 +115,23 @@ async fn websocket(
         .max_write_buffer_size(socket.max_write_buffer)
         .max_message_size(socket.max_message)
         .max_frame_size(socket.max_message)
-        .on_upgrade(move |socket| connection(state, socket, remote, grant))
+        .on_upgrade(move |socket| connection(state, socket, remote, grant, slot))
 }
 
-async fn connection(state: AppState, socket: WebSocket, remote: SocketAddr, grant: Grant) {
+async fn connection(
+    state: AppState,
+    socket: WebSocket,
+    remote: SocketAddr,
+    grant: Grant,
+    slot: crate::limits::Slot,
+) {
     let (sink, stream) = socket.split();
-    let stream = stream.map(|m| match m {
+    let mut rate = state.gate.rate(state.max_message_bytes);
+    let stream = stream.map(move |m| match m {
+        Ok(Message::Binary(b)) if !rate.allow(b.len()) => {
+            tracing::warn!(%remote, "connection over its message rate; closing");
+            Incoming::RateLimited
+        }
         Ok(Message::Binary(b)) => Incoming::Binary(b.to_vec()),
         Ok(Message::Text(_)) => Incoming::Text,
         Ok(Message::Ping(_) | Message::Pong(_)) => Incoming::Alive,
@@ -144,5 +165,6 @@ async fn connection(state: AppState, socket: WebSocket, remote: SocketAddr, gran
         Some(state.ping_interval),
     )
     .await;
+    drop(slot);
     tracing::debug!(reason = %ended.reason, "connection ended");
 }

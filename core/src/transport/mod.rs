@@ -33,6 +33,8 @@ pub enum Incoming {
     Close,
     /// The message exceeded the configured size limit.
     TooBig,
+    /// The peer sends faster than it may (closed with 1008).
+    RateLimited,
     /// The connection failed.
     Error(String),
 }
@@ -112,6 +114,9 @@ where
                     }
                     Some(Incoming::TooBig) => {
                         return Stop::Close(close_code::TOO_BIG, "message too big".into())
+                    }
+                    Some(Incoming::RateLimited) => {
+                        return Stop::Close(close_code::POLICY, "rate limit exceeded".into())
                     }
                     Some(Incoming::Close) | None => return Stop::Gone("closed by peer".into()),
                     Some(Incoming::Error(e)) => {

@@ -5,6 +5,7 @@ mod auth;
 mod context;
 mod hostile;
 mod http;
+mod limits;
 mod properties;
 mod relay;
 mod scenarios;

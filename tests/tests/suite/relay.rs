@@ -51,28 +51,48 @@ impl Relay {
         replica: ReplicaKind,
         outbound: Option<(usize, Duration)>,
     ) -> Relay {
-        Self::start_full(
-            dir,
+        let setup = Setup {
             max_message_bytes,
             replica,
             outbound,
-            Default::default(),
-        )
-        .await
+            ..Setup::default()
+        };
+        Self::start_full(dir, setup).await
     }
 
     /// A relay checking tokens as `auth` says.
     pub(crate) async fn start_auth(dir: &Path, auth: converge_server::auth::AuthSettings) -> Relay {
-        Self::start_full(dir, 64 << 20, ReplicaKind::ChangeLog, None, auth).await
+        let setup = Setup {
+            auth,
+            ..Setup::default()
+        };
+        Self::start_full(dir, setup).await
     }
 
-    async fn start_full(
+    /// A relay with these connection limits, and its engine configured by
+    /// `engine`.
+    pub(crate) async fn start_limited(
         dir: &Path,
-        max_message_bytes: usize,
-        replica: ReplicaKind,
-        outbound: Option<(usize, Duration)>,
-        auth: converge_server::auth::AuthSettings,
+        limits: converge_server::limits::Limits,
+        engine: impl FnOnce(&mut converge_core::engine::EngineConfig),
     ) -> Relay {
+        let mut setup = Setup {
+            limits,
+            ..Setup::default()
+        };
+        engine(&mut setup.engine);
+        Self::start_full(dir, setup).await
+    }
+
+    async fn start_full(dir: &Path, setup: Setup) -> Relay {
+        let Setup {
+            max_message_bytes,
+            replica,
+            outbound,
+            auth,
+            limits,
+            engine,
+        } = setup;
         // A previous relay on this directory may still be letting go of it
         // (its connection tasks end asynchronously); wait for the lock.
         let storage = wait::until(
@@ -88,6 +108,10 @@ impl Relay {
         .await;
         let storage_id = load_or_create_storage_id(storage.as_ref()).expect("storage id");
         let mut config = RepoConfig::new(Some(storage_id));
+        config.engine.handshake_timeout = engine.handshake_timeout;
+        config.engine.max_docs_per_connection = engine.max_docs_per_connection;
+        config.engine.max_doc_bytes = engine.max_doc_bytes;
+        config.engine.limits = engine.limits;
         config.engine.policy = Arc::new(RelayPolicy);
         config.engine.max_message_bytes = max_message_bytes;
         config.engine.replica = replica.factory();
@@ -109,6 +133,7 @@ impl Relay {
             auth: Arc::new(
                 converge_server::auth::Auth::open(&auth, storage.clone()).expect("auth settings"),
             ),
+            gate: converge_server::limits::Gate::new(limits),
         };
         let relay_repo = repo.clone();
         let done = tokio::spawn(async move {
@@ -133,6 +158,35 @@ impl Relay {
             let _ = stop.send(());
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.done).await;
+    }
+}
+
+/// How a test relay is set up.
+struct Setup {
+    max_message_bytes: usize,
+    replica: ReplicaKind,
+    outbound: Option<(usize, Duration)>,
+    auth: converge_server::auth::AuthSettings,
+    limits: converge_server::limits::Limits,
+    /// Only the limits are taken from it (handshake timeout, documents
+    /// per connection, document and change size).
+    engine: converge_core::engine::EngineConfig,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            max_message_bytes: 64 << 20,
+            replica: ReplicaKind::ChangeLog,
+            outbound: None,
+            auth: Default::default(),
+            limits: Default::default(),
+            engine: converge_core::engine::EngineConfig::new(
+                converge_core::wire::PeerId::new("unused").expect("a peer id"),
+                None,
+                0,
+            ),
+        }
     }
 }
 

@@ -13,6 +13,9 @@ pub(super) struct Connection {
     pub(super) grant: Grant,
     /// Messages with changes refused because the peer may only read.
     pub(super) refused_writes: u32,
+    /// The documents it synced or asked for (see
+    /// [`EngineConfig::max_docs_per_connection`]).
+    pub(super) docs: BTreeSet<DocumentId>,
 }
 
 /// Refused messages with changes after which a read-only peer is closed.
@@ -53,6 +56,7 @@ impl Engine {
                 handshake_deadline: deadline,
                 grant,
                 refused_writes: 0,
+                docs: BTreeSet::new(),
             },
         );
         self.timers.insert((deadline, Timer::Handshake(conn)));

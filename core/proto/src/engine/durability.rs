@@ -214,6 +214,12 @@ impl Durability {
         })
     }
 
+    /// Bytes of the document in storage (its snapshots and incremental
+    /// chunks, before compaction merges them).
+    pub(super) fn stored_bytes(&self) -> usize {
+        self.snapshot_bytes + self.incremental_bytes
+    }
+
     /// Storage finished write `seq` (chunk `key`, `len` bytes); `ok` says
     /// whether it succeeded. `replica` is the document now.
     pub fn write_done(

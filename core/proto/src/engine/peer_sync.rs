@@ -41,6 +41,17 @@ impl Engine {
             self.tell_unavailable(&peer, &id);
             return;
         }
+        let limit = self.cfg.max_docs_per_connection;
+        if let Some(c) = self.connections.get_mut(&conn) {
+            if !c.docs.contains(&id) {
+                if c.docs.len() >= limit {
+                    tracing::info!(%conn, limit, "connection asked for too many documents");
+                    self.close(conn, CloseReason::TooManyDocuments(limit));
+                    return;
+                }
+                c.docs.insert(id.clone());
+            }
+        }
         let message = match validate::decode_sync_message(&m.data, &self.cfg.limits) {
             Ok(msg) => msg,
             Err(e) => {
@@ -171,10 +182,21 @@ impl Engine {
         mut message: sync::Message,
     ) -> Option<sync::Message> {
         let access = self.access(peer, id);
-        let (empty, grant) = match (self.docs.get(id), self.grant_of(peer)) {
-            (Some(doc), Some(grant)) => (doc.replica.is_empty(), grant),
+        let (empty, stored, grant) = match (self.docs.get(id), self.grant_of(peer)) {
+            (Some(doc), Some(grant)) => (doc.replica.is_empty(), doc.durable.stored_bytes(), grant),
             _ => return None,
         };
+        let incoming: usize = message.changes.iter().map(<[u8]>::len).sum();
+        let limit = self.cfg.max_doc_bytes;
+        if incoming > 0 && stored.saturating_add(incoming) > limit {
+            tracing::info!(%peer, document = %id, stored, incoming, limit, "refused changes past the document size limit");
+            let reason = CloseReason::DocumentTooBig {
+                document: id.clone(),
+                limit,
+            };
+            self.close_peer(peer, reason);
+            return None;
+        }
         // A document this store does not hold: a peer that may create it
         // syncs (its first message offers heads, the next brings changes),
         // and owns it once its changes arrive.

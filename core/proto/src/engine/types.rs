@@ -101,6 +101,13 @@ pub struct EngineConfig {
     /// Merging reads the whole document; the floor keeps small, busy
     /// documents from being re-read every few changes.
     pub compact_after_bytes: usize,
+    /// Most distinct documents one connection may sync or ask for; one
+    /// more closes it ([`CloseReason::TooManyDocuments`]).
+    pub max_docs_per_connection: usize,
+    /// Largest a document may grow to, in stored bytes; a message whose
+    /// changes would take it past this is not applied and closes the
+    /// connection ([`CloseReason::DocumentTooBig`]).
+    pub max_doc_bytes: usize,
     /// Whether a peer that may only read a document may still send
     /// ephemeral messages about it (cursors, presence). Default: yes,
     /// viewers show where they look.
@@ -125,6 +132,8 @@ impl EngineConfig {
             compact_after_bytes: 64 << 10,
             max_docs_in_memory: 10_000,
             read_only_ephemeral: true,
+            max_docs_per_connection: usize::MAX,
+            max_doc_bytes: usize::MAX,
         }
     }
 }
@@ -507,6 +516,17 @@ pub enum CloseReason {
     /// The peer id is held by a connection of another subject.
     #[error("peer id in use by another user")]
     PeerIdTaken,
+    /// The connection asked about more documents than allowed.
+    #[error("more than {0} documents on one connection")]
+    TooManyDocuments(usize),
+    /// The peer's changes would take a document past its size limit.
+    #[error("document {document} would exceed {limit} bytes")]
+    DocumentTooBig {
+        /// Which document.
+        document: DocumentId,
+        /// The limit.
+        limit: usize,
+    },
     /// The peer sent an `error` message; we close our side normally.
     #[error("peer reported an error: {0}")]
     PeerError(String),
@@ -526,7 +546,9 @@ impl CloseReason {
             CloseReason::Rejected { .. }
             | CloseReason::TooManyPending(_)
             | CloseReason::ReadOnly(_)
-            | CloseReason::PeerIdTaken => close_code::POLICY,
+            | CloseReason::PeerIdTaken
+            | CloseReason::TooManyDocuments(_) => close_code::POLICY,
+            CloseReason::DocumentTooBig { .. } => close_code::TOO_BIG,
             CloseReason::TokenExpired => close_code::TOKEN_EXPIRED,
             CloseReason::Revoked => close_code::REVOKED,
             CloseReason::Internal(_) => close_code::INTERNAL,

@@ -29,6 +29,9 @@ pub struct SyncLimits {
     pub max_bloom_bits_per_entry: u64,
     /// Most probes per lookup (Automerge uses 7).
     pub max_bloom_probes: u64,
+    /// Largest change (or chunk of changes) one message may carry, in
+    /// bytes.
+    pub max_change_bytes: usize,
 }
 
 impl Default for SyncLimits {
@@ -41,6 +44,7 @@ impl Default for SyncLimits {
             max_bloom_entries: 1 << 24,
             max_bloom_bits_per_entry: 64,
             max_bloom_probes: 64,
+            max_change_bytes: 64 << 20,
         }
     }
 }
@@ -68,6 +72,14 @@ pub enum InvalidSyncMessage {
     /// A Bloom filter's parameters are unusable or hostile.
     #[error("bad bloom filter: {0}")]
     BadBloom(String),
+    /// A change over [`SyncLimits::max_change_bytes`].
+    #[error("a change of {size} bytes; at most {limit} allowed")]
+    ChangeTooBig {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 /// Decodes and validates one sync message.
@@ -95,6 +107,17 @@ pub fn validate(message: &sync::Message, limits: &SyncLimits) -> Result<(), Inva
     check_len("heads", message.heads.len(), limits.max_heads)?;
     check_len("needed hashes", message.need.len(), limits.max_need)?;
     check_len("have summaries", message.have.len(), limits.max_haves)?;
+    if let Some(size) = message
+        .changes
+        .iter()
+        .map(<[u8]>::len)
+        .find(|&n| n > limits.max_change_bytes)
+    {
+        return Err(InvalidSyncMessage::ChangeTooBig {
+            size,
+            limit: limits.max_change_bytes,
+        });
+    }
     for have in &message.have {
         check_len(
             "last-sync hashes",
