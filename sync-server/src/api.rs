@@ -97,6 +97,15 @@ pub fn refused(why: crate::limits::Refused) -> ApiError {
     ApiError::new(status, "limit", why.to_string())
 }
 
+/// A WebSocket from a browser origin not on the allowlist.
+pub fn origin_refused(origin: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "origin",
+        format!("origin `{origin}` is not allowed"),
+    )
+}
+
 fn forbidden(what: &str) -> ApiError {
     ApiError::new(
         StatusCode::FORBIDDEN,

@@ -21,7 +21,7 @@ use crate::storage_bench;
 #[derive(Debug)]
 pub enum Mode {
     /// Run the relay: no subcommand, or `serve`.
-    Serve(Config),
+    Serve(Box<Config>),
     /// `bench-storage`: measure durable writes on this disk.
     #[cfg(feature = "bench")]
     BenchStorage(storage_bench::Settings),
@@ -107,7 +107,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the relay (the same as no subcommand).
-    Serve(Config),
+    Serve(Box<Config>),
     /// Measure how many durable changes per second this disk takes,
     /// through Converge and through RocksDB alone.
     #[cfg(feature = "bench")]
@@ -132,10 +132,10 @@ impl Mode {
             .map_err(ConfigError::Args)?;
         let cli = Cli::from_arg_matches(&matches).map_err(ConfigError::Args)?;
         Ok(match cli.command {
-            None => Mode::Serve(cli.serve.finish(&matches)?),
+            None => Mode::Serve(Box::new(cli.serve.finish(&matches)?)),
             Some(Command::Serve(config)) => {
                 let matches = matches.subcommand_matches("serve").unwrap_or(&matches);
-                Mode::Serve(config.finish(matches)?)
+                Mode::Serve(Box::new(config.finish(matches)?))
             }
             #[cfg(feature = "bench")]
             Some(Command::BenchStorage(settings)) => Mode::BenchStorage(settings),
@@ -236,6 +236,18 @@ pub struct Config {
     /// Largest a document may grow to in storage; changes past it are not applied and close the connection with 1009.
     #[arg(long, env = "CONVERGE_MAX_DOC_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub max_doc_bytes: usize,
+    /// Certificate chain (PEM) to serve TLS with (`wss://`, `https://`);
+    /// needs `--tls-key`.
+    #[arg(long, env = "CONVERGE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for `--tls-cert`.
+    #[arg(long, env = "CONVERGE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// A browser origin (e.g. `https://app.example.com`) allowed to open a
+    /// WebSocket; repeat for more (comma-separated in the environment).
+    /// Unset: any origin. Clients that send no `Origin` are not affected.
+    #[arg(long, env = "CONVERGE_ALLOWED_ORIGIN", value_delimiter = ',')]
+    pub allowed_origin: Vec<String>,
     /// A proxy whose `X-Forwarded-For` is believed for the per-address
     /// limits (repeat, or comma-separated in the environment); nobody
     /// else's is.
@@ -300,6 +312,9 @@ struct FileConfig {
     max_change_bytes: Option<usize>,
     max_doc_bytes: Option<usize>,
     trusted_proxy: Option<Vec<std::net::IpAddr>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    allowed_origin: Option<Vec<String>>,
 }
 
 /// Why the settings are unusable.
@@ -434,6 +449,15 @@ impl Config {
         if let (true, Some(v)) = (unset("trusted_proxy"), file.trusted_proxy) {
             self.trusted_proxy = v;
         }
+        if let (true, Some(v)) = (unset("tls_cert"), file.tls_cert) {
+            self.tls_cert = Some(v);
+        }
+        if let (true, Some(v)) = (unset("tls_key"), file.tls_key) {
+            self.tls_key = Some(v);
+        }
+        if let (true, Some(v)) = (unset("allowed_origin"), file.allowed_origin) {
+            self.allowed_origin = v;
+        }
         if let (true, Some(v)) = (defaulted("replica"), file.replica) {
             self.replica = v.parse().map_err(ConfigError::Invalid)?;
         }
@@ -476,6 +500,11 @@ impl Config {
                 )));
             }
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_cert and tls_key go together".into(),
+            ));
+        }
         if self.ping_interval_secs == 0 {
             return Err(ConfigError::Invalid(
                 "ping_interval_secs must be at least 1".into(),
@@ -495,7 +524,7 @@ mod tests {
 
     fn load(args: &[&str]) -> Result<Config, ConfigError> {
         match mode(args)? {
-            Mode::Serve(config) => Ok(config),
+            Mode::Serve(config) => Ok(*config),
             #[cfg(feature = "bench")]
             other => panic!("{args:?} is not the relay: {other:?}"),
         }

@@ -20,3 +20,4 @@ pub mod limits;
 pub mod server;
 #[cfg(feature = "bench")]
 pub mod storage_bench;
+pub mod tls;

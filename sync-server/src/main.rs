@@ -18,7 +18,7 @@ use converge_core::runtime::{load_or_create_storage_id, Repo, RepoConfig};
 use converge_core::storage::RocksStorage;
 use converge_server::auth::{mint_hs256, read_secret, Auth, Claims, Rights};
 use converge_server::config::{ConfigError, Mode, TokenArgs};
-use converge_server::server::{serve, AppState};
+use converge_server::server::{serve, serve_tls, AppState};
 #[cfg(feature = "bench")]
 use converge_server::storage_bench;
 use tracing_subscriber::EnvFilter;
@@ -82,7 +82,8 @@ async fn main() -> anyhow::Result<()> {
         peer_id = %repo.peer_id(),
         %storage_id,
         replica = config.replica.name(),
-        "converge relay listening (automerge-repo clients: ws://{})",
+        "converge relay listening (automerge-repo clients: {}://{})",
+        if config.tls_cert.is_some() { "wss" } else { "ws" },
         listener.local_addr()?
     );
     let state = AppState {
@@ -92,8 +93,15 @@ async fn main() -> anyhow::Result<()> {
         storage: storage.clone(),
         auth,
         gate: converge_server::limits::Gate::new(config.limits()),
+        allowed_origins: Arc::new(config.allowed_origin.clone()),
     };
-    serve(listener, state, shutdown_signal()).await?;
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let acceptor = converge_server::tls::acceptor(cert, key)?;
+            serve_tls(listener, acceptor, state, shutdown_signal()).await?;
+        }
+        _ => serve(listener, state, shutdown_signal()).await?,
+    }
     tracing::info!("shutting down: finishing storage writes");
     repo.shutdown().await;
     storage.flush().context("final flush failed")?;

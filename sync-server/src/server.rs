@@ -33,6 +33,8 @@ pub struct AppState {
     pub auth: std::sync::Arc<crate::auth::Auth>,
     /// Counts connections and rates.
     pub gate: std::sync::Arc<crate::limits::Gate>,
+    /// Browser origins allowed to open a WebSocket (empty: any).
+    pub allowed_origins: std::sync::Arc<Vec<String>>,
 }
 
 /// The relay's routes.
@@ -47,6 +49,47 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The TCP peer of a connection, plain or TLS.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Plain TCP, Nagle off: small frames go out at once (Nagle's algorithm
+/// would hold a keystroke back until the previous frame is acknowledged).
+#[derive(Debug)]
+pub struct PlainListener(pub TcpListener);
+
+impl axum::serve::Listener for PlainListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        let _ = stream.set_nodelay(true);
+        (stream, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, PlainListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, PlainListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, crate::tls::TlsListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::tls::TlsListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
 /// The API's description, as served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
@@ -57,6 +100,22 @@ async fn openapi() -> impl axum::response::IntoResponse {
     )
 }
 
+/// [`serve`] over TLS: every connection's handshake done by `acceptor`.
+pub async fn serve_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = crate::tls::TlsListener::new(listener, acceptor)?;
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<ClientAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
 /// Serves until `shutdown` resolves, then stops accepting and returns once
 /// open connections have wound down.
 pub async fn serve(
@@ -64,15 +123,9 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Small frames go out at once: Nagle's algorithm would hold a keystroke
-    // back until the previous frame is acknowledged.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        PlainListener(listener),
+        router(state).into_make_service_with_connect_info::<ClientAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await
@@ -80,7 +133,7 @@ pub async fn serve(
 
 async fn websocket(
     State(state): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    ConnectInfo(ClientAddr(remote)): ConnectInfo<ClientAddr>,
     headers: axum::http::HeaderMap,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -89,6 +142,15 @@ async fn websocket(
         return "Converge relay: connect with an automerge-repo WebSocket client to this URL.\n"
             .into_response();
     };
+    // A browser names the page's origin; others send none. With an
+    // allowlist, only listed origins (and clients without one) get in.
+    if let Some(origin) = headers.get(axum::http::header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        if !state.allowed_origins.is_empty() && !state.allowed_origins.iter().any(|o| o == origin) {
+            tracing::info!(%remote, origin, "refused a WebSocket from an origin not on the allowlist");
+            return crate::api::origin_refused(origin).into_response();
+        }
+    }
     let ip = state.gate.client_ip(remote, &headers);
     let slot = match state.gate.admit(ip) {
         Ok(slot) => slot,

@@ -11,6 +11,7 @@ mod relay;
 mod scenarios;
 mod storage;
 mod stories;
+mod tls;
 mod wait;
 mod wire_fixtures;
 mod wire_props;

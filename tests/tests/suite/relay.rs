@@ -84,6 +84,21 @@ impl Relay {
         Self::start_full(dir, setup).await
     }
 
+    /// A relay serving TLS with `tls`, allowing `origins` (empty: any);
+    /// its `url` is `wss://…`.
+    pub(crate) async fn start_tls(
+        dir: &Path,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        origins: Vec<String>,
+    ) -> Relay {
+        let setup = Setup {
+            tls,
+            origins,
+            ..Setup::default()
+        };
+        Self::start_full(dir, setup).await
+    }
+
     async fn start_full(dir: &Path, setup: Setup) -> Relay {
         let Setup {
             max_message_bytes,
@@ -92,6 +107,8 @@ impl Relay {
             auth,
             limits,
             engine,
+            origins,
+            tls,
         } = setup;
         // A previous relay on this directory may still be letting go of it
         // (its connection tasks end asynchronously); wait for the lock.
@@ -123,7 +140,8 @@ impl Relay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let url = format!("ws://{}", listener.local_addr().expect("addr"));
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        let url = format!("{scheme}://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
         let state = AppState {
             repo: repo.clone(),
@@ -134,13 +152,19 @@ impl Relay {
                 converge_server::auth::Auth::open(&auth, storage.clone()).expect("auth settings"),
             ),
             gate: converge_server::limits::Gate::new(limits),
+            allowed_origins: Arc::new(origins),
         };
         let relay_repo = repo.clone();
         let done = tokio::spawn(async move {
-            let _ = serve(listener, state, async {
+            let stopped = async {
                 let _ = stopped.await;
-            })
-            .await;
+            };
+            let _ = match tls {
+                Some(acceptor) => {
+                    converge_server::server::serve_tls(listener, acceptor, state, stopped).await
+                }
+                None => serve(listener, state, stopped).await,
+            };
             repo.shutdown().await;
             let _ = storage.flush();
         });
@@ -168,6 +192,10 @@ struct Setup {
     outbound: Option<(usize, Duration)>,
     auth: converge_server::auth::AuthSettings,
     limits: converge_server::limits::Limits,
+    /// Browser origins allowed (empty: any).
+    origins: Vec<String>,
+    /// Serve TLS with this acceptor.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     /// Only the limits are taken from it (handshake timeout, documents
     /// per connection, document and change size).
     engine: converge_core::engine::EngineConfig,
@@ -181,6 +209,8 @@ impl Default for Setup {
             outbound: None,
             auth: Default::default(),
             limits: Default::default(),
+            origins: Vec::new(),
+            tls: None,
             engine: converge_core::engine::EngineConfig::new(
                 converge_core::wire::PeerId::new("unused").expect("a peer id"),
                 None,
