@@ -525,9 +525,35 @@ mod tests {
     fn load(args: &[&str]) -> Result<Config, ConfigError> {
         match mode(args)? {
             Mode::Serve(config) => Ok(*config),
-            #[cfg(feature = "bench")]
             other => panic!("{args:?} is not the relay: {other:?}"),
         }
+    }
+
+    /// `token` mints with the relay's secret; its `--ttl` takes units.
+    #[test]
+    fn the_token_subcommand_takes_its_flags() {
+        let Ok(Mode::Token(t)) = mode(&[
+            "token",
+            "--secret-file",
+            "/s",
+            "--sub",
+            "alice",
+            "--write",
+            "*",
+            "--ttl",
+            "15m",
+        ]) else {
+            panic!("token");
+        };
+        assert_eq!((t.sub.as_str(), t.ttl, t.write.len()), ("alice", 900, 1));
+        assert!(matches!(
+            mode(&["token", "--secret-file", "/s", "--sub", "a", "--ttl", "0h"]),
+            Err(ConfigError::Args(_))
+        ));
+        assert!(matches!(
+            mode(&["token", "--secret-file", "/s", "--sub", "a", "--ttl", "5y"]),
+            Err(ConfigError::Args(_))
+        ));
     }
 
     /// No subcommand and `serve` both run the relay, with the same flags.
