@@ -17,7 +17,7 @@ DATA_DIR ?= ./converge-data
 NPM_STAMP := tests/js/node_modules/.converge-installed
 
 .PHONY: test run check fmt lint sans-io unit fixtures-live deps deps-rust deps-node deps-python deps-kotlin \
-	build-debug bindings bindings-tests python-tests kotlin-tests bench-ffi bench bench-smoke api-property
+	build-debug bindings bindings-tests python-tests kotlin-tests bench-ffi bench bench-smoke api-property fuzz
 
 test: deps lint unit fixtures-live api-property bindings-tests bench-smoke
 	@echo "make test: all green"
@@ -82,6 +82,29 @@ fixtures-live: deps-node
 # The HTTP API held to openapi.json by generated requests (Schemathesis).
 api-property: deps-python build-debug
 	tests/openapi/run.sh $(SERVER_BIN) 100
+
+# Fuzzing (nightly, cargo-fuzz): every target of fuzz/ for FUZZ_SECS
+# seconds. A crash stops the run and its input is copied to
+# fuzz/regressions/<target>/, which `cargo test` replays (commit it with
+# the fix). The fuzz build has its own target directory: its flags differ.
+FUZZ_SECS ?= 60
+FUZZ_TARGETS := wire_decode sync_message chunk_load claims context_ops
+FUZZ_TARGET_DIR := $(HOME)/.cache/converge-fuzz-target
+fuzz: deps-rust
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	@rustup toolchain list | grep -q nightly || rustup toolchain install nightly --profile minimal
+	@cd fuzz && for t in $(FUZZ_TARGETS); do \
+		mkdir -p corpus/$$t; \
+		log=$$(mktemp); \
+		if ! CARGO_TARGET_DIR=$(FUZZ_TARGET_DIR) cargo +nightly fuzz run $$t corpus/$$t regressions/$$t \
+			-- -max_total_time=$(FUZZ_SECS) -timeout=10 -rss_limit_mb=4096 >$$log 2>&1; then \
+			tail -40 $$log; \
+			for c in artifacts/$$t/*; do [ -f "$$c" ] && cp "$$c" regressions/$$t/; done; \
+			echo "fuzz target $$t crashed; input copied to fuzz/regressions/$$t/"; exit 1; \
+		fi; \
+		echo "$$t: $$(grep -o 'Done [0-9]* runs in [0-9]* second(s)' $$log | tail -1)"; \
+		rm -f $$log; \
+	done
 
 ## ---------------------------------------------------------------- bindings
 # The bindings are generated from the very library the tests load (uniffi

@@ -16,6 +16,9 @@
 //! - [`transport`]: WebSocket connections (client with reconnect; the
 //!   server side lives in `converge-server`).
 
+/// converge-proto's fuzzing entry points (for the replay test).
+#[cfg(feature = "test-support")]
+pub use converge_proto::fuzz as proto_fuzz;
 pub use converge_proto::{context, engine, wire};
 
 pub mod runtime;

@@ -26,10 +26,10 @@ use std::sync::{Arc, RwLock};
 
 use axum::http::HeaderMap;
 use converge_core::engine::{Access, Grant};
+pub use converge_core::engine::{Claims, ClaimsError, Rights};
 use converge_core::storage::{BatchOp, Storage, StorageKey};
-use converge_core::wire::DocumentId;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// Seconds of clock skew allowed on `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 30;
@@ -99,75 +99,6 @@ pub enum AuthError {
     /// Its subject or id was revoked.
     #[error("token revoked")]
     Revoked,
-}
-
-/// The claims of a Converge token.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claims {
-    /// Who.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sub: Option<String>,
-    /// Expiry, seconds since the Unix epoch.
-    pub exp: u64,
-    /// Not before.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbf: Option<u64>,
-    /// Issued at.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iat: Option<u64>,
-    /// Token id (for revocation).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jti: Option<String>,
-    /// Audience.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
-    /// Issuer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iss: Option<String>,
-    /// What Converge grants.
-    #[serde(default)]
-    pub converge: Rights,
-}
-
-/// The `converge` claim.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rights {
-    /// Document id (or `*`) to `read` / `write`.
-    #[serde(default)]
-    pub docs: BTreeMap<String, Access>,
-    /// May bring new documents (and own them).
-    #[serde(default)]
-    pub create: bool,
-    /// May do everything.
-    #[serde(default)]
-    pub admin: bool,
-}
-
-impl Claims {
-    /// The grant these claims carry.
-    pub fn grant(&self) -> Result<Grant, AuthError> {
-        let mut docs = BTreeMap::new();
-        let mut every = Access::None;
-        for (key, access) in &self.converge.docs {
-            if key == "*" {
-                every = *access;
-                continue;
-            }
-            let id: DocumentId = key
-                .parse()
-                .map_err(|_| AuthError::BadClaims(format!("`{key}` is not a document id")))?;
-            docs.insert(id, *access);
-        }
-        Ok(Grant {
-            subject: self.sub.clone(),
-            token_id: self.jti.clone(),
-            docs,
-            every,
-            create: self.converge.create,
-            admin: self.converge.admin,
-            expires_ms: Some(self.exp.saturating_mul(1000)),
-        })
-    }
 }
 
 /// Revoked subjects and token ids, with when (ms): kept in the store so a
@@ -386,7 +317,10 @@ impl Auth {
             match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
                 Ok(data) => {
                     self.check_revoked(&data.claims)?;
-                    return data.claims.grant();
+                    return data
+                        .claims
+                        .grant()
+                        .map_err(|e| AuthError::BadClaims(e.to_string()));
                 }
                 Err(e) => last = classify(e),
             }

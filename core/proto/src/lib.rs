@@ -94,5 +94,7 @@
 
 pub mod context;
 pub mod engine;
+#[cfg(any(test, feature = "test-support"))]
+pub mod fuzz;
 pub mod storage;
 pub mod wire;

@@ -3,6 +3,7 @@
 
 mod auth;
 mod context;
+mod fuzz_replay;
 mod hostile;
 mod http;
 mod limits;

@@ -175,6 +175,83 @@ impl Acl {
     }
 }
 
+/// Why a token's claims make no grant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimsError {
+    /// A key of `converge.docs` is neither `*` nor a document id.
+    #[error("`{0}` is not a document id")]
+    BadDocument(String),
+}
+
+/// The claims of a Converge token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// Who.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// Not before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Issued at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// Token id (for revocation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// Audience.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    /// Issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// What Converge grants.
+    #[serde(default)]
+    pub converge: Rights,
+}
+
+/// The `converge` claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rights {
+    /// Document id (or `*`) to `read` / `write`.
+    #[serde(default)]
+    pub docs: BTreeMap<String, Access>,
+    /// May bring new documents (and own them).
+    #[serde(default)]
+    pub create: bool,
+    /// May do everything.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+impl Claims {
+    /// The grant these claims carry.
+    pub fn grant(&self) -> Result<Grant, ClaimsError> {
+        let mut docs = BTreeMap::new();
+        let mut every = Access::None;
+        for (key, access) in &self.converge.docs {
+            if key == "*" {
+                every = *access;
+                continue;
+            }
+            let id: DocumentId = key
+                .parse()
+                .map_err(|_| ClaimsError::BadDocument(key.clone()))?;
+            docs.insert(id, *access);
+        }
+        Ok(Grant {
+            subject: self.sub.clone(),
+            token_id: self.jti.clone(),
+            docs,
+            every,
+            create: self.converge.create,
+            admin: self.converge.admin,
+            expires_ms: Some(self.exp.saturating_mul(1000)),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,7 +59,7 @@ use automerge::sync;
 use automerge::transaction::CommitOptions;
 use automerge::{ActorId, Automerge, ChangeHash};
 
-pub use access::{Access, Acl, Grant};
+pub use access::{Access, Acl, Claims, ClaimsError, Grant, Rights};
 pub use changelog::ChangeLog;
 pub use compaction::compaction;
 pub use local::ChangeError;

@@ -65,6 +65,8 @@ use serde_json::{json, Value as JsonValue};
 
 use crate::server::AppState;
 
+mod admin;
+
 /// The API routes.
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -77,9 +79,9 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/sessions", get(sessions))
         .route(
             "/v1/admin/contexts/{id}/access",
-            get(get_access).put(put_access),
+            get(admin::get_access).put(admin::put_access),
         )
-        .route("/v1/admin/revoke", post(revoke))
+        .route("/v1/admin/revoke", post(admin::revoke))
 }
 
 /// A 401 for a request without a usable token.
@@ -115,7 +117,7 @@ fn forbidden(what: &str) -> ApiError {
 }
 
 /// Who is asking: the grant of the request's token (or the anonymous one).
-struct Caller(Grant);
+pub(crate) struct Caller(pub(crate) Grant);
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
@@ -130,7 +132,7 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 impl Caller {
-    fn admin(&self, what: &str) -> Result<(), ApiError> {
+    pub(crate) fn admin(&self, what: &str) -> Result<(), ApiError> {
         if self.0.admin {
             Ok(())
         } else {
@@ -188,7 +190,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             code,
@@ -239,7 +245,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 /// outside it). Whether it is an id at all (its checksum) is asked by
 /// [`ApiId::doc`] once the rest of the request is known to be well formed:
 /// a malformed request is a 400 whatever the id.
-struct ApiId(String);
+pub(crate) struct ApiId(String);
 
 impl<S: Send + Sync> FromRequestParts<S> for ApiId {
     type Rejection = ApiError;
@@ -262,7 +268,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ApiId {
 impl ApiId {
     /// The document it names; one whose checksum fails names no context,
     /// a 404 like an id nobody created.
-    fn doc(&self) -> Result<DocumentId, ApiError> {
+    pub(crate) fn doc(&self) -> Result<DocumentId, ApiError> {
         self.0.parse().map_err(|e| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -287,7 +293,9 @@ fn page_limit(limit: Option<u64>) -> Result<usize, ApiError> {
 }
 
 /// For optional fields that may be absent but not `null`.
-fn not_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+pub(crate) fn not_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
     T::deserialize(d).map(Some)
 }
 
@@ -709,88 +717,4 @@ async fn sessions(
     caller.admin("list sessions")?;
     let list = state.repo.sessions().await?;
     Ok(Json(json!({ "sessions": list })))
-}
-
-// ------------------------------------------------------------------ admin
-
-async fn get_access(
-    State(state): State<AppState>,
-    caller: Caller,
-    id: ApiId,
-) -> Result<Json<JsonValue>, ApiError> {
-    caller.admin("read access lists")?;
-    let id = id.doc()?;
-    let acl = state.repo.acl(&id).await?;
-    Ok(Json(
-        json!({"id": id.to_string(), "owner": acl.owner, "users": acl.users}),
-    ))
-}
-
-#[derive(Deserialize)]
-struct AccessBody {
-    subject: String,
-    access: Access,
-}
-
-async fn put_access(
-    State(state): State<AppState>,
-    caller: Caller,
-    id: ApiId,
-    body: Result<axum::body::Bytes, BytesRejection>,
-) -> Result<Json<JsonValue>, ApiError> {
-    caller.admin("change access lists")?;
-    let body: AccessBody = serde_json::from_slice(&body?).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            format!("the body is not {{\"subject\": \"...\", \"access\": \"read\"|\"write\"|\"none\"}}: {e}"),
-        )
-    })?;
-    let id = id.doc()?;
-    let acl = state
-        .repo
-        .set_access(&id, body.subject, body.access)
-        .await?;
-    Ok(Json(
-        json!({"id": id.to_string(), "owner": acl.owner, "users": acl.users}),
-    ))
-}
-
-#[derive(Deserialize)]
-struct RevokeBody {
-    #[serde(default, deserialize_with = "not_null")]
-    sub: Option<String>,
-    #[serde(default, deserialize_with = "not_null")]
-    jti: Option<String>,
-}
-
-async fn revoke(
-    State(state): State<AppState>,
-    caller: Caller,
-    body: Result<axum::body::Bytes, BytesRejection>,
-) -> Result<Json<JsonValue>, ApiError> {
-    caller.admin("revoke")?;
-    let body: RevokeBody = serde_json::from_slice(&body?).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            format!("the body is not {{\"sub\"?: \"...\", \"jti\"?: \"...\"}}: {e}"),
-        )
-    })?;
-    if body.sub.is_none() && body.jti.is_none() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            "name a `sub` or a `jti` to revoke",
-        ));
-    }
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    state
-        .auth
-        .revoke(body.sub.as_deref(), body.jti.as_deref(), now_ms)
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage", e.to_string()))?;
-    let closed = state.repo.revoke(body.sub, body.jti).await?;
-    Ok(Json(json!({ "closed": closed })))
 }
