@@ -7,7 +7,10 @@ bench=$1 server=$2
 data=$(mktemp -d)
 port=$((20000 + RANDOM % 20000))
 fport=$((port + 1))
-"$server" --listen 127.0.0.1:$port --data-dir "$data" --log warn & spid=$!
+# Limits lifted as in bench/run.py (one address stands for many users).
+"$server" --listen 127.0.0.1:$port --data-dir "$data" --log warn \
+  --max-connections-per-ip 1000000 --new-connections-per-ip-per-sec 1000000 \
+  --messages-per-sec 1000000000 --bytes-per-sec 1000000000000 --max-docs-per-connection 1000000000 & spid=$!
 "$bench" floor --listen 127.0.0.1:$fport >/dev/null & fpid=$!
 trap 'kill $spid $fpid 2>/dev/null; wait $spid $fpid 2>/dev/null || true; rm -rf "$data"' EXIT
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done

@@ -2,13 +2,6 @@
 //! `converge_proto::fuzz::chunk_load` (see that module).
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    // Panics the engine contains (inside Automerge) are not crashes: keep
-    // the default hook so they unwind to where the engine catches them.
-    converge_fuzz_hook();
+    converge_proto::fuzz::contain_panics();
     converge_proto::fuzz::chunk_load(data);
 });
-
-fn converge_fuzz_hook() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| drop(std::panic::take_hook()));
-}

@@ -7,7 +7,7 @@ use converge_proto::engine::Claims;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    converge_fuzz_hook();
+    converge_proto::fuzz::contain_panics();
     if let Ok(token) = std::str::from_utf8(data) {
         let _ = jsonwebtoken::decode_header(token);
         let mut validation = Validation::new(Algorithm::HS256);
@@ -20,8 +20,3 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     }
     converge_proto::fuzz::claims(data);
 });
-
-fn converge_fuzz_hook() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| drop(std::panic::take_hook()));
-}

@@ -25,6 +25,16 @@ pub const TARGETS: [&str; 5] = [
     "context_ops",
 ];
 
+/// For a cargo-fuzz target, before its first input: puts back Rust's
+/// default panic hook in place of libFuzzer's aborting one, so a panic the
+/// engine contains (inside Automerge) unwinds to where the engine catches
+/// it; one that escapes still ends at libFuzzer's `catch_unwind` and is
+/// reported as a crash.
+pub fn contain_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| drop(std::panic::take_hook()));
+}
+
 /// Runs target `name` on `data` (for the replay test).
 pub fn run(name: &str, data: &[u8]) {
     match name {

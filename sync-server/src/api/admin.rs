@@ -9,7 +9,7 @@ use converge_core::engine::Access;
 use serde::Deserialize;
 use serde_json::{json, Value as JsonValue};
 
-use super::{not_null, ApiError, ApiId, Caller};
+use super::{json_body, not_null, ApiError, ApiId, Caller};
 use crate::server::AppState;
 
 pub(super) async fn get_access(
@@ -38,13 +38,10 @@ pub(super) async fn put_access(
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<JsonValue>, ApiError> {
     caller.admin("change access lists")?;
-    let body: AccessBody = serde_json::from_slice(&body?).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            format!("the body is not {{\"subject\": \"...\", \"access\": \"read\"|\"write\"|\"none\"}}: {e}"),
-        )
-    })?;
+    let body: AccessBody = json_body(
+        body,
+        r#"{"subject": "...", "access": "read"|"write"|"none"}"#,
+    )?;
     let id = id.doc()?;
     let acl = state
         .repo
@@ -69,13 +66,7 @@ pub(super) async fn revoke(
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<JsonValue>, ApiError> {
     caller.admin("revoke")?;
-    let body: RevokeBody = serde_json::from_slice(&body?).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            format!("the body is not {{\"sub\"?: \"...\", \"jti\"?: \"...\"}}: {e}"),
-        )
-    })?;
+    let body: RevokeBody = json_body(body, r#"{"sub"?: "...", "jti"?: "..."}"#)?;
     if body.sub.is_none() && body.jti.is_none() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -292,6 +292,21 @@ fn page_limit(limit: Option<u64>) -> Result<usize, ApiError> {
     }
 }
 
+/// A request body read as JSON of `T`, whatever its content type (`curl
+/// -d` sends a form type); `shape` tells the caller what was expected.
+pub(crate) fn json_body<T: DeserializeOwned>(
+    body: Result<axum::body::Bytes, BytesRejection>,
+    shape: &str,
+) -> Result<T, ApiError> {
+    serde_json::from_slice(&body?).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("the body is not {shape}: {e}"),
+        )
+    })
+}
+
 /// For optional fields that may be absent but not `null`.
 pub(crate) fn not_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     d: D,
@@ -526,14 +541,7 @@ async fn apply_ops(
     id: ApiId,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<JsonValue>, ApiError> {
-    // Any content type (`curl -d` sends a form type): the body is JSON.
-    let body: OpsBody = serde_json::from_slice(&body?).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            format!("the body is not {{\"ops\": [...], \"message\"?: \"...\"}}: {e}"),
-        )
-    })?;
+    let body: OpsBody = json_body(body, r#"{"ops": [...], "message"?: "..."}"#)?;
     let ops = body
         .ops
         .into_iter()

@@ -5,7 +5,7 @@
 //! session (close codes 4401 and 4403), and the HTTP API's 401/403/404.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use converge_core::engine::Access;
@@ -13,14 +13,15 @@ use converge_core::runtime::RepoError;
 use converge_core::transport::ws;
 use converge_core::wire::DocumentId;
 use converge_server::auth::{mint_hs256, AuthSettings, Claims, Rights};
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use super::http::http_with;
 use super::relay::{node, put, rust_client, Relay};
+use super::sockets::{close_code, Socket};
 use super::wait;
 
 const SECRET: &[u8] = b"a test secret of more than 32 bytes, honest";
@@ -108,27 +109,9 @@ async fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, Value) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let body = body.unwrap_or("");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read");
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    let value = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()));
-    (status, value)
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    http_with(addr, method, path, &headers, body).await
 }
 
 /// Where a WebSocket client puts its token.
@@ -138,9 +121,6 @@ enum Via {
     Header,
     Cookie,
 }
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Opens a WebSocket with `token` placed `via`: the socket, or the HTTP
 /// status and body the upgrade was refused with.
@@ -173,23 +153,6 @@ async fn dial(relay: &Relay, token: Option<&str>, via: Via) -> Result<Socket, (u
         }
         Err(e) => panic!("dial failed for another reason: {e}"),
     }
-}
-
-/// Reads until the relay closes; returns the close code.
-async fn close_code(socket: &mut Socket) -> u16 {
-    let frame = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(m) = socket.next().await {
-            match m {
-                Ok(WsMessage::Close(frame)) => return frame.map(|f| u16::from(f.code)),
-                Ok(_) => continue,
-                Err(_) => return None,
-            }
-        }
-        None
-    })
-    .await
-    .expect("the relay closes the connection");
-    frame.expect("a close frame with a code")
 }
 
 /// A protected document holding `CONTENT`, created by the admin.

@@ -13,15 +13,13 @@ use converge_core::engine::Event;
 use converge_core::transport::ws;
 use converge_core::wire::{self, DocMessage, DocumentId, Message, PeerId};
 use converge_server::limits::Limits;
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use super::relay::{put, rust_client, Relay};
+use super::sockets::{close_code, handshake, join, Socket};
 use super::wait;
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Opens a raw WebSocket, optionally saying it is forwarded for `xff`:
 /// the socket, or the HTTP status the upgrade was refused with.
@@ -36,51 +34,6 @@ async fn dial(relay: &Relay, xff: Option<&str>) -> Result<Socket, u16> {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
         Err(e) => panic!("dial failed for another reason: {e}"),
     }
-}
-
-/// Reads until the relay closes; returns the close code.
-async fn close_code(socket: &mut Socket) -> u16 {
-    let code = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(m) = socket.next().await {
-            match m {
-                Ok(WsMessage::Close(frame)) => return frame.map(|f| u16::from(f.code)),
-                Ok(_) => continue,
-                Err(_) => return None,
-            }
-        }
-        None
-    })
-    .await
-    .expect("the relay closes the connection");
-    code.expect("a close frame with a code")
-}
-
-fn join(name: &str) -> WsMessage {
-    WsMessage::Binary(
-        wire::encode(&Message::Join {
-            sender_id: PeerId::new(name).expect("valid"),
-            metadata: None,
-            supported_protocol_versions: Some(vec!["1".into()]),
-        })
-        .into(),
-    )
-}
-
-/// Joins and waits for the relay's `peer` answer: the connection is served.
-async fn handshake(socket: &mut Socket, name: &str) {
-    socket.send(join(name)).await.expect("send join");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(Ok(m)) = socket.next().await {
-            if let WsMessage::Binary(b) = m {
-                if matches!(wire::decode(&b), Ok(Message::Peer { .. })) {
-                    return;
-                }
-            }
-        }
-        panic!("{name}: the connection ended before the relay answered join");
-    })
-    .await
-    .expect("the relay answers join");
 }
 
 /// Another client syncs a new document through the relay: it is serving.
@@ -204,6 +157,40 @@ async fn a_connection_sending_too_fast_is_closed() {
         }
     }
     assert_eq!(close_code(&mut flood).await, 1008);
+    still_serves(&relay).await;
+    relay.stop().await;
+}
+
+/// Bytes per second: with 16 KiB messages allowed and 4 KiB/s, the burst
+/// holds one largest message; two 12 KiB messages at once are too much.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_sending_too_many_bytes_is_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = Limits {
+        bytes_per_sec: 4096.0,
+        ..Limits::default()
+    };
+    let relay = Relay::start_limited_messages(dir.path(), limits, 16 * 1024).await;
+    let mut heavy = dial(&relay, None).await.expect("upgrade");
+    handshake(&mut heavy, "heavy").await;
+    for count in 1..=3u64 {
+        let message = Message::Ephemeral(converge_core::wire::EphemeralMessage {
+            sender_id: PeerId::new("heavy").expect("valid"),
+            target_id: relay.repo.peer_id().clone(),
+            document_id: DocumentId::from_random([5; 16]),
+            count,
+            session_id: converge_core::wire::SessionId::new("s1").expect("valid"),
+            data: vec![0xa0; 12 * 1024],
+        });
+        if heavy
+            .send(WsMessage::Binary(wire::encode(&message).into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut heavy).await, 1008);
     still_serves(&relay).await;
     relay.stop().await;
 }

@@ -10,6 +10,7 @@ mod limits;
 mod properties;
 mod relay;
 mod scenarios;
+mod sockets;
 mod storage;
 mod stories;
 mod tls;

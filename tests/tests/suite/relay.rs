@@ -99,6 +99,20 @@ impl Relay {
         Self::start_full(dir, setup).await
     }
 
+    /// [`Relay::start_limited`] with a message size limit.
+    pub(crate) async fn start_limited_messages(
+        dir: &Path,
+        limits: converge_server::limits::Limits,
+        max_message_bytes: usize,
+    ) -> Relay {
+        let setup = Setup {
+            limits,
+            max_message_bytes,
+            ..Setup::default()
+        };
+        Self::start_full(dir, setup).await
+    }
+
     async fn start_full(dir: &Path, setup: Setup) -> Relay {
         let Setup {
             max_message_bytes,
@@ -651,18 +665,7 @@ async fn malformed_frames_close_only_their_connection() {
         for f in frames {
             let _ = socket.send(f).await;
         }
-        let closed = tokio::time::timeout(Duration::from_secs(5), async {
-            while let Some(msg) = socket.next().await {
-                match msg {
-                    Ok(WsMessage::Close(frame)) => return frame.map(|f| u16::from(f.code)),
-                    Ok(_) => continue,
-                    Err(_) => return None,
-                }
-            }
-            None
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{what}: connection was not closed"));
+        let closed = super::sockets::closed_with(&mut socket).await;
         assert_eq!(closed, code, "{what}: close code");
     }
 

@@ -6,14 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::Connector;
-
-use converge_core::wire::{self, Message, PeerId};
 
 use super::relay::Relay;
 
@@ -50,27 +46,7 @@ async fn wss_handshake(relay: &Relay, client: &Arc<rustls::ClientConfig>, name: 
     )
     .await
     .expect("wss connect");
-    let join = wire::encode(&Message::Join {
-        sender_id: PeerId::new(name).expect("valid"),
-        metadata: None,
-        supported_protocol_versions: Some(vec!["1".into()]),
-    });
-    socket
-        .send(WsMessage::Binary(join.into()))
-        .await
-        .expect("send join");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(Ok(m)) = socket.next().await {
-            if let WsMessage::Binary(b) = m {
-                if matches!(wire::decode(&b), Ok(Message::Peer { .. })) {
-                    return;
-                }
-            }
-        }
-        panic!("the wss connection ended before the relay answered join");
-    })
-    .await
-    .expect("the relay answers join over TLS");
+    super::sockets::handshake(&mut socket, name).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -321,4 +321,127 @@ mod tests {
         assert_eq!(Acl::decode(&acl.encode()), acl);
         assert_eq!(Acl::decode(b"not json"), Acl::default());
     }
+
+    /// Through the engine: a peer that may not read a document is told it
+    /// is unavailable and never gets its ephemeral messages; a reader does.
+    #[test]
+    fn ephemeral_messages_reach_readers_only() {
+        use crate::engine::{
+            Command, CommandId, CommandResult, ConnectionId, Direction, Engine, EngineConfig,
+            Input, RelayPolicy, Timestamp,
+        };
+        use crate::wire::{self, DocMessage, EphemeralMessage, Message, PeerId, SessionId};
+
+        let relay = PeerId::new("relay").expect("valid");
+        let mut cfg = EngineConfig::new(relay.clone(), None, 3);
+        cfg.policy = std::sync::Arc::new(RelayPolicy);
+        let mut engine = Engine::new(cfg);
+        let now = Timestamp(1);
+        let out = engine.handle(
+            now,
+            Input::Command(
+                CommandId(1),
+                Command::Create {
+                    initial: None,
+                    owner: None,
+                },
+            ),
+        );
+        let Some((_, CommandResult::Create(Ok(doc)))) = out.completed.first() else {
+            panic!("create answers at once");
+        };
+        let doc = doc.clone();
+        let grant = |name: &str, access: Access| Grant {
+            subject: Some(name.into()),
+            docs: [(doc.clone(), access)].into(),
+            ..Grant::anonymous(Access::None)
+        };
+        let peers = [
+            ("writer", ConnectionId(1), grant("writer", Access::Write)),
+            ("reader", ConnectionId(2), grant("reader", Access::Read)),
+            ("stranger", ConnectionId(3), grant("stranger", Access::None)),
+        ];
+        let empty_sync = automerge::sync::Message {
+            heads: Vec::new(),
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: automerge::sync::ChunkList::empty(),
+            flags: None,
+            version: automerge::sync::MessageVersion::V1,
+        }
+        .encode();
+        let mut unavailable_to = Vec::new();
+        for (name, conn, grant) in &peers {
+            let peer = PeerId::new(name).expect("valid");
+            engine.handle(
+                now,
+                Input::Connected {
+                    conn: *conn,
+                    direction: Direction::Incoming,
+                    grant: grant.clone(),
+                },
+            );
+            let join = Message::Join {
+                sender_id: peer.clone(),
+                metadata: None,
+                supported_protocol_versions: Some(vec!["1".into()]),
+            };
+            engine.handle(
+                now,
+                Input::Received {
+                    conn: *conn,
+                    bytes: wire::encode(&join),
+                },
+            );
+            let request = Message::Request(DocMessage {
+                sender_id: peer,
+                target_id: relay.clone(),
+                document_id: doc.clone(),
+                data: empty_sync.clone(),
+            });
+            let out = engine.handle(
+                now,
+                Input::Received {
+                    conn: *conn,
+                    bytes: wire::encode(&request),
+                },
+            );
+            for send in out.sends {
+                if matches!(send.message, Message::DocUnavailable { .. }) {
+                    unavailable_to.push(send.conn);
+                }
+            }
+        }
+        assert_eq!(
+            unavailable_to,
+            vec![ConnectionId(3)],
+            "only the stranger is refused"
+        );
+        let ephemeral = Message::Ephemeral(EphemeralMessage {
+            sender_id: PeerId::new("writer").expect("valid"),
+            target_id: relay.clone(),
+            document_id: doc.clone(),
+            count: 1,
+            session_id: SessionId::new("s").expect("valid"),
+            data: vec![0xa0],
+        });
+        let out = engine.handle(
+            now,
+            Input::Received {
+                conn: ConnectionId(1),
+                bytes: wire::encode(&ephemeral),
+            },
+        );
+        let to: Vec<ConnectionId> = out
+            .sends
+            .iter()
+            .filter(|s| matches!(s.message, Message::Ephemeral(_)))
+            .map(|s| s.conn)
+            .collect();
+        assert_eq!(
+            to,
+            vec![ConnectionId(2)],
+            "the reader gets it, the stranger never"
+        );
+    }
 }
