@@ -217,7 +217,7 @@ pub struct Config {
         default_value_t = 32.0
     )]
     pub new_connections_per_ip_per_sec: f64,
-    /// Messages per second one connection may send (two seconds' worth in a burst); faster closes it with 1008.
+    /// Messages per second one connection may send (ten seconds' worth in a burst); faster closes it with 1008.
     #[arg(long, env = "CONVERGE_MESSAGES_PER_SEC", default_value_t = 2000.0)]
     pub messages_per_sec: f64,
     /// Bytes per second one connection may send (two seconds' worth, and at least one largest message, in a burst); faster closes it with 1008.

@@ -27,8 +27,9 @@ pub struct Limits {
     /// New WebSocket connections one address may open per second (with a
     /// burst of as many).
     pub new_connections_per_ip_per_sec: f64,
-    /// Messages per second one connection may send (burst: two seconds'
-    /// worth).
+    /// Messages per second one connection may send (burst: ten seconds'
+    /// worth, for a client that opens with a sync message for each of its
+    /// many documents).
     pub messages_per_sec: f64,
     /// Bytes per second one connection may send (burst: two seconds'
     /// worth, and at least one largest message).
@@ -208,7 +209,7 @@ impl Gate {
     pub fn rate(&self, max_message_bytes: usize) -> Rate {
         let l = &self.limits;
         Rate {
-            messages: Bucket::new(l.messages_per_sec, (l.messages_per_sec * 2.0).max(1.0)),
+            messages: Bucket::new(l.messages_per_sec, (l.messages_per_sec * 10.0).max(1.0)),
             bytes: Bucket::new(
                 l.bytes_per_sec,
                 (l.bytes_per_sec * 2.0).max(max_message_bytes as f64),

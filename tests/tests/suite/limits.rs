@@ -151,7 +151,8 @@ async fn a_connection_sending_too_fast_is_closed() {
     let relay = Relay::start_limited(dir.path(), limits, |_| {}).await;
     let mut flood = dial(&relay, None).await.expect("upgrade");
     handshake(&mut flood, "flood").await;
-    for _ in 0..100 {
+    // The burst is ten seconds' worth (100 messages): 300 at once is over.
+    for _ in 0..300 {
         if flood.send(join("flood")).await.is_err() {
             break;
         }
