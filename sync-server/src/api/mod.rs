@@ -54,7 +54,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use converge_core::context::{ContextError, JsonOp, JsonOpError, Op, Path};
-use converge_core::engine::{Access, Grant, Origin};
+use converge_core::engine::{Access, Acl, Grant, Origin};
 use converge_core::runtime::{ContextEvent, DocHandle, Repo, RepoError};
 use converge_core::storage::{DocKey, DocMeta, StorageKey};
 use converge_core::wire::{decode_head, DocumentId};
@@ -148,12 +148,13 @@ impl Caller {
         state: &AppState,
         id: &DocumentId,
         want: Access,
-    ) -> Result<Access, ApiError> {
-        let has = if self.0.admin {
-            Access::Write
+    ) -> Result<Option<Acl>, ApiError> {
+        // An admin's right does not depend on the list: no need to read it.
+        let (has, acl) = if self.0.admin {
+            (Access::Write, None)
         } else {
             let acl = state.repo.acl(id).await?;
-            self.0.access(Some(&acl), id)
+            (self.0.access(Some(&acl), id), Some(acl))
         };
         match has {
             Access::None => Err(ApiError::new(
@@ -162,7 +163,7 @@ impl Caller {
                 format!("no context {id}"),
             )),
             has if has < want => Err(forbidden(&format!("{want} {id}"))),
-            has => Ok(has),
+            _ => Ok(acl),
         }
     }
 }
@@ -591,9 +592,8 @@ async fn metadata(
     id: ApiId,
 ) -> Result<Json<JsonValue>, ApiError> {
     let id = id.doc()?;
-    caller.needs(&state, &id, Access::Read).await?;
-    if !caller.0.admin {
-        let acl = state.repo.acl(&id).await?;
+    // The list read for the right also says who owns it (none: an admin).
+    if let Some(acl) = caller.needs(&state, &id, Access::Read).await? {
         if acl.owner.is_none() || acl.owner != caller.0.subject {
             return Err(forbidden("read the metadata of contexts it does not own"));
         }

@@ -205,15 +205,7 @@ async fn a_connection_asking_for_too_many_documents_is_closed() {
     .await;
     let mut greedy = dial(&relay, None).await.expect("upgrade");
     handshake(&mut greedy, "greedy").await;
-    let sync = automerge::sync::Message {
-        heads: Vec::new(),
-        need: Vec::new(),
-        have: Vec::new(),
-        changes: automerge::sync::ChunkList::empty(),
-        flags: None,
-        version: automerge::sync::MessageVersion::V1,
-    }
-    .encode();
+    let sync = converge_core::engine::validate::empty_sync_message();
     let relay_peer = relay.repo.peer_id().clone();
     for n in 0..3u8 {
         let request = Message::Request(DocMessage {

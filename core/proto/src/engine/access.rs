@@ -361,15 +361,7 @@ mod tests {
             ("reader", ConnectionId(2), grant("reader", Access::Read)),
             ("stranger", ConnectionId(3), grant("stranger", Access::None)),
         ];
-        let empty_sync = automerge::sync::Message {
-            heads: Vec::new(),
-            need: Vec::new(),
-            have: Vec::new(),
-            changes: automerge::sync::ChunkList::empty(),
-            flags: None,
-            version: automerge::sync::MessageVersion::V1,
-        }
-        .encode();
+        let empty_sync = crate::engine::validate::empty_sync_message();
         let mut unavailable_to = Vec::new();
         for (name, conn, grant) in &peers {
             let peer = PeerId::new(name).expect("valid");

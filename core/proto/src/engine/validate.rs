@@ -209,6 +209,21 @@ pub fn hostile_bloom_bytes(entries: u32, bits_per_entry: u32, probes: u32, bits:
     out
 }
 
+/// An encoded v1 sync message that says nothing (no heads, needs, haves or
+/// changes): the smallest valid `request` or `sync` payload, for tests.
+#[cfg(any(test, feature = "test-support"))]
+pub fn empty_sync_message() -> Vec<u8> {
+    sync::Message {
+        heads: Vec::new(),
+        need: Vec::new(),
+        have: Vec::new(),
+        changes: sync::ChunkList::empty(),
+        flags: None,
+        version: sync::MessageVersion::V1,
+    }
+    .encode()
+}
+
 /// Wraps Bloom filter bytes into a v1 sync message with no heads, no
 /// needs, no changes and one `have` (empty `last_sync`) carrying the filter.
 #[cfg(any(test, feature = "test-support"))]
