@@ -431,7 +431,9 @@ async fn create(
         return Err(forbidden("create contexts"));
     }
     let body = body?;
-    let initial = if body.iter().all(u8::is_ascii_whitespace) {
+    // Only a body that is absent means "empty context": whitespace alone is
+    // not JSON and is refused like any other malformed body.
+    let initial = if body.is_empty() {
         None
     } else {
         let parsed: JsonValue = serde_json::from_slice(&body).map_err(|e| {

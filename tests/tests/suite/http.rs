@@ -497,6 +497,15 @@ async fn bad_requests_are_refused_and_change_nothing() {
             "/v1/contexts",
         ),
         (
+            // Whitespace is not "no body": it is a body that is not JSON.
+            "POST",
+            "/v1/contexts".into(),
+            Some("\n"),
+            400,
+            "bad_json",
+            "/v1/contexts",
+        ),
+        (
             "POST",
             ops.clone(),
             Some(r#"{"ops": [], "message": null}"#),
