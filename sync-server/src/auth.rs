@@ -114,7 +114,11 @@ pub struct Auth {
     keys: Vec<Key>,
     audience: Option<String>,
     issuer: Option<String>,
-    anonymous: Option<Grant>,
+    /// Shared by every anonymous connection (one allocation, not one
+    /// per connection).
+    anonymous: Option<Arc<Grant>>,
+    /// What every request gets when no key is configured.
+    everything: Arc<Grant>,
     revoked: RwLock<Revocations>,
     storage: Arc<dyn Storage>,
 }
@@ -204,9 +208,9 @@ impl Auth {
             keys.push(public_key(spec)?);
         }
         let anonymous = match (keys.is_empty(), settings.anonymous) {
-            (true, None) => Some(Grant::everything()),
-            (_, Some(Anonymous::Write)) => Some(Grant::anonymous(Access::Write)),
-            (_, Some(Anonymous::Read)) => Some(Grant::anonymous(Access::Read)),
+            (true, None) => Some(Arc::new(Grant::everything())),
+            (_, Some(Anonymous::Write)) => Some(Arc::new(Grant::anonymous(Access::Write))),
+            (_, Some(Anonymous::Read)) => Some(Arc::new(Grant::anonymous(Access::Read))),
             (true, Some(Anonymous::None)) => {
                 anyhow::bail!("--allow-anonymous none needs a key (--jwt-secret-file or --jwt-public-key-file)")
             }
@@ -239,6 +243,7 @@ impl Auth {
             audience: settings.audience.clone(),
             issuer: settings.issuer.clone(),
             anonymous,
+            everything: Arc::new(Grant::everything()),
             revoked: RwLock::new(revoked),
             storage,
         })
@@ -251,7 +256,7 @@ impl Auth {
 
     /// What anonymous requests get, if anything.
     pub fn anonymous(&self) -> Option<&Grant> {
-        self.anonymous.as_ref()
+        self.anonymous.as_deref()
     }
 
     /// The grant of a request: its token's, the anonymous one if it has
@@ -260,12 +265,12 @@ impl Auth {
         &self,
         headers: &HeaderMap,
         query: Option<&str>,
-    ) -> Result<Grant, AuthError> {
+    ) -> Result<Arc<Grant>, AuthError> {
         if self.is_open() {
-            return Ok(Grant::everything());
+            return Ok(self.everything.clone());
         }
         match token_of(headers, query) {
-            Some(token) => self.verify(&token),
+            Some(token) => self.verify(&token).map(Arc::new),
             None => self.anonymous.clone().ok_or(AuthError::Missing),
         }
     }

@@ -123,11 +123,43 @@ pub struct Gate {
     by_ip: Mutex<HashMap<IpAddr, PerIp>>,
 }
 
-/// A connection's place; dropping it frees the place.
+/// A connection's place, and the messages and bytes it may still send
+/// (token buckets refilled at the limits' rates); dropping it frees the
+/// place. One per connection, so it is kept small: the rates live in the
+/// gate.
 #[derive(Debug)]
 pub struct Slot {
     gate: Arc<Gate>,
     ip: IpAddr,
+    messages: f64,
+    bytes: f64,
+    byte_burst: f64,
+    at: Instant,
+}
+
+impl Slot {
+    /// Counts one message of `len` bytes; false if it is over the rate
+    /// (nothing is taken then).
+    pub fn allow(&mut self, len: usize) -> bool {
+        let l = &self.gate.limits;
+        let now = Instant::now();
+        let secs = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.messages = (self.messages + secs * l.messages_per_sec).min(message_burst(l));
+        self.bytes = (self.bytes + secs * l.bytes_per_sec).min(self.byte_burst);
+        if self.messages >= 1.0 && self.bytes >= len as f64 {
+            self.messages -= 1.0;
+            self.bytes -= len as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Ten seconds' worth of messages (see [`Limits::messages_per_sec`]).
+fn message_burst(l: &Limits) -> f64 {
+    (l.messages_per_sec * 10.0).max(1.0)
 }
 
 impl Drop for Slot {
@@ -179,8 +211,9 @@ impl Gate {
             .unwrap_or(peer.ip())
     }
 
-    /// Lets a connection from `ip` in, or says why not.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
+    /// Lets a connection from `ip` in, or says why not. Its byte burst
+    /// is two seconds' worth and at least one largest message.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, max_message_bytes: usize) -> Result<Slot, Refused> {
         let limits = &self.limits;
         let mut by_ip = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
         if self.total.load(Ordering::Relaxed) >= limits.max_connections {
@@ -199,36 +232,15 @@ impl Gate {
         }
         entry.open += 1;
         self.total.fetch_add(1, Ordering::Relaxed);
+        let byte_burst = (limits.bytes_per_sec * 2.0).max(max_message_bytes as f64);
         Ok(Slot {
             gate: self.clone(),
             ip,
+            messages: message_burst(limits),
+            bytes: byte_burst,
+            byte_burst,
+            at: Instant::now(),
         })
-    }
-
-    /// The per-connection rate limiter for one new connection.
-    pub fn rate(&self, max_message_bytes: usize) -> Rate {
-        let l = &self.limits;
-        Rate {
-            messages: Bucket::new(l.messages_per_sec, (l.messages_per_sec * 10.0).max(1.0)),
-            bytes: Bucket::new(
-                l.bytes_per_sec,
-                (l.bytes_per_sec * 2.0).max(max_message_bytes as f64),
-            ),
-        }
-    }
-}
-
-/// Messages and bytes per second of one connection.
-#[derive(Debug, Clone)]
-pub struct Rate {
-    messages: Bucket,
-    bytes: Bucket,
-}
-
-impl Rate {
-    /// Counts one message of `len` bytes; false if it is over the rate.
-    pub fn allow(&mut self, len: usize) -> bool {
-        self.messages.take(1.0) && self.bytes.take(len as f64)
     }
 }
 
@@ -266,13 +278,13 @@ mod tests {
         });
         let a: IpAddr = "1.1.1.1".parse().expect("ip");
         let b: IpAddr = "2.2.2.2".parse().expect("ip");
-        let one = gate.admit(a).expect("first");
-        let _two = gate.admit(a).expect("second");
-        assert_eq!(gate.admit(a).err(), Some(Refused::PerIp(2)));
-        let _three = gate.admit(b).expect("another address");
-        assert_eq!(gate.admit(b).err(), Some(Refused::Full(3)));
+        let one = gate.admit(a, 1024).expect("first");
+        let _two = gate.admit(a, 1024).expect("second");
+        assert_eq!(gate.admit(a, 1024).err(), Some(Refused::PerIp(2)));
+        let _three = gate.admit(b, 1024).expect("another address");
+        assert_eq!(gate.admit(b, 1024).err(), Some(Refused::Full(3)));
         drop(one);
-        assert!(gate.admit(a).is_ok(), "a freed place is taken again");
+        assert!(gate.admit(a, 1024).is_ok(), "a freed place is taken again");
     }
 
     #[test]
@@ -280,5 +292,26 @@ mod tests {
         let mut bucket = Bucket::new(1.0, 3.0);
         assert!(bucket.take(1.0) && bucket.take(1.0) && bucket.take(1.0));
         assert!(!bucket.take(1.0), "the burst is spent");
+    }
+
+    #[test]
+    fn a_connection_gets_its_bursts_of_messages_and_bytes_then_no_more() {
+        let ip: IpAddr = "1.1.1.1".parse().expect("ip");
+        let gate = Gate::new(Limits {
+            messages_per_sec: 0.3,
+            bytes_per_sec: 0.001,
+            ..Limits::default()
+        });
+        // Ten seconds of 0.3 messages a second: three messages.
+        let mut slot = gate.admit(ip, 100).expect("admitted");
+        assert!(slot.allow(10) && slot.allow(10) && slot.allow(10));
+        assert!(!slot.allow(10), "the message burst is spent");
+        // The byte burst is at least one largest message.
+        let mut slot = gate.admit(ip, 100).expect("admitted");
+        assert!(slot.allow(100));
+        assert!(!slot.allow(1), "the byte burst is spent");
+        let mut slot = gate.admit(ip, 100).expect("admitted");
+        assert!(!slot.allow(101), "more than the byte burst at once");
+        assert!(slot.allow(100), "a refused message takes nothing");
     }
 }

@@ -16,6 +16,7 @@ use converge_core::runtime::Repo;
 use converge_core::transport::{drive, Incoming, Outgoing};
 use futures::{SinkExt, StreamExt};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 
 /// What every request handler can reach.
@@ -152,7 +153,7 @@ async fn websocket(
         }
     }
     let ip = state.gate.client_ip(remote, &headers);
-    let slot = match state.gate.admit(ip) {
+    let slot = match state.gate.admit(ip, state.max_message_bytes) {
         Ok(slot) => slot,
         Err(refused) => {
             tracing::warn!(%ip, %refused, "refused a connection");
@@ -171,26 +172,35 @@ async fn websocket(
     // The client's settings too (`SocketSettings::tungstenite`); axum only
     // takes them one by one.
     let socket = SocketSettings::new(state.max_message_bytes);
+    // Only what a connection needs is kept for its lifetime, not the
+    // whole state.
+    let (repo, ping) = (state.repo.clone(), state.ping_interval);
     upgrade
         .read_buffer_size(socket.read_buffer)
         .write_buffer_size(socket.write_buffer)
         .max_write_buffer_size(socket.max_write_buffer)
         .max_message_size(socket.max_message)
         .max_frame_size(socket.max_message)
-        .on_upgrade(move |socket| connection(state, socket, remote, grant, slot))
+        .on_upgrade(move |socket| connection(repo, ping, socket, remote, grant, slot))
 }
 
-async fn connection(
-    state: AppState,
+/// A connection's task. Not an `async fn`: its arguments would stay in the
+/// task for its whole life (the WebSocket alone is hundreds of bytes, and a
+/// relay holds tens of thousands of connections), so the socket is split
+/// and boxed first and only the halves go into the future.
+fn connection(
+    repo: Repo,
+    ping_interval: Duration,
     socket: WebSocket,
     remote: SocketAddr,
-    grant: Grant,
-    slot: crate::limits::Slot,
-) {
+    grant: Arc<Grant>,
+    mut slot: crate::limits::Slot,
+) -> impl Future<Output = ()> {
     let (sink, stream) = socket.split();
-    let mut rate = state.gate.rate(state.max_message_bytes);
+    // The slot goes with the reading half: it is given back when the
+    // connection's stream is dropped, at the end of `drive`.
     let stream = stream.map(move |m| match m {
-        Ok(Message::Binary(b)) if !rate.allow(b.len()) => {
+        Ok(Message::Binary(b)) if !slot.allow(b.len()) => {
             tracing::warn!(%remote, "connection over its message rate; closing");
             Incoming::RateLimited
         }
@@ -217,16 +227,18 @@ async fn connection(
             })),
         }))
     });
-    let ended = drive(
-        &state.repo,
-        Direction::Incoming,
-        Some(remote.to_string()),
-        grant,
-        Box::pin(stream),
-        Box::pin(sink),
-        Some(state.ping_interval),
-    )
-    .await;
-    drop(slot);
-    tracing::debug!(reason = %ended.reason, "connection ended");
+    let (stream, sink) = (Box::pin(stream), Box::pin(sink));
+    async move {
+        let ended = drive(
+            &repo,
+            Direction::Incoming,
+            Some(remote.to_string()),
+            grant,
+            stream,
+            sink,
+            Some(ping_interval),
+        )
+        .await;
+        tracing::debug!(reason = %ended.reason, "connection ended");
+    }
 }

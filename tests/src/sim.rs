@@ -502,7 +502,7 @@ impl Sim {
             Input::Connected {
                 conn,
                 direction: Direction::Incoming,
-                grant: Grant::everything(),
+                grant: Grant::everything().into(),
             },
         );
     }
@@ -659,7 +659,7 @@ impl Sim {
                     Input::Connected {
                         conn: conns.1,
                         direction: Direction::Incoming,
-                        grant: Grant::everything(),
+                        grant: Grant::everything().into(),
                     },
                 );
                 self.feed(
@@ -667,7 +667,7 @@ impl Sim {
                     Input::Connected {
                         conn: conns.0,
                         direction: Direction::Outgoing,
-                        grant: Grant::everything(),
+                        grant: Grant::everything().into(),
                     },
                 );
             }

@@ -127,7 +127,7 @@ pub fn sync_message(data: &[u8]) {
         Input::Connected {
             conn,
             direction: Direction::Incoming,
-            grant: Grant::everything(),
+            grant: Grant::everything().into(),
         },
     );
     settle(&mut engine, &store, out);

@@ -71,8 +71,8 @@
 //! // One connection, seen from both ends (the same id on each side here):
 //! // Bob dials, Alice accepts, and Bob asks for the document.
 //! let link = ConnectionId(1);
-//! queue.push_back((0, Input::Connected { conn: link, direction: Direction::Incoming, grant: Grant::everything() }));
-//! queue.push_back((1, Input::Connected { conn: link, direction: Direction::Outgoing, grant: Grant::everything() }));
+//! queue.push_back((0, Input::Connected { conn: link, direction: Direction::Incoming, grant: Grant::everything().into() }));
+//! queue.push_back((1, Input::Connected { conn: link, direction: Direction::Outgoing, grant: Grant::everything().into() }));
 //! queue.push_back((1, Input::Command(CommandId(2), Command::Find { document_id: id.clone() })));
 //!
 //! // Deliver everything, in order, until neither engine has more to say.

@@ -32,7 +32,7 @@ pub(super) enum Msg {
     Change(DocumentId, Editor, oneshot::Sender<Result<(), ChangeError>>),
     Read(DocumentId, Reader),
     Inspect(Inspector),
-    Opened(ConnectionId, Direction, ConnTx, Option<String>, Box<Grant>),
+    Opened(ConnectionId, Direction, ConnTx, Option<String>, Arc<Grant>),
     Sessions(oneshot::Sender<Vec<Session>>),
     Bytes(ConnectionId, Vec<u8>),
     Closed(ConnectionId),
@@ -67,12 +67,39 @@ impl Responder {
     }
 }
 
-/// Who is on a connection, for session listings.
-struct Remote {
+/// What the actor keeps per connection, from `open_connection` until the
+/// transport says it closed: one record (a relay holds tens of thousands).
+struct Link {
+    /// Its frames' queue; `None` once the engine closed or cut it.
+    tx: Option<ConnTx>,
     /// The network address, when the transport knows it.
     address: Option<String>,
-    /// The grant's subject.
-    subject: Option<String>,
+    /// What it may do (its subject is listed in sessions).
+    grant: Arc<Grant>,
+    /// Set once the handshake completed.
+    joined: Option<Joined>,
+}
+
+/// A completed handshake, for session listings.
+struct Joined {
+    peer_id: crate::wire::PeerId,
+    storage_id: Option<crate::wire::StorageId>,
+    ephemeral: bool,
+    since_ms: u64,
+}
+
+impl Link {
+    fn session(&self) -> Option<Session> {
+        let joined = self.joined.as_ref()?;
+        Some(Session {
+            peer_id: joined.peer_id.clone(),
+            storage_id: joined.storage_id.clone(),
+            ephemeral: joined.ephemeral,
+            remote: self.address.clone(),
+            subject: self.grant.subject.clone(),
+            connected_since_ms: joined.since_ms,
+        })
+    }
 }
 
 /// `Msg` holds closures, which are not `Debug`; this wrapper is.
@@ -113,10 +140,8 @@ fn take_more<T>(
 /// Owns the engine; see the [module docs](super).
 pub(super) struct Actor {
     engine: Engine,
-    remotes: BTreeMap<ConnectionId, Remote>,
-    sessions: BTreeMap<ConnectionId, Session>,
     clock: Arc<dyn Clock>,
-    conns: BTreeMap<ConnectionId, ConnTx>,
+    links: BTreeMap<ConnectionId, Link>,
     outbound_limit: (usize, Duration),
     pending: BTreeMap<CommandId, Responder>,
     next_cmd: u64,
@@ -143,10 +168,8 @@ impl Actor {
         Actor {
             outbound_limit: (config.max_outbound_bytes, config.outbound_grace),
             engine: Engine::new(config.engine),
-            remotes: BTreeMap::new(),
-            sessions: BTreeMap::new(),
             clock: config.clock,
-            conns: BTreeMap::new(),
+            links: BTreeMap::new(),
             pending: BTreeMap::new(),
             next_cmd: 0,
             events,
@@ -263,21 +286,20 @@ impl Actor {
                     }
                     continue;
                 }
-                Msg::Opened(conn, direction, tx, remote, grant) => {
-                    self.conns.insert(conn, tx);
-                    self.remotes.insert(
-                        conn,
-                        Remote {
-                            address: remote,
-                            subject: grant.subject.clone(),
-                        },
-                    );
+                Msg::Opened(conn, direction, tx, address, grant) => {
+                    let link = Link {
+                        tx: Some(tx),
+                        address,
+                        grant: grant.clone(),
+                        joined: None,
+                    };
+                    self.links.insert(conn, link);
                     self.engine.handle(
                         now,
                         Input::Connected {
                             conn,
                             direction,
-                            grant: *grant,
+                            grant,
                         },
                     )
                 }
@@ -292,19 +314,18 @@ impl Actor {
                     self.engine.handle_batch(now, inputs)
                 }
                 Msg::Sessions(reply) => {
-                    let _ = reply.send(self.sessions.values().cloned().collect());
+                    let _ = reply.send(self.links.values().filter_map(Link::session).collect());
                     continue;
                 }
                 Msg::Closed(conn) => {
-                    self.conns.remove(&conn);
-                    self.remotes.remove(&conn);
+                    self.links.remove(&conn);
                     self.engine.handle(now, Input::Disconnected { conn })
                 }
                 Msg::Shutdown(done) => {
                     // Close every connection so transports wind down (and
                     // release what they hold) while storage drains.
-                    for (_, conn) in std::mem::take(&mut self.conns) {
-                        conn.close(crate::engine::close_code::NORMAL, "shutting down".into());
+                    for tx in self.links.values_mut().filter_map(|l| l.tx.take()) {
+                        tx.close(crate::engine::close_code::NORMAL, "shutting down".into());
                     }
                     self.shutdown = Some(done);
                     continue;
@@ -335,7 +356,7 @@ impl Actor {
 
     fn act(&mut self, out: Output) -> Option<Timestamp> {
         for send in out.sends {
-            let Some(conn) = self.conns.get(&send.conn) else {
+            let Some(conn) = self.links.get(&send.conn).and_then(|l| l.tx.as_ref()) else {
                 continue;
             };
             if conn
@@ -345,7 +366,7 @@ impl Actor {
                 // The peer reads more slowly than it is sent to: cut it off
                 // (ahead of what waits) rather than hold ever more for it
                 // or drop frames and leave it silently out of sync.
-                if let Some(conn) = self.conns.remove(&send.conn) {
+                if let Some(conn) = self.links.get_mut(&send.conn).and_then(|l| l.tx.take()) {
                     let (limit, grace) = self.outbound_limit;
                     let reason = format!(
                         "over {limit} bytes waited more than {} s: the peer reads too slowly",
@@ -357,7 +378,7 @@ impl Actor {
             }
         }
         for close in out.closes {
-            if let Some(conn) = self.conns.remove(&close.conn) {
+            if let Some(conn) = self.links.get_mut(&close.conn).and_then(|l| l.tx.take()) {
                 let code = close.reason.code();
                 tracing::info!(conn = %close.conn, code, reason = %close.reason, "closing connection");
                 conn.close(code, close.reason.to_string());
@@ -386,20 +407,20 @@ impl Actor {
                     peer_id,
                     metadata,
                 } => {
-                    self.sessions.insert(
-                        *conn,
-                        Session {
+                    let since_ms = self.clock.now().0;
+                    if let Some(link) = self.links.get_mut(conn) {
+                        link.joined = Some(Joined {
                             peer_id: peer_id.clone(),
                             storage_id: metadata.storage_id.clone(),
                             ephemeral: metadata.ephemeral(),
-                            remote: self.remotes.get(conn).and_then(|r| r.address.clone()),
-                            subject: self.remotes.get(conn).and_then(|r| r.subject.clone()),
-                            connected_since_ms: self.clock.now().0,
-                        },
-                    );
+                            since_ms,
+                        });
+                    }
                 }
                 Event::PeerDisconnected { conn, .. } => {
-                    self.sessions.remove(conn);
+                    if let Some(link) = self.links.get_mut(conn) {
+                        link.joined = None;
+                    }
                 }
                 _ => {}
             }

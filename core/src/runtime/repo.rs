@@ -383,17 +383,11 @@ impl Repo {
         &self,
         direction: Direction,
         remote: Option<String>,
-        grant: Grant,
+        grant: Arc<Grant>,
     ) -> Result<(ConnectionId, OutboundQueue), RepoError> {
         let conn = ConnectionId(self.inner.next_conn.fetch_add(1, Ordering::Relaxed));
         let (sender, queue) = outbound::queue(self.inner.clock.clone());
-        self.send(Msg::Opened(
-            conn,
-            direction,
-            sender,
-            remote,
-            Box::new(grant),
-        ))?;
+        self.send(Msg::Opened(conn, direction, sender, remote, grant))?;
         Ok((conn, queue))
     }
 

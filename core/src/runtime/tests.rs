@@ -48,7 +48,7 @@ async fn silent_peer(repo: &Repo) -> (ConnectionId, OutboundQueue) {
         .open_connection(
             Direction::Incoming,
             None,
-            crate::engine::Grant::everything(),
+            crate::engine::Grant::everything().into(),
         )
         .expect("repo alive");
     let join = Message::Join {
@@ -73,7 +73,7 @@ async fn a_silent_connection_is_closed_at_the_handshake_timeout() {
         .open_connection(
             Direction::Incoming,
             None,
-            crate::engine::Grant::everything(),
+            crate::engine::Grant::everything().into(),
         )
         .expect("repo alive");
     settle(&repo).await;

@@ -43,7 +43,7 @@ pub fn connect(dialer: &Repo, listener: &Repo) -> Link {
                 &repo,
                 direction,
                 Some("in-memory".into()),
-                crate::engine::Grant::everything(),
+                crate::engine::Grant::everything().into(),
                 stream,
                 tx,
                 None,

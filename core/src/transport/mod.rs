@@ -12,6 +12,7 @@ pub mod memory;
 pub mod ws;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
@@ -69,7 +70,7 @@ pub async fn drive<St, Si>(
     repo: &Repo,
     direction: Direction,
     remote: Option<String>,
-    grant: Grant,
+    grant: Arc<Grant>,
     mut stream: St,
     mut sink: Si,
     ping_every: Option<Duration>,
@@ -156,11 +157,14 @@ where
                                 sink.flush().await
                             };
                             // A write stuck on a slow peer still yields to
-                            // the repo cutting that peer off.
+                            // the repo cutting that peer off. (Boxed: held
+                            // inline, the write and its timer would make
+                            // every idle connection's task that much bigger.)
+                            let write = Box::pin(tokio::time::timeout(WRITE_TIMEOUT, burst));
                             let written = tokio::select! {
                                 biased;
                                 reason = cut.cut() => return Stop::Close(close_code::POLICY, reason),
-                                written = tokio::time::timeout(WRITE_TIMEOUT, burst) => written,
+                                written = write => written,
                             };
                             match written {
                                 Ok(Ok(())) => {}
@@ -179,7 +183,8 @@ where
                         if started.elapsed().saturating_sub(seen) > period * 2 {
                             return Stop::Close(close_code::GOING_AWAY, "ping timeout".into());
                         }
-                        if tokio::time::timeout(WRITE_TIMEOUT, sink.send(Outgoing::Ping)).await.map_or(true, |r| r.is_err()) {
+                        let ping = Box::pin(tokio::time::timeout(WRITE_TIMEOUT, sink.send(Outgoing::Ping)));
+                        if ping.await.map_or(true, |r| r.is_err()) {
                             return Stop::Gone("write failed".into());
                         }
                     }

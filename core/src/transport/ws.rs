@@ -114,7 +114,7 @@ fn connect_inner(repo: Repo, url: String, token: Option<TokenSource>) -> Connect
                         &repo,
                         Direction::Outgoing,
                         Some(url.clone()),
-                        Grant::everything(),
+                        Grant::everything().into(),
                         Box::pin(stream),
                         Box::pin(sink),
                         Some(Duration::from_secs(5)),

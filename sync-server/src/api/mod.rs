@@ -117,7 +117,7 @@ fn forbidden(what: &str) -> ApiError {
 }
 
 /// Who is asking: the grant of the request's token (or the anonymous one).
-pub(crate) struct Caller(pub(crate) Grant);
+pub(crate) struct Caller(pub(crate) std::sync::Arc<Grant>);
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;

@@ -370,7 +370,7 @@ mod tests {
                 Input::Connected {
                     conn: *conn,
                     direction: Direction::Incoming,
-                    grant: grant.clone(),
+                    grant: grant.clone().into(),
                 },
             );
             let join = Message::Join {

@@ -10,12 +10,13 @@ pub(super) struct Connection {
     pub(super) direction: Direction,
     pub(super) handshake_deadline: Timestamp,
     /// What the other end may do.
-    pub(super) grant: Grant,
+    pub(super) grant: Arc<Grant>,
     /// Messages with changes refused because the peer may only read.
     pub(super) refused_writes: u32,
-    /// The documents it synced or asked for (see
-    /// [`EngineConfig::max_docs_per_connection`]).
-    pub(super) docs: BTreeSet<DocumentId>,
+    /// The documents it synced or asked for, sorted (see
+    /// [`EngineConfig::max_docs_per_connection`]). A vector: a relay holds
+    /// tens of thousands of connections with a document or two each.
+    pub(super) docs: Vec<DocumentId>,
 }
 
 /// Refused messages with changes after which a read-only peer is closed.
@@ -35,7 +36,12 @@ pub(super) enum ConnState {
 }
 
 impl Engine {
-    pub(super) fn on_connected(&mut self, conn: ConnectionId, direction: Direction, grant: Grant) {
+    pub(super) fn on_connected(
+        &mut self,
+        conn: ConnectionId,
+        direction: Direction,
+        grant: Arc<Grant>,
+    ) {
         if self.connections.contains_key(&conn) {
             self.close(conn, CloseReason::ConnectionReused);
         }
@@ -56,7 +62,7 @@ impl Engine {
                 handshake_deadline: deadline,
                 grant,
                 refused_writes: 0,
-                docs: BTreeSet::new(),
+                docs: Vec::new(),
             },
         );
         self.timers.insert((deadline, Timer::Handshake(conn)));

@@ -36,20 +36,31 @@ impl Engine {
         m: DocMessage,
         is_request: bool,
     ) {
-        let id = m.document_id;
+        // The id as the engine already holds it, when it does: each peer's
+        // messages parse their own copy, and a relay should keep one per
+        // document rather than one per (document, connection).
+        let id = match self.docs.get_key_value(&m.document_id) {
+            Some((held, _)) => held.clone(),
+            None => m.document_id,
+        };
         if !self.may_reach(&peer, &id) {
             self.tell_unavailable(&peer, &id);
             return;
         }
         let limit = self.cfg.max_docs_per_connection;
         if let Some(c) = self.connections.get_mut(&conn) {
-            if !c.docs.contains(&id) {
+            if let Err(at) = c.docs.binary_search(&id) {
                 if c.docs.len() >= limit {
                     tracing::info!(%conn, limit, "connection asked for too many documents");
                     self.close(conn, CloseReason::TooManyDocuments(limit));
                     return;
                 }
-                c.docs.insert(id.clone());
+                // Most connections sync one document or a few: room for
+                // exactly one at first, doubling after.
+                if c.docs.capacity() == 0 {
+                    c.docs.reserve_exact(1);
+                }
+                c.docs.insert(at, id.clone());
             }
         }
         let message = match validate::decode_sync_message(&m.data, &self.cfg.limits) {

@@ -169,7 +169,7 @@ pub enum Input {
         direction: Direction,
         /// What the other end may do (see [`Grant`]); connections the
         /// application makes itself get [`Grant::everything`].
-        grant: Grant,
+        grant: std::sync::Arc<Grant>,
     },
     /// A connection closed (from either side, for any reason).
     Disconnected {
