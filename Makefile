@@ -88,7 +88,7 @@ api-property: deps-python build-debug
 # fuzz/regressions/<target>/, which `cargo test` replays (commit it with
 # the fix). The fuzz build has its own target directory: its flags differ.
 FUZZ_SECS ?= 60
-FUZZ_TARGETS := wire_decode sync_message chunk_load claims context_ops
+FUZZ_TARGETS := wire_decode sync_message chunk_load claims context_ops bindings
 FUZZ_TARGET_DIR := $(HOME)/.cache/converge-fuzz-target
 fuzz: deps-rust
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked

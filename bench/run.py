@@ -117,7 +117,8 @@ class Server:
 # would measure the limiter, not the relay, so the benchmarks lift them.
 UNLIMITED = ["--max-connections", "1000000", "--max-connections-per-ip", "1000000",
              "--new-connections-per-ip-per-sec", "1000000", "--messages-per-sec", "1000000000",
-             "--bytes-per-sec", "1000000000000", "--max-docs-per-connection", "1000000000"]
+             "--bytes-per-sec", "1000000000000", "--max-docs-per-connection", "1000000000",
+             "--http-requests-per-ip-per-sec", "1000000"]
 
 
 def converge_argv(port, data_dir, replica="change-log"):

@@ -9,7 +9,7 @@ port=$((20000 + RANDOM % 20000))
 fport=$((port + 1))
 # Limits lifted as in bench/run.py (one address stands for many users).
 "$server" --listen 127.0.0.1:$port --data-dir "$data" --log warn \
-  --max-connections-per-ip 1000000 --new-connections-per-ip-per-sec 1000000 \
+  --max-connections-per-ip 1000000 --new-connections-per-ip-per-sec 1000000 --http-requests-per-ip-per-sec 1000000 \
   --messages-per-sec 1000000000 --bytes-per-sec 1000000000000 --max-docs-per-connection 1000000000 & spid=$!
 "$bench" floor --listen 127.0.0.1:$fport >/dev/null & fpid=$!
 trap 'kill $spid $fpid 2>/dev/null; wait $spid $fpid 2>/dev/null || true; rm -rf "$data"' EXIT

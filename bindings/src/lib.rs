@@ -16,19 +16,23 @@
 //!
 //! Layout: this file holds the errors, the runtime, [`Repo`] and
 //! [`Context`]; `ops.rs` the edits a transaction takes ([`ContextOp`]);
-//! `presence.rs` presence ([`PresenceHandle`], [`PresenceListener`]).
+//! `presence.rs` presence ([`PresenceHandle`], [`PresenceListener`]);
+//! `fuzz.rs` drives the entry points from arbitrary bytes (cargo-fuzz).
 
 use std::sync::{Arc, Mutex};
 
 use converge_core::context::{ContextError, Op, Path};
 use converge_core::engine::Origin;
 use converge_core::runtime::{self, ContextEvent, RepoConfig, RepoError};
-use converge_core::storage::{MemoryStorage, RocksStorage, Storage};
+#[cfg(feature = "rocksdb")]
+use converge_core::storage::RocksStorage;
+use converge_core::storage::{MemoryStorage, Storage};
 use converge_core::transport::ws;
 use converge_core::wire::AutomergeUrl;
 
 uniffi::setup_scaffolding!();
 
+pub mod fuzz;
 mod ops;
 mod presence;
 
@@ -246,12 +250,20 @@ impl Repo {
     /// A repo stored in a RocksDB directory (created if missing).
     #[uniffi::constructor]
     pub fn open(path: String) -> Result<Arc<Repo>, ConvergeError> {
-        let storage = RocksStorage::open(std::path::Path::new(&path), false).map_err(|e| {
-            ConvergeError::Storage {
-                reason: format!("cannot open storage at {path}: {e}"),
-            }
-        })?;
-        Repo::start(Arc::new(storage), true)
+        #[cfg(feature = "rocksdb")]
+        {
+            let storage = RocksStorage::open(std::path::Path::new(&path), false).map_err(|e| {
+                ConvergeError::Storage {
+                    reason: format!("cannot open storage at {path}: {e}"),
+                }
+            })?;
+            Repo::start(Arc::new(storage), true)
+        }
+        // (Only the fuzzing build leaves RocksDB out.)
+        #[cfg(not(feature = "rocksdb"))]
+        Err(ConvergeError::Storage {
+            reason: format!("cannot open storage at {path}: built without RocksDB"),
+        })
     }
 
     /// This repo's peer id.

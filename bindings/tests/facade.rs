@@ -109,3 +109,34 @@ fn objects_can_be_released_inside_another_async_runtime() {
         drop(repo);
     });
 }
+
+/// Every input the `bindings` fuzz target once crashed on (committed under
+/// fuzz/regressions/bindings/) runs clean, as does a script using every
+/// op once.
+#[test]
+fn committed_fuzz_inputs_run_clean() {
+    let repo = Repo::in_memory().expect("repo");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/bindings");
+    let mut inputs: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| {
+            !path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .map(|path| std::fs::read(path).expect("read input"))
+        .collect();
+    let every_op: Vec<u8> = (0u8..16)
+        .flat_map(|op| {
+            let mut step = vec![op];
+            step.extend_from_slice(b"/a\x01{\"a\": [1, \"two\"]}");
+            step.push(0xff);
+            step
+        })
+        .collect();
+    inputs.push(every_op);
+    for input in &inputs {
+        converge_ffi::fuzz::run(&repo, input);
+    }
+}

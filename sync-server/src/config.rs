@@ -223,6 +223,13 @@ pub struct Config {
     /// Bytes per second one connection may send (two seconds' worth, and at least one largest message, in a burst); faster closes it with 1008.
     #[arg(long, env = "CONVERGE_BYTES_PER_SEC", default_value_t = 33554432.0)]
     pub bytes_per_sec: f64,
+    /// HTTP API requests one address may make per second (two seconds' worth in a burst); faster gets HTTP 429 with Retry-After.
+    #[arg(
+        long,
+        env = "CONVERGE_HTTP_REQUESTS_PER_IP_PER_SEC",
+        default_value_t = 100.0
+    )]
+    pub http_requests_per_ip_per_sec: f64,
     /// Distinct documents one connection may sync or ask for; one more closes it with 1008.
     #[arg(
         long,
@@ -268,6 +275,7 @@ impl Config {
             new_connections_per_ip_per_sec: self.new_connections_per_ip_per_sec,
             messages_per_sec: self.messages_per_sec,
             bytes_per_sec: self.bytes_per_sec,
+            http_requests_per_ip_per_sec: self.http_requests_per_ip_per_sec,
             trusted_proxies: self.trusted_proxy.clone(),
         }
     }
@@ -308,6 +316,7 @@ struct FileConfig {
     new_connections_per_ip_per_sec: Option<f64>,
     messages_per_sec: Option<f64>,
     bytes_per_sec: Option<f64>,
+    http_requests_per_ip_per_sec: Option<f64>,
     max_docs_per_connection: Option<usize>,
     max_change_bytes: Option<usize>,
     max_doc_bytes: Option<usize>,
@@ -366,99 +375,52 @@ impl Config {
     }
 
     fn apply_file(&mut self, matches: &ArgMatches, file: FileConfig) -> Result<(), ConfigError> {
-        let defaulted = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
-        if let (true, Some(v)) = (defaulted("listen"), file.listen) {
-            self.listen = v;
+        // A key of the file counts unless a flag or the environment set it.
+        let given = |id: &str| {
+            matches!(
+                matches.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        // Every key is the field of the same name (`Option` fields take
+        // the bare value).
+        macro_rules! take {
+            ($($key:ident),* $(,)?) => {$(
+                if let (false, Some(v)) = (given(stringify!($key)), file.$key) {
+                    self.$key = v.into();
+                }
+            )*};
         }
-        if let (true, Some(v)) = (defaulted("data_dir"), file.data_dir) {
-            self.data_dir = v;
-        }
-        if let (true, Some(v)) = (defaulted("max_message_bytes"), file.max_message_bytes) {
-            self.max_message_bytes = v;
-        }
-        if let (true, Some(v)) = (defaulted("max_outbound_bytes"), file.max_outbound_bytes) {
-            self.max_outbound_bytes = v;
-        }
-        if let (true, Some(v)) = (defaulted("ping_interval_secs"), file.ping_interval_secs) {
-            self.ping_interval_secs = v;
-        }
-        if let (true, Some(v)) = (defaulted("max_docs_in_memory"), file.max_docs_in_memory) {
-            self.max_docs_in_memory = v;
-        }
-        if let (true, Some(v)) = (defaulted("sync_writes"), file.sync_writes) {
-            self.sync_writes = v;
-        }
-        if let (true, Some(v)) = (defaulted("log"), file.log) {
-            self.log = v;
-        }
-        let unset = |id: &str| matches.value_source(id).is_none();
-        if let (true, Some(v)) = (unset("jwt_secret_file"), file.jwt_secret_file) {
-            self.jwt_secret_file = Some(v);
-        }
-        if let (true, Some(v)) = (unset("jwt_public_key_file"), file.jwt_public_key_file) {
-            self.jwt_public_key_file = v;
-        }
-        if let (true, Some(v)) = (unset("jwt_audience"), file.jwt_audience) {
-            self.jwt_audience = Some(v);
-        }
-        if let (true, Some(v)) = (unset("jwt_issuer"), file.jwt_issuer) {
-            self.jwt_issuer = Some(v);
-        }
-        if let (true, Some(v)) = (unset("allow_anonymous"), file.allow_anonymous) {
-            self.allow_anonymous = Some(v);
-        }
-        if let (true, Some(v)) = (
-            defaulted("handshake_timeout_secs"),
-            file.handshake_timeout_secs,
-        ) {
-            self.handshake_timeout_secs = v;
-        }
-        if let (true, Some(v)) = (defaulted("max_connections"), file.max_connections) {
-            self.max_connections = v;
-        }
-        if let (true, Some(v)) = (
-            defaulted("max_connections_per_ip"),
-            file.max_connections_per_ip,
-        ) {
-            self.max_connections_per_ip = v;
-        }
-        if let (true, Some(v)) = (
-            defaulted("new_connections_per_ip_per_sec"),
-            file.new_connections_per_ip_per_sec,
-        ) {
-            self.new_connections_per_ip_per_sec = v;
-        }
-        if let (true, Some(v)) = (defaulted("messages_per_sec"), file.messages_per_sec) {
-            self.messages_per_sec = v;
-        }
-        if let (true, Some(v)) = (defaulted("bytes_per_sec"), file.bytes_per_sec) {
-            self.bytes_per_sec = v;
-        }
-        if let (true, Some(v)) = (
-            defaulted("max_docs_per_connection"),
-            file.max_docs_per_connection,
-        ) {
-            self.max_docs_per_connection = v;
-        }
-        if let (true, Some(v)) = (defaulted("max_change_bytes"), file.max_change_bytes) {
-            self.max_change_bytes = v;
-        }
-        if let (true, Some(v)) = (defaulted("max_doc_bytes"), file.max_doc_bytes) {
-            self.max_doc_bytes = v;
-        }
-        if let (true, Some(v)) = (unset("trusted_proxy"), file.trusted_proxy) {
-            self.trusted_proxy = v;
-        }
-        if let (true, Some(v)) = (unset("tls_cert"), file.tls_cert) {
-            self.tls_cert = Some(v);
-        }
-        if let (true, Some(v)) = (unset("tls_key"), file.tls_key) {
-            self.tls_key = Some(v);
-        }
-        if let (true, Some(v)) = (unset("allowed_origin"), file.allowed_origin) {
-            self.allowed_origin = v;
-        }
-        if let (true, Some(v)) = (defaulted("replica"), file.replica) {
+        take!(
+            listen,
+            data_dir,
+            max_message_bytes,
+            max_outbound_bytes,
+            ping_interval_secs,
+            max_docs_in_memory,
+            sync_writes,
+            log,
+            jwt_secret_file,
+            jwt_public_key_file,
+            jwt_audience,
+            jwt_issuer,
+            allow_anonymous,
+            handshake_timeout_secs,
+            max_connections,
+            max_connections_per_ip,
+            new_connections_per_ip_per_sec,
+            messages_per_sec,
+            bytes_per_sec,
+            http_requests_per_ip_per_sec,
+            max_docs_per_connection,
+            max_change_bytes,
+            max_doc_bytes,
+            trusted_proxy,
+            tls_cert,
+            tls_key,
+            allowed_origin,
+        );
+        if let (false, Some(v)) = (given("replica"), file.replica) {
             self.replica = v.parse().map_err(ConfigError::Invalid)?;
         }
         Ok(())
@@ -487,6 +449,10 @@ impl Config {
             ),
             ("messages_per_sec", self.messages_per_sec),
             ("bytes_per_sec", self.bytes_per_sec),
+            (
+                "http_requests_per_ip_per_sec",
+                self.http_requests_per_ip_per_sec,
+            ),
             (
                 "max_docs_per_connection",
                 self.max_docs_per_connection as f64,

@@ -34,6 +34,9 @@ pub struct Limits {
     /// Bytes per second one connection may send (burst: two seconds'
     /// worth, and at least one largest message).
     pub bytes_per_sec: f64,
+    /// HTTP API requests one address may make per second (two seconds'
+    /// worth in a burst); faster gets HTTP 429.
+    pub http_requests_per_ip_per_sec: f64,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpAddr>,
 }
@@ -46,6 +49,7 @@ impl Default for Limits {
             new_connections_per_ip_per_sec: 32.0,
             messages_per_sec: 2_000.0,
             bytes_per_sec: 32.0 * 1024.0 * 1024.0,
+            http_requests_per_ip_per_sec: 100.0,
             trusted_proxies: Vec::new(),
         }
     }
@@ -73,10 +77,11 @@ impl Bucket {
 
     /// Takes `n` tokens if there are that many.
     pub fn take(&mut self, n: f64) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.burst);
-        self.at = now;
+        self.take_at(n, Instant::now())
+    }
+
+    fn take_at(&mut self, n: f64, now: Instant) -> bool {
+        self.refill(now);
         if self.tokens >= n {
             self.tokens -= n;
             true
@@ -85,6 +90,25 @@ impl Bucket {
         }
     }
 }
+
+impl Bucket {
+    fn refill(&mut self, now: Instant) {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.at = now;
+    }
+
+    /// Whether it has refilled completely (its owner has been quiet long
+    /// enough that forgetting it changes nothing).
+    fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst
+    }
+}
+
+/// Addresses whose HTTP buckets are kept before the full ones (idle
+/// addresses) are forgotten.
+const HTTP_ADDRESSES_KEPT: usize = 4096;
 
 /// Why a connection was not let in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +145,8 @@ pub struct Gate {
     limits: Limits,
     total: AtomicUsize,
     by_ip: Mutex<HashMap<IpAddr, PerIp>>,
+    /// HTTP API requests per address.
+    http: Mutex<HashMap<IpAddr, Bucket>>,
 }
 
 /// A connection's place, and the messages and bytes it may still send
@@ -182,6 +208,7 @@ impl Gate {
             limits,
             total: AtomicUsize::new(0),
             by_ip: Mutex::new(HashMap::new()),
+            http: Mutex::new(HashMap::new()),
         })
     }
 
@@ -209,6 +236,29 @@ impl Gate {
             .find(|ip| !trusted(ip))
             .copied()
             .unwrap_or(peer.ip())
+    }
+
+    /// Counts one HTTP API request from `ip`; false if the address is
+    /// over its rate.
+    pub fn http_request(&self, ip: IpAddr) -> bool {
+        self.http_request_at(ip, Instant::now())
+    }
+
+    fn http_request_at(&self, ip: IpAddr, now: Instant) -> bool {
+        let rate = self.limits.http_requests_per_ip_per_sec;
+        let mut http = self.http.lock().unwrap_or_else(|p| p.into_inner());
+        if http.len() >= HTTP_ADDRESSES_KEPT && !http.contains_key(&ip) {
+            http.retain(|_, bucket| !bucket.is_full(now));
+        }
+        let burst = (rate * 2.0).max(1.0);
+        http.entry(ip)
+            .or_insert_with(|| Bucket {
+                rate,
+                burst,
+                tokens: burst,
+                at: now,
+            })
+            .take_at(1.0, now)
     }
 
     /// Lets a connection from `ip` in, or says why not. Its byte burst
@@ -292,6 +342,31 @@ mod tests {
         let mut bucket = Bucket::new(1.0, 3.0);
         assert!(bucket.take(1.0) && bucket.take(1.0) && bucket.take(1.0));
         assert!(!bucket.take(1.0), "the burst is spent");
+    }
+
+    #[test]
+    fn http_requests_get_two_seconds_worth_then_429_and_idle_addresses_are_forgotten() {
+        let gate = Gate::new(Limits {
+            http_requests_per_ip_per_sec: 1.0,
+            ..Limits::default()
+        });
+        let t0 = Instant::now();
+        let ip = |n: u32| IpAddr::from(n.to_be_bytes());
+        assert!(gate.http_request_at(ip(0), t0) && gate.http_request_at(ip(0), t0));
+        assert!(
+            !gate.http_request_at(ip(0), t0),
+            "two seconds' worth, then no more"
+        );
+        assert!(gate.http_request_at(ip(0), t0 + std::time::Duration::from_secs(1)));
+        // Addresses that spent tokens are kept; once they refilled (were
+        // idle), the next new address makes room by forgetting them.
+        for n in 1..HTTP_ADDRESSES_KEPT as u32 + 1 {
+            assert!(gate.http_request_at(ip(n), t0));
+        }
+        let held = || gate.http.lock().expect("lock").len();
+        assert_eq!(held(), HTTP_ADDRESSES_KEPT + 1);
+        assert!(gate.http_request_at(ip(u32::MAX), t0 + std::time::Duration::from_secs(10)));
+        assert_eq!(held(), 1, "idle addresses forgotten");
     }
 
     #[test]

@@ -44,7 +44,12 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(websocket))
         .route("/healthz", get(|| async { "ok" }))
         .route("/openapi.json", get(openapi))
-        .merge(crate::api::routes())
+        .merge(
+            crate::api::routes().layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                crate::api::rate_limited,
+            )),
+        )
         .fallback(crate::api::no_route)
         .method_not_allowed_fallback(crate::api::no_method)
         .with_state(state)

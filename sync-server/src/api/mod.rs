@@ -84,6 +84,38 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/admin/revoke", post(admin::revoke))
 }
 
+/// Answers 429 (with `Retry-After`) to an HTTP API request over its
+/// address's rate (see `Limits::http_requests_per_ip_per_sec`); the address
+/// is found as for WebSockets (trusted proxies' `X-Forwarded-For`).
+pub async fn rate_limited(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let remote = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::server::ClientAddr>>()
+        .map(|c| c.0 .0);
+    if let Some(remote) = remote {
+        let ip = state.gate.client_ip(remote, request.headers());
+        if !state.gate.http_request(ip) {
+            tracing::info!(%ip, "an HTTP API request over its address's rate");
+            let mut response = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "limit",
+                "too many requests from this address; slow down",
+            )
+            .into_response();
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
 /// A 401 for a request without a usable token.
 pub fn unauthorized(e: crate::auth::AuthError) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())

@@ -11,9 +11,11 @@ use base64::Engine as _;
 use converge_core::engine::Access;
 use converge_core::runtime::RepoError;
 use converge_core::transport::ws;
-use converge_core::wire::DocumentId;
+use converge_core::wire::{
+    self, DocMessage, DocumentId, EphemeralMessage, Message, PeerId, SessionId,
+};
 use converge_server::auth::{mint_hs256, AuthSettings, Claims, Rights};
-use futures::SinkExt;
+use futures::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -21,7 +23,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use super::http::http_with;
 use super::relay::{node, put, rust_client, Relay};
-use super::sockets::{close_code, Socket};
+use super::sockets::{close_code, handshake, Socket};
 use super::wait;
 
 const SECRET: &[u8] = b"a test secret of more than 32 bytes, honest";
@@ -530,4 +532,136 @@ async fn anonymous_access_only_when_allowed() {
     let (status, _) = http(&a, "GET", "/v1/sessions", Some("bad"), None).await;
     assert_eq!(status, 401, "a bad token is not downgraded to anonymous");
     relay.stop().await;
+}
+
+/// Ephemeral messages (presence, cursors) about a document reach only the
+/// peers that may read it: over real sockets, a reader gets the writer's,
+/// and a stranger that asked for the same document gets none of them.
+/// Frames reach one socket in the order the relay handles them, so once
+/// the stranger has the writer's next message (about a document it may
+/// read), the first would have come before it had it been forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_messages_reach_readers_only_over_sockets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (relay, _, _) = relay(dir.path(), None).await;
+    let doc = protected(&relay).await;
+    let open = protected(&relay).await;
+    let connected = |name: &'static str, docs: Vec<(String, Access)>| {
+        let relay = &relay;
+        async move {
+            let docs: Vec<(&str, Access)> = docs.iter().map(|(d, a)| (d.as_str(), *a)).collect();
+            let t = token(&claims(name, &docs));
+            let mut socket = dial(relay, Some(&t), Via::Header).await.expect("upgrade");
+            handshake(&mut socket, name).await;
+            socket
+        }
+    };
+    let mut writer = connected(
+        "bob",
+        vec![(doc.clone(), Access::Write), (open.clone(), Access::Read)],
+    )
+    .await;
+    let mut reader = connected("alice", vec![(doc.clone(), Access::Read)]).await;
+    let mut stranger = connected("mallory", vec![(open.clone(), Access::Read)]).await;
+
+    // Each asks for what it wants; the relay answers each request.
+    let answered = |id: &str| {
+        let id: DocumentId = id.parse().expect("id");
+        move |m: &Message| match m {
+            Message::Sync(d) | Message::Request(d) => d.document_id == id,
+            Message::DocUnavailable { document_id, .. } => *document_id == id,
+            _ => false,
+        }
+    };
+    for (socket, name, ids) in [
+        (&mut writer, "bob", vec![&doc, &open]),
+        (&mut reader, "alice", vec![&doc]),
+        (&mut stranger, "mallory", vec![&doc, &open]),
+    ] {
+        for id in ids {
+            ask(socket, name, &relay, id).await;
+            frames_until(socket, answered(id)).await;
+        }
+    }
+
+    let secret = cbor_text("cursor-at-the-secret");
+    ephemeral(&mut writer, &relay, &doc, 1, secret.clone()).await;
+    ephemeral(&mut writer, &relay, &open, 2, cbor_text("marker")).await;
+    let about = |id: &str| {
+        let id: DocumentId = id.parse().expect("id");
+        move |m: &Message| matches!(m, Message::Ephemeral(e) if e.document_id == id)
+    };
+    let seen = frames_until(&mut reader, about(&doc)).await;
+    let Some(Message::Ephemeral(e)) = seen.last() else {
+        unreachable!("frames_until ends with the match")
+    };
+    assert_eq!(e.data, secret, "the reader gets the writer's presence");
+    let seen = frames_until(&mut stranger, about(&open)).await;
+    let leaked: Vec<&Message> = seen.iter().filter(|m| about(&doc)(m)).collect();
+    assert!(
+        leaked.is_empty(),
+        "the stranger got presence about a document it may not read: {leaked:?}"
+    );
+    relay.stop().await;
+}
+
+/// `text` as a CBOR text string (what automerge-repo puts in ephemeral
+/// messages).
+fn cbor_text(text: &str) -> Vec<u8> {
+    assert!(text.len() < 24, "short strings only");
+    let mut out = vec![0x60 | text.len() as u8];
+    out.extend_from_slice(text.as_bytes());
+    out
+}
+
+/// Sends a `request` for `id` with an empty sync message.
+async fn ask(socket: &mut Socket, name: &str, relay: &Relay, id: &str) {
+    let request = Message::Request(DocMessage {
+        sender_id: PeerId::new(name).expect("valid"),
+        target_id: relay.repo.peer_id().clone(),
+        document_id: id.parse().expect("id"),
+        data: converge_core::engine::validate::empty_sync_message(),
+    });
+    socket
+        .send(WsMessage::Binary(wire::encode(&request).into()))
+        .await
+        .expect("send request");
+}
+
+/// Sends an ephemeral message from the writer ("bob") about `id`.
+async fn ephemeral(socket: &mut Socket, relay: &Relay, id: &str, count: u64, data: Vec<u8>) {
+    let message = Message::Ephemeral(EphemeralMessage {
+        sender_id: PeerId::new("bob").expect("valid"),
+        target_id: relay.repo.peer_id().clone(),
+        document_id: id.parse().expect("id"),
+        count,
+        session_id: SessionId::new("bob-session").expect("valid"),
+        data,
+    });
+    socket
+        .send(WsMessage::Binary(wire::encode(&message).into()))
+        .await
+        .expect("send ephemeral");
+}
+
+/// Every message the relay sends on `socket` up to and including the
+/// first that `done` accepts (panics after 10 s without one).
+async fn frames_until(socket: &mut Socket, done: impl Fn(&Message) -> bool) -> Vec<Message> {
+    let mut seen = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(frame) = socket.next().await {
+            if let Ok(WsMessage::Binary(bytes)) = frame {
+                let message = wire::decode(&bytes).expect("the relay sends valid frames");
+                let last = done(&message);
+                seen.push(message);
+                if last {
+                    return;
+                }
+            }
+        }
+        panic!("the connection ended first; got {seen:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("nothing expected within 10 s"));
+    seen
 }

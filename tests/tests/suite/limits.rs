@@ -17,6 +17,7 @@ use futures::SinkExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use super::http::http_with;
 use super::relay::{put, rust_client, Relay};
 use super::sockets::{close_code, handshake, join, Socket};
 use super::wait;
@@ -290,4 +291,58 @@ async fn changes_and_documents_past_their_size_are_refused() {
         still_serves(&relay).await;
         relay.stop().await;
     }
+}
+
+/// HTTP API requests over an address's rate get 429 with `Retry-After`
+/// and the API's JSON error; another address (named by a trusted proxy),
+/// the health check and WebSocket clients are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_are_limited_per_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = Limits {
+        // Two seconds' worth in a burst: two requests, then one a second.
+        http_requests_per_ip_per_sec: 1.0,
+        trusted_proxies: vec!["127.0.0.1".parse().expect("ip")],
+        ..Limits::default()
+    };
+    let relay = Relay::start_limited(dir.path(), limits, |_| {}).await;
+    let addr = relay.url.trim_start_matches("ws://").to_owned();
+    let from = |ip: &'static str| [("X-Forwarded-For", ip)];
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let (status, body) = http_with(&addr, "GET", "/v1/sessions", &from("10.0.0.1"), None).await;
+        statuses.push(status);
+        if status == 429 {
+            assert_eq!(body["error"]["code"], "limit", "{body}");
+        }
+    }
+    // (A request may refill a fraction of a token; three in a row from one
+    // address cannot all pass at one a second with a burst of two.)
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    let head = raw_head(&addr, "/v1/sessions", "10.0.0.1").await;
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    let (status, _) = http_with(&addr, "GET", "/v1/sessions", &from("10.0.0.2"), None).await;
+    assert_eq!(status, 200, "another address is served");
+    let (status, _) = http_with(&addr, "GET", "/healthz", &from("10.0.0.1"), None).await;
+    assert_eq!(status, 200, "the health check is not counted");
+    still_serves(&relay).await;
+    relay.stop().await;
+}
+
+/// The status line and headers of a GET forwarded for `xff`.
+async fn raw_head(addr: &str, path: &str, xff: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nX-Forwarded-For: {xff}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    text.split("\r\n\r\n").next().unwrap_or_default().to_owned()
 }
