@@ -17,14 +17,20 @@ DATA_DIR ?= ./converge-data
 NPM_STAMP := tests/js/node_modules/.converge-installed
 
 .PHONY: test run check fmt lint sans-io unit fixtures-live deps deps-rust deps-node deps-python deps-kotlin \
-	build-debug bindings bindings-tests python-tests kotlin-tests bench-ffi bench bench-smoke api-property fuzz
+	build-debug deps-cluster bindings bindings-tests python-tests kotlin-tests bench-ffi bench bench-smoke api-property fuzz
 
 test: deps lint unit fixtures-live api-property bindings-tests bench-smoke
 	@echo "make test: all green"
 
 ## ---------------------------------------------------------------- deps
 
-deps: deps-rust deps-node deps-python deps-kotlin
+deps: deps-rust deps-node deps-python deps-kotlin deps-cluster
+
+# The cluster tests run real NATS servers (JetStream) and HAProxy.
+deps-cluster:
+	@command -v nats-server >/dev/null && command -v haproxy >/dev/null || { \
+		echo "installing nats-server and haproxy (cluster tests)"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q nats-server haproxy; }
 
 deps-python:
 	@python3 -c "import pytest" 2>/dev/null || python3 -m pip install --quiet pytest

@@ -130,7 +130,8 @@ pub struct ChangeRecord {
 /// Receives changes under a subscribed path.
 #[uniffi::export(with_foreign)]
 pub trait ContextListener: Send + Sync {
-    /// `origin` is `local`, `storage` or the peer id it came from;
+    /// `origin` is `local`, `storage`, `log` (a relay cluster's log) or
+    /// the peer id it came from;
     /// `patches_json` is a JSON array of `{path, action, ...}`.
     fn on_change(&self, origin: String, patches_json: String) -> Result<(), ConvergeError>;
     /// The subscription fell behind and `missed` repo events were dropped,
@@ -626,6 +627,7 @@ impl Context {
                         let origin = match &change.origin {
                             Origin::Local => "local".to_owned(),
                             Origin::Storage => "storage".to_owned(),
+                            Origin::Log => "log".to_owned(),
                             Origin::Remote(peer) => peer.to_string(),
                         };
                         let patches = serde_json::to_string(&change.patches).unwrap_or_default();

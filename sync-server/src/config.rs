@@ -260,6 +260,17 @@ pub struct Config {
     /// else's is.
     #[arg(long, env = "CONVERGE_TRUSTED_PROXY", value_delimiter = ',')]
     pub trusted_proxy: Vec<std::net::IpAddr>,
+    /// Cluster mode: a NATS server URL (e.g. `nats://10.0.0.5:4222`) of a
+    /// JetStream cluster the relays share; repeat, or comma-separated in
+    /// the environment. Unset: a single node with RocksDB as its store.
+    #[arg(long, env = "CONVERGE_NATS_URL", value_delimiter = ',')]
+    pub nats_url: Vec<String>,
+    /// Cluster mode: replicas of each JetStream stream (1 for a single NATS server).
+    #[arg(long, env = "CONVERGE_CLUSTER_REPLICAS", default_value_t = 3)]
+    pub cluster_replicas: usize,
+    /// Cluster mode: streams the documents are spread over (by id hash).
+    #[arg(long, env = "CONVERGE_CLUSTER_SHARDS", default_value_t = 4)]
+    pub cluster_shards: u32,
     /// What a request without a token may do when keys are configured:
     /// `none` (the default then), `read` or `write`.
     #[arg(long, env = "CONVERGE_ALLOW_ANONYMOUS")]
@@ -278,6 +289,15 @@ impl Config {
             http_requests_per_ip_per_sec: self.http_requests_per_ip_per_sec,
             trusted_proxies: self.trusted_proxy.clone(),
         }
+    }
+
+    /// The cluster to join, if any.
+    pub fn cluster(&self) -> Option<crate::cluster::ClusterSettings> {
+        (!self.nats_url.is_empty()).then(|| crate::cluster::ClusterSettings {
+            urls: self.nats_url.clone(),
+            replicas: self.cluster_replicas,
+            shards: self.cluster_shards,
+        })
     }
 
     /// The token settings.
@@ -321,6 +341,9 @@ struct FileConfig {
     max_change_bytes: Option<usize>,
     max_doc_bytes: Option<usize>,
     trusted_proxy: Option<Vec<std::net::IpAddr>>,
+    nats_url: Option<Vec<String>>,
+    cluster_replicas: Option<usize>,
+    cluster_shards: Option<u32>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     allowed_origin: Option<Vec<String>>,
@@ -416,6 +439,9 @@ impl Config {
             max_change_bytes,
             max_doc_bytes,
             trusted_proxy,
+            nats_url,
+            cluster_replicas,
+            cluster_shards,
             tls_cert,
             tls_key,
             allowed_origin,

@@ -15,8 +15,9 @@ use anyhow::Context;
 use converge_core::engine::Access;
 use converge_core::engine::RelayPolicy;
 use converge_core::runtime::{load_or_create_storage_id, Repo, RepoConfig};
-use converge_core::storage::RocksStorage;
+use converge_core::storage::{RocksStorage, Storage};
 use converge_server::auth::{mint_hs256, read_secret, Auth, Claims, Rights};
+use converge_server::cluster::{Cluster, ClusterStorage};
 use converge_server::config::{ConfigError, Mode, TokenArgs};
 use converge_server::server::{serve, serve_tls, AppState};
 #[cfg(feature = "bench")]
@@ -61,7 +62,35 @@ async fn main() -> anyhow::Result<()> {
     repo_config.engine.max_docs_per_connection = config.max_docs_per_connection;
     repo_config.engine.max_doc_bytes = config.max_doc_bytes;
     repo_config.engine.limits.max_change_bytes = config.max_change_bytes;
-    let repo = Repo::start(repo_config, storage.clone());
+    // Cluster mode: the repo's store is the JetStream log with this RocksDB
+    // as its cache; everything else (listings, metadata, revocations) reads
+    // the cache directly.
+    let cluster = match config.cluster() {
+        Some(settings) => Some(
+            Cluster::connect(&settings)
+                .await
+                .context("cannot join the cluster (--nats-url)")?,
+        ),
+        None => None,
+    };
+    let repo_storage: Arc<dyn Storage> = match &cluster {
+        Some(cluster) => Arc::new(ClusterStorage::new(
+            cluster.clone(),
+            storage.clone(),
+            tokio::runtime::Handle::current(),
+        )),
+        None => storage.clone(),
+    };
+    let repo = Repo::start(repo_config, repo_storage);
+    if let Some(cluster) = &cluster {
+        let (cluster, repo) = (cluster.clone(), repo.clone());
+        tokio::spawn(async move {
+            if let Err(e) = cluster.follow(repo).await {
+                tracing::error!(error = %e, "cannot follow the cluster's log");
+            }
+        });
+        tracing::info!(nats = ?config.nats_url, replicas = config.cluster_replicas, shards = config.cluster_shards, "cluster mode: documents live in NATS JetStream");
+    }
     let auth = Arc::new(Auth::open(&config.auth(), storage.clone())?);
     if auth.is_open() {
         tracing::warn!(

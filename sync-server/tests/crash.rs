@@ -2,56 +2,26 @@
 //! every change another client saw is served after the restart. Also: bad
 //! configuration is refused with a clear error.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
 use automerge::transaction::Transactable;
 use automerge::{ChangeHash, ROOT};
-use converge_core::runtime::{DocHandle, Repo, RepoConfig};
-use converge_core::storage::MemoryStorage;
+use converge_core::runtime::{DocHandle, Repo};
 use converge_core::transport::ws;
 use converge_core::wire::DocumentId;
 
+mod common;
+use common::{client, find_when_there};
+
 /// Starts the relay on a random port; returns the child and its URL.
 fn start_with(dir: &std::path::Path, sync_writes: bool) -> (Child, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_converge-server"));
-    command
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir);
+    let mut args = vec!["--data-dir".to_owned(), dir.display().to_string()];
     if sync_writes {
-        command.arg("--sync-writes");
+        args.push("--sync-writes".to_owned());
     }
-    let mut child = command
-        .env("CONVERGE_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("server starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("server prints its address")
-            .expect("read");
-        if let Some(at) = line.find("ws://") {
-            let rest = &line[at..];
-            let end = rest
-                .find(|c: char| c.is_whitespace() || c == ')')
-                .unwrap_or(rest.len());
-            break rest[..end].to_owned();
-        }
-    };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, url)
-}
-
-fn client() -> Repo {
-    Repo::start(RepoConfig::new(None), Arc::new(MemoryStorage::new()))
+    common::start_relay(&args)
 }
 
 /// A small seeded generator: each round's kill moment is reproducible from
@@ -85,18 +55,6 @@ async fn wait_disconnected(repo: &Repo) {
     let mut events = repo.events();
     while !repo.sessions().await.expect("repo running").is_empty() {
         let _ = tokio::time::timeout(Duration::from_millis(20), events.recv()).await;
-    }
-}
-
-/// Waits until `repo` finds `id` (the relay may not have it yet).
-async fn find_when_there(repo: &Repo, id: &DocumentId) -> DocHandle {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(h) = repo.find(id).await {
-            return h;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{id} never found");
-        tokio::task::yield_now().await;
     }
 }
 

@@ -47,6 +47,7 @@ pub(super) enum Responder {
     Broadcast(oneshot::Sender<usize>),
     Saved(oneshot::Sender<()>),
     Revoked(oneshot::Sender<usize>),
+    ChunkApplied(oneshot::Sender<bool>),
     AccessSet(oneshot::Sender<Option<Acl>>),
 }
 
@@ -59,6 +60,7 @@ impl Responder {
             (Responder::Broadcast(tx), CommandResult::Broadcast(n)) => drop(tx.send(n)),
             (Responder::Saved(tx), CommandResult::Saved(_)) => drop(tx.send(())),
             (Responder::Revoked(tx), CommandResult::Revoked(n)) => drop(tx.send(n)),
+            (Responder::ChunkApplied(tx), CommandResult::ChunkApplied(c)) => drop(tx.send(c)),
             (Responder::AccessSet(tx), CommandResult::AccessSet(acl)) => drop(tx.send(acl)),
             // The engine answers each command with its own variant; were
             // that broken, the caller would see the repo as stopped.

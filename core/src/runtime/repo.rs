@@ -391,6 +391,19 @@ impl Repo {
         Ok((conn, queue))
     }
 
+    /// Applies a chunk of changes that arrived outside the sync protocol (a
+    /// relay cluster's log) to document `id` if it is in memory, and syncs
+    /// it on (see [`Command::ApplyChunk`]); whether the document changed.
+    pub async fn apply_chunk(&self, id: &DocumentId, chunk: Vec<u8>) -> Result<bool, RepoError> {
+        let (tx, rx) = oneshot::channel();
+        let command = Command::ApplyChunk {
+            document_id: id.clone(),
+            chunk,
+        };
+        self.send(Msg::Command(command, Responder::ChunkApplied(tx)))?;
+        rx.await.map_err(|_| RepoError::Stopped)
+    }
+
     /// Closes every connection of `subject` or of the token `token_id`
     /// (close code 4403); returns how many.
     pub async fn revoke(

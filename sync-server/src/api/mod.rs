@@ -727,6 +727,7 @@ async fn events(
                         Origin::Local => json!("local"),
                         Origin::Remote(p) => json!({"peer": p.as_str()}),
                         Origin::Storage => json!("storage"),
+                        Origin::Log => json!("log"),
                     };
                     let data = json!({
                         "origin": origin,

@@ -17,6 +17,12 @@ impl Engine {
                     .push((cmd, CommandResult::Broadcast(sent)));
             }
             Command::WhenSaved { document_id } => self.when_saved(cmd, document_id),
+            Command::ApplyChunk { document_id, chunk } => {
+                let changed = self.apply_chunk(&document_id, chunk);
+                self.out
+                    .completed
+                    .push((cmd, CommandResult::ChunkApplied(changed)));
+            }
             Command::Revoke { subject, token_id } => {
                 let closed = self.revoke(subject.as_deref(), token_id.as_deref());
                 self.out
@@ -181,6 +187,35 @@ impl Engine {
         out.into_iter()
             .filter(|p| Some(p) != exclude && self.peers.contains_key(p))
             .collect()
+    }
+
+    /// See [`Command::ApplyChunk`]; whether the document changed.
+    pub(super) fn apply_chunk(&mut self, id: &DocumentId, chunk: Vec<u8>) -> bool {
+        let Some(doc) = self.docs.get_mut(id) else {
+            return false;
+        };
+        if doc.status == DocStatus::Loading {
+            doc.pending_chunks.push(chunk);
+            return false;
+        }
+        let before = doc.replica.heads();
+        let replica = &mut doc.replica;
+        match catch_unwind(AssertUnwindSafe(|| replica.load_chunk(&chunk))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(document = %id, error = %e, "a chunk from outside does not load; skipped");
+                return false;
+            }
+            Err(_) => {
+                tracing::error!(document = %id, "a chunk from outside crashed automerge; skipped");
+                return false;
+            }
+        }
+        if doc.replica.heads() == before {
+            return false;
+        }
+        self.doc_changed(id, Origin::Log);
+        true
     }
 
     pub(super) fn on_ephemeral(&mut self, from: &PeerId, m: EphemeralMessage) {

@@ -58,6 +58,9 @@ pub(super) struct Doc {
     /// Sync states read from storage, by remote storage id, not yet in use.
     pub(super) stored_sync_states: BTreeMap<String, Vec<u8>>,
     pub(super) pending: Vec<PendingMessage>,
+    /// Chunks handed over (`Command::ApplyChunk`) while the document
+    /// loaded: applied once it has.
+    pub(super) pending_chunks: Vec<Vec<u8>>,
     /// What is on disk, the writes in flight and who waits for them.
     pub(super) durable: Durability,
     /// When the document was last touched (for eviction).
@@ -89,6 +92,7 @@ impl Doc {
             peers: BTreeMap::new(),
             stored_sync_states: BTreeMap::new(),
             pending: Vec::new(),
+            pending_chunks: Vec::new(),
             durable: Durability::default(),
             last_used: Timestamp(0),
             announced_heads: Vec::new(),

@@ -66,8 +66,8 @@ pub use local::ChangeError;
 pub use perform::{perform, perform_many};
 pub use policy::{AnnounceAll, RelayPolicy, SharePolicy};
 pub use replica::{
-    full_document_factory, FullDocument, PeerSync, Replica, ReplicaError, ReplicaFactory,
-    ReplicaKind,
+    full_document_factory, split_chunks, FullDocument, PeerSync, RawChunk, Replica, ReplicaError,
+    ReplicaFactory, ReplicaKind,
 };
 pub use types::{
     close_code, Close, CloseReason, Command, CommandId, CommandResult, ConnectionId, CreateError,

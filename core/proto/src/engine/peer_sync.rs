@@ -432,7 +432,7 @@ impl Engine {
         match &origin {
             Origin::Local => doc.touch_meta(self.now.0, None),
             Origin::Remote(peer) => doc.touch_meta(self.now.0, Some(peer.to_string())),
-            Origin::Storage => {}
+            Origin::Storage | Origin::Log => {}
         }
         if doc.status != DocStatus::Ready && !doc.replica.is_empty() {
             doc.status = DocStatus::Ready;

@@ -236,6 +236,14 @@ impl Engine {
         for p in pending {
             self.apply_sync_message(id, &p.peer, p.message, p.is_request);
         }
+        let chunks = self
+            .docs
+            .get_mut(id)
+            .map(|doc| std::mem::take(&mut doc.pending_chunks))
+            .unwrap_or_default();
+        for chunk in chunks {
+            self.apply_chunk(id, chunk);
+        }
     }
 
     /// Writes whatever changed since the last save (see

@@ -230,6 +230,17 @@ pub enum Command {
         /// The token's `jti`.
         token_id: Option<String>,
     },
+    /// Apply a chunk of changes (`Automerge::save_incremental` output, or a
+    /// saved document) that arrived outside the sync protocol — a relay
+    /// cluster's log — to a document in memory, and sync it on
+    /// ([`Origin::Log`]). A document that is loading gets it once loaded;
+    /// one not in memory is left alone (its storage has the chunk).
+    ApplyChunk {
+        /// Which document.
+        document_id: DocumentId,
+        /// The chunk.
+        chunk: Vec<u8>,
+    },
     /// Give `subject` `access` on a document in memory (see [`Acl`];
     /// `Access::None` takes it away). Peers that lose read are dropped
     /// from the document.
@@ -256,6 +267,8 @@ pub enum CommandResult {
     /// `WhenSaved`: what the document held when asked is on disk (or it
     /// was not in memory, so nothing of it was waiting to be written).
     Saved(DocumentId),
+    /// `ApplyChunk`: whether the document changed.
+    ChunkApplied(bool),
     /// `Revoke` closed this many connections.
     Revoked(usize),
     /// `SetAccess`: the document's list now, or `None` if the document is
@@ -305,6 +318,9 @@ pub enum Origin {
     Remote(PeerId),
     /// Loaded from storage.
     Storage,
+    /// Handed over as a chunk from outside the sync protocol
+    /// ([`Command::ApplyChunk`]: a relay cluster's log).
+    Log,
 }
 
 /// Something the driver (or the app above it) may want to know.

@@ -1,0 +1,198 @@
+//! Cluster mode on real processes: three `nats-server`s as a JetStream
+//! cluster (every stream with three replicas) on loopback, `converge-server`
+//! nodes joined to it, and Rust clients each on its own node.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use automerge::transaction::Transactable;
+use automerge::ROOT;
+use converge_core::transport::ws;
+
+mod common;
+use common::{client, find_when_there, start_relay, wait_for};
+
+/// A JetStream cluster of NATS servers on loopback; killed when dropped.
+struct Nats {
+    servers: Vec<Child>,
+    /// Client URLs, one per server.
+    urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl Nats {
+    /// Starts `n` servers routed to each other and waits until each one's
+    /// health check (JetStream included) passes.
+    fn start(n: usize) -> Nats {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // (client, cluster, monitoring) ports per server.
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let mut servers = Vec::new();
+        for (i, (client, route, http)) in ports.iter().enumerate() {
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| format!("nats-route://127.0.0.1:{}", p.1))
+                .collect();
+            let store = dir.path().join(format!("js{i}"));
+            let config = format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\n\
+                 jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 1GB }}\n\
+                 cluster {{ name: converge-test, listen: 127.0.0.1:{route}, routes: [{}] }}\n",
+                store.display(),
+                routes.join(", ")
+            );
+            let file = dir.path().join(format!("n{i}.conf"));
+            std::fs::write(&file, config).expect("write config");
+            let server = Command::new("nats-server")
+                .arg("-c")
+                .arg(&file)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nats-server starts (make deps-cluster installs it)");
+            servers.push(server);
+        }
+        let nats = Nats {
+            servers,
+            urls: ports
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{}", p.0))
+                .collect(),
+            _dir: dir,
+        };
+        for (_, _, http) in &ports {
+            wait_healthy(*http);
+        }
+        nats
+    }
+
+    /// The flag value naming every server.
+    fn flag(&self) -> String {
+        self.urls.join(",")
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+}
+
+/// Waits until a NATS server's `/healthz` answers 200 (JetStream ready).
+fn wait_healthy(http_port: u16) {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ok = std::net::TcpStream::connect(("127.0.0.1", http_port))
+            .and_then(|mut s| {
+                s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+                let mut answer = String::new();
+                s.read_to_string(&mut answer)?;
+                Ok(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"))
+            })
+            .unwrap_or(false);
+        if ok {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "NATS on monitoring port {http_port} never became healthy"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A Converge node of the cluster, on its own data directory; killed
+/// when dropped.
+struct Node {
+    child: Child,
+    url: String,
+}
+
+impl Node {
+    fn start(nats: &Nats, dir: &std::path::Path) -> Node {
+        let args = [
+            "--data-dir".to_owned(),
+            dir.display().to_string(),
+            "--nats-url".to_owned(),
+            nats.flag(),
+            "--cluster-replicas".to_owned(),
+            "3".to_owned(),
+            "--cluster-shards".to_owned(),
+            "2".to_owned(),
+        ];
+        let (child, url) = start_relay(&args);
+        Node { child, url }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn put(handle: &converge_core::runtime::DocHandle, key: &'static str, value: &'static str) {
+    handle
+        .change(move |d| {
+            let mut tx = d.transaction();
+            tx.put(ROOT, key, value).expect("put");
+            tx.commit();
+        })
+        .await
+        .expect("change");
+}
+
+/// Clients on different nodes edit one document and converge (the first
+/// node publishes to the log, the second reads it when its client opens the
+/// document and follows it live); a brand-new node with an empty data
+/// directory serves the document with both edits, read from the log alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_different_nodes_converge_and_a_new_node_serves_everything() {
+    let nats = Nats::start(3);
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let a = Node::start(&nats, dirs[0].path());
+    let b = Node::start(&nats, dirs[1].path());
+
+    let alice = client();
+    let _alice_link = ws::connect(alice.clone(), a.url.clone());
+    let bob = client();
+    let _bob_link = ws::connect(bob.clone(), b.url.clone());
+
+    let doc = alice.create(None).await.expect("create");
+    put(&doc, "alice", "was here").await;
+    let at_bob = find_when_there(&bob, doc.id()).await;
+    wait_for(&at_bob, "alice", "was here").await;
+
+    // Bob's edit goes through node B and the log to node A, live.
+    put(&at_bob, "bob", "too").await;
+    wait_for(&doc, "bob", "too").await;
+    put(&doc, "alice", "again").await;
+    wait_for(&at_bob, "alice", "again").await;
+
+    // A node that has never seen the document.
+    let c = Node::start(&nats, dirs[2].path());
+    let carol = client();
+    let _carol_link = ws::connect(carol.clone(), c.url.clone());
+    let at_carol = find_when_there(&carol, doc.id()).await;
+    wait_for(&at_carol, "alice", "again").await;
+    wait_for(&at_carol, "bob", "too").await;
+    drop((a, b, c));
+}
