@@ -260,3 +260,126 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use automerge::transaction::Transactable;
+
+    use crate::engine::{
+        Command, CommandId, CommandResult, Engine, EngineConfig, Event, Input, Origin, Output,
+        Timestamp,
+    };
+    use crate::storage::{StorageOp, StorageResult};
+    use crate::wire::{DocumentId, PeerId};
+
+    /// A chunk of one change setting `key`, as another node would publish.
+    fn chunk(key: &str) -> Vec<u8> {
+        let mut doc = automerge::AutoCommit::new();
+        doc.put(automerge::ROOT, key, "v").expect("put");
+        doc.save()
+    }
+
+    fn apply(engine: &mut Engine, id: &DocumentId, bytes: Vec<u8>) -> (bool, Output) {
+        let command = Command::ApplyChunk {
+            document_id: id.clone(),
+            chunk: bytes,
+        };
+        let out = engine.handle(Timestamp(2), Input::Command(CommandId(9), command));
+        let applied = out
+            .completed
+            .iter()
+            .any(|(_, r)| matches!(r, CommandResult::ChunkApplied(true)));
+        (applied, out)
+    }
+
+    fn changed_from_log(out: &Output) -> bool {
+        out.events.iter().any(|e| {
+            matches!(
+                e,
+                Event::DocChanged {
+                    origin: Origin::Log,
+                    ..
+                }
+            )
+        })
+    }
+
+    /// A chunk from a cluster's log changes a document in memory (once:
+    /// the same chunk again changes nothing), is saved, and leaves
+    /// documents not in memory alone.
+    #[test]
+    fn a_chunk_applies_to_a_document_in_memory_once() {
+        let mut engine = Engine::new(EngineConfig::new(PeerId::new("n").expect("valid"), None, 1));
+        let out = engine.handle(
+            Timestamp(1),
+            Input::Command(
+                CommandId(1),
+                Command::Create {
+                    initial: None,
+                    owner: None,
+                },
+            ),
+        );
+        let Some((_, CommandResult::Create(Ok(id)))) = out.completed.first() else {
+            panic!("create answers at once");
+        };
+        let id = id.clone();
+        let bytes = chunk("from-the-log");
+        let (applied, out) = apply(&mut engine, &id, bytes.clone());
+        assert!(applied && changed_from_log(&out), "{out:?}");
+        assert!(
+            out.storage
+                .iter()
+                .any(|t| matches!(t.op, StorageOp::Batch(_) | StorageOp::Put(..))),
+            "the change is saved: {out:?}"
+        );
+        let (again, out) = apply(&mut engine, &id, bytes);
+        assert!(!again && !changed_from_log(&out), "applied twice: {out:?}");
+        let elsewhere = DocumentId::from_random([3; 16]);
+        let (applied, out) = apply(&mut engine, &elsewhere, chunk("x"));
+        assert!(!applied && out.storage.is_empty(), "{out:?}");
+    }
+
+    /// A chunk arriving while the document loads is held and applied once
+    /// the load is done: a document the store did not have becomes
+    /// available from the chunk alone.
+    #[test]
+    fn a_chunk_for_a_loading_document_waits_for_the_load() {
+        let mut engine = Engine::new(EngineConfig::new(PeerId::new("n").expect("valid"), None, 1));
+        let id = DocumentId::from_random([4; 16]);
+        let out = engine.handle(
+            Timestamp(1),
+            Input::Command(
+                CommandId(1),
+                Command::Find {
+                    document_id: id.clone(),
+                },
+            ),
+        );
+        let load = out
+            .storage
+            .iter()
+            .find(|t| matches!(t.op, StorageOp::LoadRange(_)))
+            .expect("the document is loaded from storage")
+            .id;
+        let (applied, out) = apply(&mut engine, &id, chunk("early"));
+        assert!(
+            !applied && !changed_from_log(&out),
+            "applied before the load: {out:?}"
+        );
+        let out = engine.handle(
+            Timestamp(3),
+            Input::Storage {
+                task: load,
+                result: StorageResult::Range(Vec::new()),
+            },
+        );
+        assert!(changed_from_log(&out), "{out:?}");
+        assert!(
+            out.completed
+                .iter()
+                .any(|(c, r)| *c == CommandId(1) && matches!(r, CommandResult::Find(Ok(_)))),
+            "the find is answered with the chunk's content: {out:?}"
+        );
+    }
+}
