@@ -5,12 +5,10 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use automerge::transaction::Transactable;
-use automerge::ROOT;
 use converge_core::transport::ws;
 
 mod common;
-use common::{client, find_when_there, start_relay, wait_for};
+use common::{client, find_when_there, put, start_relay, wait_for};
 
 /// A JetStream cluster of NATS servers on loopback; killed when dropped.
 struct Nats {
@@ -145,17 +143,6 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-async fn put(handle: &converge_core::runtime::DocHandle, key: &'static str, value: &'static str) {
-    handle
-        .change(move |d| {
-            let mut tx = d.transaction();
-            tx.put(ROOT, key, value).expect("put");
-            tx.commit();
-        })
-        .await
-        .expect("change");
 }
 
 /// Clients on different nodes edit one document and converge (the first

@@ -91,3 +91,16 @@ pub async fn wait_for(handle: &DocHandle, key: &str, value: &str) {
         let _ = tokio::time::timeout(Duration::from_millis(50), events.recv()).await;
     }
 }
+
+/// Sets root key `key` to `value` in one change.
+pub async fn put(handle: &DocHandle, key: &'static str, value: &'static str) {
+    handle
+        .change(move |d| {
+            let mut tx = d.transaction();
+            automerge::transaction::Transactable::put(&mut tx, automerge::ROOT, key, value)
+                .expect("put");
+            tx.commit();
+        })
+        .await
+        .expect("change");
+}

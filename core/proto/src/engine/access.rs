@@ -327,8 +327,7 @@ mod tests {
     #[test]
     fn ephemeral_messages_reach_readers_only() {
         use crate::engine::{
-            Command, CommandId, CommandResult, ConnectionId, Direction, Engine, EngineConfig,
-            Input, RelayPolicy, Timestamp,
+            ConnectionId, Direction, Engine, EngineConfig, Input, RelayPolicy, Timestamp,
         };
         use crate::wire::{self, DocMessage, EphemeralMessage, Message, PeerId, SessionId};
 
@@ -337,20 +336,7 @@ mod tests {
         cfg.policy = std::sync::Arc::new(RelayPolicy);
         let mut engine = Engine::new(cfg);
         let now = Timestamp(1);
-        let out = engine.handle(
-            now,
-            Input::Command(
-                CommandId(1),
-                Command::Create {
-                    initial: None,
-                    owner: None,
-                },
-            ),
-        );
-        let Some((_, CommandResult::Create(Ok(doc)))) = out.completed.first() else {
-            panic!("create answers at once");
-        };
-        let doc = doc.clone();
+        let doc = crate::engine::created(&mut engine, now);
         let grant = |name: &str, access: Access| Grant {
             subject: Some(name.into()),
             docs: [(doc.clone(), access)].into(),

@@ -310,20 +310,7 @@ mod tests {
     #[test]
     fn a_chunk_applies_to_a_document_in_memory_once() {
         let mut engine = Engine::new(EngineConfig::new(PeerId::new("n").expect("valid"), None, 1));
-        let out = engine.handle(
-            Timestamp(1),
-            Input::Command(
-                CommandId(1),
-                Command::Create {
-                    initial: None,
-                    owner: None,
-                },
-            ),
-        );
-        let Some((_, CommandResult::Create(Ok(id)))) = out.completed.first() else {
-            panic!("create answers at once");
-        };
-        let id = id.clone();
+        let id = crate::engine::created(&mut engine, Timestamp(1));
         let bytes = chunk("from-the-log");
         let (applied, out) = apply(&mut engine, &id, bytes.clone());
         assert!(applied && changed_from_log(&out), "{out:?}");

@@ -83,6 +83,20 @@ use crate::wire::{
     SessionId, PROTOCOL_VERSION,
 };
 use connection::{ConnState, Connection};
+
+/// For unit tests: creates an empty document at `now`; its id.
+#[cfg(test)]
+pub(crate) fn created(engine: &mut Engine, now: Timestamp) -> DocumentId {
+    let create = Command::Create {
+        initial: None,
+        owner: None,
+    };
+    let out = engine.handle(now, Input::Command(CommandId(u64::MAX), create));
+    match out.completed.first() {
+        Some((_, CommandResult::Create(Ok(id)))) => id.clone(),
+        other => panic!("create answers at once: {other:?}"),
+    }
+}
 use document::{Doc, Generated, PendingMessage, Received};
 pub use document::{DocStatus, PeerSyncStatus, SyncStatus};
 use durability::{Durability, Waiter};
