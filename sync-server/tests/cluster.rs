@@ -183,3 +183,114 @@ async fn clients_on_different_nodes_converge_and_a_new_node_serves_everything() 
     wait_for(&at_carol, "bob", "too").await;
     drop((a, b, c));
 }
+
+/// HAProxy in front of two nodes (the configuration README documents,
+/// with `balance first` so every client starts on node A): a client
+/// editing through it keeps going when node A is killed with SIGKILL —
+/// its link reconnects through HAProxy to node B — and nothing it wrote
+/// before or after is lost: a client on node B sees every edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_behind_haproxy_survives_kill_9_of_its_node() {
+    let nats = Nats::start(3);
+    let dirs: Vec<tempfile::TempDir> = (0..2)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let mut a = Node::start(&nats, dirs[0].path());
+    let b = Node::start(&nats, dirs[1].path());
+    let proxy = Haproxy::start(&[&a.url, &b.url]);
+
+    let alice = client();
+    let _alice_link = ws::connect(alice.clone(), proxy.url.clone());
+    let doc = alice.create(None).await.expect("create");
+    put(&doc, "before", "the kill").await;
+    let bob = client();
+    let _bob_link = ws::connect(bob.clone(), b.url.clone());
+    let at_bob = find_when_there(&bob, doc.id()).await;
+    wait_for(&at_bob, "before", "the kill").await;
+
+    let alice_id = alice.peer_id().to_string();
+    assert!(
+        sessions(&a.url).contains(&alice_id),
+        "alice starts on node A"
+    );
+    a.child.kill().expect("SIGKILL node A");
+    let _ = a.child.wait();
+    put(&doc, "after", "the kill").await;
+    wait_for(&at_bob, "after", "the kill").await;
+    wait_for(&at_bob, "before", "the kill").await;
+    assert!(
+        sessions(&b.url).contains(&alice_id),
+        "alice reconnected through HAProxy to node B"
+    );
+    drop((b, proxy));
+}
+
+/// The body of a node's `/v1/sessions` (the relay is open in these tests).
+fn sessions(ws_url: &str) -> String {
+    use std::io::{Read, Write};
+    let address = ws_url.trim_start_matches("ws://");
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    let request =
+        format!("GET /v1/sessions HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    answer
+}
+
+/// HAProxy balancing WebSockets over relay nodes; killed when dropped.
+struct Haproxy {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    fn start(nodes: &[&str]) -> Haproxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let servers: String = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                let address = url.trim_start_matches("ws://");
+                format!("  server node{i} {address} check inter 200ms fall 1 rise 1\n")
+            })
+            .collect();
+        let config = format!(
+            "defaults\n  mode http\n  retries 3\n  option redispatch 1\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n  timeout tunnel 1h\n\
+             frontend relays\n  bind 127.0.0.1:{port}\n  default_backend nodes\n\
+             backend nodes\n  balance first\n  option httpchk GET /healthz\n{servers}"
+        );
+        let file = dir.path().join("haproxy.cfg");
+        std::fs::write(&file, config).expect("write config");
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy starts (make deps-cluster installs it)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "haproxy never listened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Haproxy {
+            child,
+            url: format!("ws://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
