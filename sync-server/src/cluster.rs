@@ -139,8 +139,22 @@ impl Cluster {
                 ..Default::default()
             };
             loop {
-                match cluster.js.get_or_create_stream(config.clone()).await {
-                    Ok(_) => break,
+                let created = cluster.js.get_or_create_stream(config.clone()).await;
+                // Created is not yet usable: a replicated stream first
+                // elects its leader.
+                let usable = match created {
+                    Ok(mut stream) => Ok(ready(&mut stream).await),
+                    Err(e) => Err(e),
+                };
+                match usable {
+                    Ok(true) => break,
+                    Ok(false) if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Ok(false) => anyhow::bail!(
+                        "stream {} has no leader after {START_DEADLINE:?}",
+                        stream_name(shard)
+                    ),
                     Err(e) if tokio::time::Instant::now() < deadline => {
                         tracing::info!(shard, error = %e, "JetStream not ready yet; retrying");
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -207,45 +221,38 @@ impl Cluster {
     }
 
     /// Every chunk on `id`'s subject after stream sequence `after`, with
-    /// the last sequence read.
+    /// the last sequence read. Read from the stream's leader message by
+    /// message (what the leader acknowledged is there: read after write
+    /// holds), with no consumer to create per document.
     async fn fetch(&self, id: &DocumentId, after: u64) -> anyhow::Result<(Vec<Vec<u8>>, u64)> {
-        let stream = self.js.get_stream(stream_name(self.shard(id))).await?;
-        let consumer = stream
-            .create_consumer(consumer::pull::Config {
-                filter_subject: self.subject(id),
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: after + 1,
-                },
-                ack_policy: consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
+        let stream = self
+            .js
+            .get_stream_no_info(stream_name(self.shard(id)))
             .await?;
+        let subject = self.subject(id);
         let mut chunks = Vec::new();
         let mut last = after;
         loop {
-            let mut pending = consumer.cached_info().num_pending;
-            let mut batch = consumer.fetch().max_messages(1_000).messages().await?;
-            let mut got = 0;
-            while let Some(message) = batch.next().await {
-                let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
-                let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-                last = last.max(info.stream_sequence);
-                pending = info.pending;
-                chunks.push(message.payload.to_vec());
-                got += 1;
-            }
-            if got == 0 || pending == 0 {
-                break;
+            match stream
+                .get_first_raw_message_by_subject(&subject, last + 1)
+                .await
+            {
+                Ok(message) => {
+                    last = message.sequence;
+                    chunks.push(message.payload.to_vec());
+                }
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(e.into()),
             }
         }
-        let _ = stream.delete_consumer(&consumer.cached_info().name).await;
         Ok((chunks, last))
     }
 
-    /// Follows every shard from now on, handing each chunk to `repo`.
+    /// Follows every shard from now on, handing each chunk to `repo`:
+    /// returns once every shard's consumer exists (so a relay that serves
+    /// only after this misses nothing published meanwhile), the following
+    /// itself runs in background tasks.
     pub async fn follow(self: Arc<Self>, repo: Repo) -> anyhow::Result<()> {
-        let mut tasks = Vec::new();
         for shard in 0..self.shards {
             let stream = self.js.get_stream(stream_name(shard)).await?;
             let consumer = stream
@@ -259,7 +266,7 @@ impl Cluster {
             let mut messages = consumer.messages().await?;
             let cluster = self.clone();
             let repo = repo.clone();
-            tasks.push(tokio::spawn(async move {
+            tokio::spawn(async move {
                 while let Some(message) = messages.next().await {
                     let message = match message {
                         Ok(m) => m,
@@ -281,12 +288,21 @@ impl Cluster {
                         tracing::warn!(document = %id, error = %e, "a chunk from the log was not applied");
                     }
                 }
-            }));
-        }
-        for task in tasks {
-            let _ = task.await;
+            });
         }
         Ok(())
+    }
+}
+
+/// Whether a stream has elected its leader.
+async fn ready(stream: &mut stream::Stream) -> bool {
+    match stream.info().await {
+        Ok(info) => match &info.cluster {
+            Some(cluster) => cluster.leader.is_some(),
+            // A single server: no Raft group to wait for.
+            None => true,
+        },
+        Err(_) => false,
     }
 }
 

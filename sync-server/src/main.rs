@@ -83,12 +83,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let repo = Repo::start(repo_config, repo_storage);
     if let Some(cluster) = &cluster {
-        let (cluster, repo) = (cluster.clone(), repo.clone());
-        tokio::spawn(async move {
-            if let Err(e) = cluster.follow(repo).await {
-                tracing::error!(error = %e, "cannot follow the cluster's log");
-            }
-        });
+        // Following starts before serving: a document a client opens here
+        // gets every chunk published from then on.
+        cluster
+            .clone()
+            .follow(repo.clone())
+            .await
+            .context("cannot follow the cluster's log")?;
         tracing::info!(nats = ?config.nats_url, replicas = config.cluster_replicas, shards = config.cluster_shards, "cluster mode: documents live in NATS JetStream");
     }
     let auth = Arc::new(Auth::open(&config.auth(), storage.clone())?);

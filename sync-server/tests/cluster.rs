@@ -10,6 +10,11 @@ use converge_core::transport::ws;
 mod common;
 use common::{client, find_when_there, put, start_relay, wait_for};
 
+/// One cluster test at a time: each runs three NATS servers and up to
+/// three relays, and two cores carrying several such clusters at once
+/// make their Raft elections flap (a test then measures the machine).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A JetStream cluster of NATS servers on loopback; killed when dropped.
 struct Nats {
     servers: Vec<Child>,
@@ -151,6 +156,7 @@ impl Drop for Node {
 /// directory serves the document with both edits, read from the log alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_on_different_nodes_converge_and_a_new_node_serves_everything() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let nats = Nats::start(3);
     let dirs: Vec<tempfile::TempDir> = (0..3)
         .map(|_| tempfile::tempdir().expect("tempdir"))
@@ -191,6 +197,7 @@ async fn clients_on_different_nodes_converge_and_a_new_node_serves_everything() 
 /// before or after is lost: a client on node B sees every edit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_behind_haproxy_survives_kill_9_of_its_node() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let nats = Nats::start(3);
     let dirs: Vec<tempfile::TempDir> = (0..2)
         .map(|_| tempfile::tempdir().expect("tempdir"))

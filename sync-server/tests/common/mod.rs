@@ -40,8 +40,20 @@ pub fn start_relay(args: &[String]) -> (Child, String) {
             break rest[..end].to_owned();
         }
     };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    // Keep draining the log so the server never blocks on a full pipe;
+    // with CONVERGE_TEST_LOGS=<dir>, into a file per server there.
+    let keep = std::env::var_os("CONVERGE_TEST_LOGS").map(|dir| {
+        let path = std::path::Path::new(&dir).join(format!("relay-{}.log", child.id()));
+        std::fs::File::create(path).expect("log file")
+    });
+    std::thread::spawn(move || {
+        let mut keep = keep;
+        for line in lines.map_while(Result::ok) {
+            if let Some(file) = keep.as_mut() {
+                let _ = std::io::Write::write_all(file, format!("{line}\n").as_bytes());
+            }
+        }
+    });
     (child, url)
 }
 
